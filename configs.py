@@ -1,0 +1,221 @@
+"""Experiment configuration: one frozen dataclass and one preset per experiment.
+
+A preset differs from its base only where the experiment differs, so `dataclasses.replace` builds each from
+the one before. Any field can be overridden on the command line as `--key=value`; unknown keys and bad values
+raise `ConfigError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields, replace
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or command-line override (shown to the user as a one-line error)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- run -----------------------------------------------------------------------------------------------
+    name: str = "exp1"
+    out_dir: str = ""  # "" -> runs/<name>
+    data: str = "synthetic"  # path to a tiny-NeRF .npz, or "synthetic" for the built-in procedural scene
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    seed: int = 42
+    # --- schedule (steps wins over epochs when > 0; max_time_s stops early and then finishes normally) ----
+    epochs: int = 50
+    steps: int = 0
+    max_time_s: float = 0.0
+    # --- data / batching -----------------------------------------------------------------------------------
+    val_views: int = 11  # views held out for validation (the last ones of the file)
+    batch_unit: str = "image"  # image: a step is `batch_size` whole images; ray: `batch_size` random rays
+    batch_size: int = 4  # global (summed over DDP ranks)
+    chunk_points: int = 65536  # sample points per forward/backward micro-batch: bounds memory, not the math
+    # --- model ---------------------------------------------------------------------------------------------
+    model: str = "nerf"  # nerf | bitnerf
+    n_freqs: int = 16  # positional encoding frequencies L: input dim 3 + 6L
+    width: int = 256
+    depth: int = 8  # hidden layers
+    skip_layer: int = 4  # the encoded input is concatenated back before this hidden layer
+    # --- rendering -----------------------------------------------------------------------------------------
+    n_samples: int = 32
+    n_importance: int = 0  # extra samples per ray drawn from the coarse weights (0 = plain stratified)
+    near: float = 2.0
+    far: float = 6.0
+    perturb: bool = True  # stratified jitter of the samples during training
+    # --- optimisation --------------------------------------------------------------------------------------
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    lr_schedule: str = "constant"  # constant | cosine
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # 0 = no clipping (the grad norm is still logged)
+    amp: bool = False
+    amp_dtype: str = "auto"  # auto (bf16 where supported, else fp16) | bf16 | fp16
+    compile: bool = True
+    # --- logging / outputs ---------------------------------------------------------------------------------
+    log_every: int = 10
+    eval_every: int = 200  # steps between validations (0 = only at the end)
+    ckpt_every: int = 200
+    keep_ckpts: int = 2
+    resume: bool = True  # continue from out_dir/ckpt.pt when it holds a run of the same config
+    video: bool = True
+    video_frames: int = 120
+    video_fps: int = 30
+    video_radius: float = 4.0
+    video_elevation: float = -30.0
+    wandb: str = "offline"  # online | offline | disabled (the WANDB_MODE environment variable wins)
+    wandb_project: str = "nerf-experiments"
+
+    def __post_init__(self) -> None:
+        problems = list(_problems(self))
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def run_dir(self) -> str:
+        return self.out_dir or f"runs/{self.name}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# Fields that may change between a run and its resumption without changing what is being trained.
+RESUME_INDEPENDENT = frozenset(
+    {"out_dir", "device", "max_time_s", "resume", "wandb", "wandb_project", "log_every", "eval_every",
+     "ckpt_every", "keep_ckpts", "video", "video_frames", "video_fps", "video_radius", "video_elevation",
+     "chunk_points", "compile", "data"}
+)
+
+_CHOICES = {
+    "batch_unit": ("image", "ray"),
+    "model": ("nerf", "bitnerf"),
+    "lr_schedule": ("constant", "cosine"),
+    "amp_dtype": ("auto", "bf16", "fp16"),
+    "wandb": ("online", "offline", "disabled"),
+}
+
+
+def _problems(c: Config):
+    for key, allowed in _CHOICES.items():
+        if getattr(c, key) not in allowed:
+            yield f"{key}={getattr(c, key)!r} is not one of {', '.join(allowed)}"
+    if not (c.device in ("auto", "cpu", "cuda", "mps") or _is_cuda_index(c.device)):
+        yield f"device={c.device!r} is not auto, cpu, cuda, cuda:N or mps"
+    positive = ("epochs", "batch_size", "chunk_points", "n_freqs", "width", "depth", "log_every", "video_frames",
+                "video_fps", "keep_ckpts")
+    for key in positive:
+        if getattr(c, key) < 1:
+            yield f"{key} must be >= 1 (got {getattr(c, key)})"
+    for key in ("steps", "max_time_s", "warmup_steps", "grad_clip", "weight_decay", "eval_every", "ckpt_every",
+                "n_importance", "val_views"):
+        if getattr(c, key) < 0:
+            yield f"{key} must be >= 0 (got {getattr(c, key)})"
+    if not c.lr > 0:
+        yield f"lr must be > 0 (got {c.lr})"
+    if c.n_samples < 2:
+        yield f"n_samples must be >= 2 (got {c.n_samples})"
+    if not 0 <= c.near < c.far:
+        yield f"need 0 <= near < far (got near={c.near}, far={c.far})"
+    if not 0 <= c.skip_layer < c.depth:
+        yield f"skip_layer must be in [0, depth) (got {c.skip_layer} with depth={c.depth})"
+    if c.video_radius <= 0:
+        yield f"video_radius must be > 0 (got {c.video_radius})"
+    if not c.name or "/" in c.name:
+        yield f"name must be a non-empty string without '/' (got {c.name!r})"
+
+
+def _is_cuda_index(device: str) -> bool:
+    head, _, index = device.partition(":")
+    return head == "cuda" and index.isdigit()
+
+
+# --- presets: each differs from the one it builds on only where its experiment differs -----------------------
+EXP1 = Config(name="exp1")  # base NeRF
+EXP2 = replace(EXP1, name="exp2", amp=True)  # + automatic mixed precision
+EXP3 = replace(EXP2, name="exp3", batch_size=8)  # + twice the images per step
+EXP4 = replace(EXP1, name="exp4", model="bitnerf", lr=5e-5)  # BitNet b1.58 quantization-aware training
+EXP5 = replace(EXP1, name="exp5")  # exp1 under torchrun / DDP
+EXP6 = replace(EXP4, name="exp6")  # exp4 under torchrun / DDP
+# Not one of the six: the quickest route to good quality on a CPU (random rays, small MLP, coarse+fine).
+FAST = replace(
+    EXP1, name="fast", batch_unit="ray", batch_size=1024, n_freqs=10, width=128, depth=6, skip_layer=3,
+    n_samples=32, n_importance=32, lr=3e-3, lr_schedule="cosine", warmup_steps=100, epochs=1, steps=6000,
+    eval_every=1000, ckpt_every=1000,
+)
+PRESETS = {c.name: c for c in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, FAST)}
+
+
+# --- command line --------------------------------------------------------------------------------------------
+def parse_value(key: str, raw: str, kind: type):
+    """Convert the text of `--key=raw` to the field's type, or raise ConfigError."""
+    if kind is bool:
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{key} expects true/false, got {raw!r}")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"--{key} expects {kind.__name__}, got {raw!r}") from None
+
+
+def from_cli(preset: Config, argv: list[str]) -> Config:
+    """Apply `--key=value` overrides (and `--preset=NAME` as the first one) to a preset.
+
+    A bare `--flag` sets a boolean field to true; `--key value` (space-separated) is accepted too.
+    """
+    types = {f.name: _field_type(f) for f in fields(Config)}
+    overrides: dict = {}
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            raise SystemExit(usage(preset))
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --key=value")
+        key, eq, raw = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key == "preset":
+            if raw not in PRESETS:
+                raise ConfigError(f"unknown preset {raw!r}; known: {', '.join(PRESETS)}")
+            preset = PRESETS[raw]
+            continue
+        if key not in types:
+            raise ConfigError(f"unknown config key --{key} (see --help for the list)")
+        if not eq:
+            if types[key] is bool:
+                raw = "true"
+            elif args and not args[0].startswith("--"):
+                raw = args.pop(0)
+            else:
+                raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+        overrides[key] = parse_value(key, raw, types[key])
+    return replace(preset, **overrides)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    # `from __future__ import annotations` makes f.type a string
+    return {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
+
+
+def usage(preset: Config) -> str:
+    lines = [f"usage: python <script>.py [--key=value ...]   (preset: {preset.name})", "", "config keys:"]
+    for f in fields(Config):
+        lines.append(f"  --{f.name}={getattr(preset, f.name)!r}  ({_field_type(f).__name__})")
+    return "\n".join(lines)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config saved by `to_dict` (unknown keys from a newer version are an error, not ignored)."""
+    known = {f.name for f in fields(Config)}
+    unknown = set(d) - known
+    if unknown:
+        raise ConfigError(f"saved config has unknown keys: {', '.join(sorted(unknown))}")
+    return Config(**d)

@@ -1,0 +1,9 @@
+"""exp2: NeRF with automatic mixed precision (bf16, or fp16 with a GradScaler). Overrides: --key=value (see --help)."""
+
+import sys
+
+from configs import EXP2
+from train import main
+
+if __name__ == "__main__":
+    sys.exit(main(EXP2))

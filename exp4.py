@@ -1,0 +1,9 @@
+"""exp4: BitNeRF: RMSNorm + BitNet b1.58 quantization-aware training (torchao). Overrides: --key=value (see --help)."""
+
+import sys
+
+from configs import EXP4
+from train import main
+
+if __name__ == "__main__":
+    sys.exit(main(EXP4))

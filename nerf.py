@@ -1,0 +1,96 @@
+"""The NeRF field: positional encoding and an MLP mapping 3-D points to (RGB, density) pre-activations.
+
+A field is just a module `points [..., 3] -> raw [..., 4]`; the renderer (render.py) turns raw values into
+colour and density, so NeRF and BitNeRF (bitnerf.py) are interchangeable.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def positional_encoding(x: torch.Tensor, n_freqs: int) -> torch.Tensor:
+    """[x, sin(2^0 x), cos(2^0 x), ..., sin(2^(L-1) x), cos(2^(L-1) x)].
+
+    x: [..., D] -> [..., D * (1 + 2 L)]. The ordering matches the original (per frequency: sin block, cos block).
+    """
+    freqs = 2.0 ** torch.arange(n_freqs, device=x.device, dtype=x.dtype)  # [L]
+    scaled = x[..., None, :] * freqs[:, None]  # [..., L, D]
+    # not sin(a + pi/2) for cos: at 2^15 * x the float32 sum loses ~1e-2 of the phase
+    trig = torch.stack([torch.sin(scaled), torch.cos(scaled)], dim=-2)  # [..., L, 2, D]
+    return torch.cat([x, trig.flatten(-3)], dim=-1)
+
+
+def encoded_dim(n_freqs: int, in_dim: int = 3) -> int:
+    return in_dim * (1 + 2 * n_freqs)
+
+
+LayerFactory = Callable[[int, int], nn.Module]
+
+
+class NeRF(nn.Module):
+    """Input Linear(E -> W), `depth` hidden Linear(W -> W) + ReLU with the encoding concatenated back before
+    hidden layer `skip_layer`, output Linear(W -> 4).
+
+    `hidden_layer(in, out)` builds the hidden layers: nn.Linear here, RMSNorm + Linear in BitNeRF.
+    `pad_input_to` pads the encoding with zeros to a multiple of it (CUDA int8 matmuls want K % 8 == 0);
+    zero columns change nothing but the shape.
+    """
+
+    def __init__(self, n_freqs: int = 16, width: int = 256, depth: int = 8, skip_layer: int = 4,
+                 hidden_layer: LayerFactory = nn.Linear, pad_input_to: int = 1):
+        super().__init__()
+        self.n_freqs = n_freqs
+        enc = encoded_dim(n_freqs)
+        self.enc_pad = -enc % pad_input_to
+        enc += self.enc_pad
+        self.skip_layer = skip_layer
+        self.input = nn.Linear(enc, width)
+        self.hidden = nn.ModuleList(
+            hidden_layer(width + (enc if i == skip_layer else 0), width) for i in range(depth)
+        )
+        self.output = nn.Linear(width, 4)
+
+    def encode(self, points: torch.Tensor) -> torch.Tensor:
+        enc = positional_encoding(points, self.n_freqs)
+        if self.enc_pad:
+            enc = nn.functional.pad(enc, (0, self.enc_pad))
+        return enc
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """points: [..., 3] -> raw [..., 4] (RGB logits, density pre-activation)."""
+        enc = self.encode(points)
+        h = torch.relu(self.input(enc))
+        for i, layer in enumerate(self.hidden):
+            if i == self.skip_layer:
+                h = torch.cat([h, enc], dim=-1)
+            h = torch.relu(layer(h))
+        return self.output(h)
+
+
+def density(raw_sigma: torch.Tensor) -> torch.Tensor:
+    """Density from its pre-activation.
+
+    The original used ReLU; with its seed every pre-activation is negative at init, so ReLU passes no gradient
+    and training never starts. Softplus is positive and has a gradient everywhere, so learning starts for any
+    seed (tests/test_train.py checks several seeds).
+    """
+    return nn.functional.softplus(raw_sigma)
+
+
+def colour(raw_rgb: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(raw_rgb)
+
+
+def build_field(model: str, n_freqs: int, width: int, depth: int, skip_layer: int) -> nn.Module:
+    """The float field of either kind (BitNeRF's quantization is applied separately, see bitnerf.py)."""
+    if model == "nerf":
+        return NeRF(n_freqs, width, depth, skip_layer)
+    if model == "bitnerf":
+        from bitnerf import BitNeRF
+
+        return BitNeRF(n_freqs, width, depth, skip_layer)
+    raise ValueError(f"unknown model kind {model!r}")

@@ -1,0 +1,501 @@
+"""The one training loop behind every experiment (exp1.py ... exp6.py are presets of it).
+
+setup (torchrun env, device, seed) -> data -> model -> BitNet quantize -> torch.compile -> DDP -> steps
+(AMP, GradScaler, micro-batches, logging, validation, checkpoints) -> summary, depth maps, 360-degree videos.
+Only rank 0 writes files or talks to W&B. Run directly with `python train.py --preset=NAME [--key=value ...]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configs import EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli
+from dataset import DataError, RayBatcher, Views, load_views, split_views
+from nerf import build_field
+from render import VolumeRenderer, orbit_poses, render_image, get_rays
+from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json, atomic_torch_save,
+                   colourise_depth, compute_cleanup, compute_init, load_checkpoint, mse_to_psnr, print0,
+                   seed_everything, to_uint8, write_video)
+
+
+# --- model ---------------------------------------------------------------------------------------------------
+def build_renderer(cfg: Config, device: torch.device, field_state: dict | None = None) -> VolumeRenderer:
+    """Float field (weights from `field_state` if given) -> BitNet quantization (bitnerf) -> renderer.
+
+    Quantization comes after loading because checkpoints hold plain float latent weights.
+    """
+    field = build_field(cfg.model, cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer)
+    if field_state is not None:
+        try:
+            field.load_state_dict(field_state)
+        except RuntimeError as err:
+            raise UserError(f"checkpoint weights do not fit a {cfg.model} model of this config: "
+                            f"{str(err).splitlines()[0]}") from None
+    field.to(device)
+    if cfg.model == "bitnerf":
+        from bitnerf import quantize_bitnet
+
+        quantize_bitnet(field)
+    return VolumeRenderer(field, cfg.near, cfg.far, cfg.n_samples, cfg.n_importance)
+
+
+def field_state_dict(renderer: VolumeRenderer) -> dict:
+    from bitnerf import plain_state_dict
+
+    return plain_state_dict(renderer.field)
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """None when AMP is off. auto: bf16 on CPU and on GPUs that support it (no scaler needed), else fp16."""
+    if not cfg.amp:
+        return None
+    if cfg.amp_dtype != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp_dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device.type == "mps" else torch.bfloat16
+
+
+def lr_at(cfg: Config, step: int, total_steps: int) -> float:
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.lr_schedule == "cosine":
+        progress = min(1.0, step / max(1, total_steps))
+        return cfg.lr * warm * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return cfg.lr * warm
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    return cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
+
+
+def even_chunks(n: int, max_chunk: int) -> int:
+    """The smallest number of equal parts of n that are each <= max_chunk (equal shapes: one compiled graph)."""
+    k = max(1, math.ceil(n / max_chunk))
+    while n % k:
+        k += 1
+    return k
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """Sampling noise for one step: a pure function of (seed, rank, step), so resumption is exact without
+    saving generator states, and ranks draw different noise."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + rank) * 10_000_019 + step)
+
+
+# --- one optimisation step ---------------------------------------------------------------------------------------
+class Trainer:
+    """Holds what a step needs; `step()` runs one (micro-batched) forward/backward/update."""
+
+    def __init__(self, cfg: Config, raw: VolumeRenderer, dist_info: Dist, device: torch.device):
+        self.cfg, self.raw, self.dist, self.device = cfg, raw, dist_info, device
+        model: torch.nn.Module = raw
+        if cfg.compile:
+            # fullgraph: a graph break is an error, not a silent fallback to eager
+            model = torch.compile(model, fullgraph=True)
+        if dist_info.enabled:
+            # DDP wraps the compiled module (nanoGPT's order); the loss's forward goes through it below
+            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.model = model
+        self.optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.autocast_dtype = amp_dtype(cfg, device)
+        # a scaler only for fp16: bf16 has fp32's exponent range, so its gradients do not underflow
+        self.scaler = torch.amp.GradScaler(device.type) if self.autocast_dtype == torch.float16 else None
+        self.points_per_ray = cfg.n_samples + cfg.n_importance
+
+    def step(self, rays_o, rays_d, target, gen: torch.Generator, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update on this rank's rays [R, 3]. Returns (loss, grad norm) as tensors (no host sync)."""
+        cfg, n = self.cfg, rays_o.shape[0]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        jitter = torch.rand(n, cfg.n_samples, generator=gen, device=self.device) if cfg.perturb else None
+        imp_u = (torch.rand(n, cfg.n_importance, generator=gen, device=self.device)
+                 if cfg.perturb and cfg.n_importance else None)
+        parts = even_chunks(n, max(1, cfg.chunk_points // self.points_per_ray))
+        loss_sum = torch.zeros((), device=self.device)
+        size = n // parts
+        for k in range(parts):
+            s = slice(k * size, (k + 1) * size)
+            # DDP: all-reduce gradients only after the last micro-batch
+            sync = contextlib.nullcontext() if (k == parts - 1 or not self.dist.enabled) else self.model.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                    enabled=self.autocast_dtype is not None):
+                    out = self.model(rays_o[s], rays_d[s], None if jitter is None else jitter[s],
+                                     None if imp_u is None else imp_u[s])
+                    loss = torch.mean((out.rgb.float() - target[s]) ** 2) / parts
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)  # true gradients before clipping and the logged norm
+        params = [p for p in self.raw.parameters() if p.grad is not None]
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skipped when the fp16 gradients hold inf/NaN
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm
+
+
+# --- evaluation --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_views(renderer: VolumeRenderer, views: Views, dist_info: Dist, chunk_rays: int,
+                   autocast_dtype=None, keep: bool = False):
+    """Held-out PSNR: every view rendered in eval mode (no jitter); views shared out over ranks.
+
+    Returns (mean PSNR over all views, {view index: Rendered} for this rank's views if keep).
+    """
+    was_training = renderer.training
+    renderer.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    kept = {}
+    for i in range(dist_info.rank, len(views), dist_info.world_size):
+        rays_o, rays_d = get_rays(views.height, views.width, views.focal, views.poses[i])
+        out = render_image(renderer, rays_o, rays_d, chunk_rays, autocast_dtype)
+        mse = torch.mean((out.rgb - views.images[i]) ** 2).item()
+        total += torch.tensor([mse_to_psnr(mse), 1.0], dtype=torch.float64)
+        if keep:
+            kept[i] = out
+    renderer.train(was_training)
+    total = all_reduce_sum(total)
+    return float(total[0] / total[1]), kept
+
+
+def render_orbit(renderer: VolumeRenderer, height: int, width: int, focal: float, frames: int, radius: float,
+                 elevation: float, chunk_rays: int, progress: bool = True, autocast_dtype=None):
+    """360-degree orbit: (rgb uint8 frames, depth uint8 frames coloured on one shared range, raw depth, acc)."""
+    from tqdm import tqdm
+
+    device = next(renderer.parameters()).device
+    was_training = renderer.training
+    renderer.eval()
+    rgbs, depths, accs = [], [], []
+    for c2w in tqdm(orbit_poses(frames, radius, elevation), desc="render", disable=not progress, leave=False):
+        rays_o, rays_d = get_rays(height, width, focal, c2w.to(device))
+        out = render_image(renderer, rays_o, rays_d, chunk_rays, autocast_dtype)
+        rgbs.append(to_uint8(out.rgb))
+        depths.append(out.depth.cpu().numpy())
+        accs.append(out.acc.cpu().numpy())
+    renderer.train(was_training)
+    fg = np.concatenate([d[a > 0.5] for d, a in zip(depths, accs)])
+    lo, hi = (float(fg.min()), float(fg.max())) if fg.size else (0.0, 1.0)
+    depth_frames = [colourise_depth(d, a, lo, hi) for d, a in zip(depths, accs)]
+    return rgbs, depth_frames, depths, accs
+
+
+# --- logging -----------------------------------------------------------------------------------------------------
+class RunLogger:
+    """metrics.jsonl always; W&B too unless disabled. Rank 0 only: other ranks get a logger that does nothing."""
+
+    def __init__(self, cfg: Config, run_dir: str, active: bool, resume_step: int | None):
+        self.active = active
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.wandb = None
+        if not active:
+            return
+        if resume_step is not None:
+            _truncate_metrics(self.path, resume_step)  # drop records past the checkpoint: they are redone
+        elif os.path.exists(self.path):
+            os.remove(self.path)
+        mode = os.environ.get("WANDB_MODE") or cfg.wandb
+        if mode != "disabled":
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.name, config=cfg.to_dict(),
+                                        dir=run_dir, mode=mode, reinit="finish_previous")
+            except Exception as err:  # W&B is a convenience: never lose a run over it
+                print0(f"warning: W&B unavailable ({type(err).__name__}: {err}); logging to metrics.jsonl only")
+
+    def log(self, record: dict) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+def save_checkpoint(path: str, trainer: Trainer, cfg: Config, step: int, train_time: float, keep: int) -> None:
+    ckpt = {
+        "model": field_state_dict(trainer.raw),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
+        "step": step,
+        "train_time_s": train_time,
+        "config": cfg.to_dict(),
+        "world_size": trainer.dist.world_size,
+        "rng": {"torch": torch.get_rng_state()},
+        "format": 1,
+    }
+    atomic_torch_save(ckpt, path)
+    history = os.path.join(os.path.dirname(path), f"ckpt_step{step:07d}.pt")
+    if keep > 1:
+        atomic_torch_save(ckpt, history)
+    _prune_history(os.path.dirname(path), keep - 1)
+
+
+def _prune_history(folder: str, keep: int) -> None:
+    old = sorted(f for f in os.listdir(folder) if f.startswith("ckpt_step") and f.endswith(".pt"))
+    for name in old[:max(0, len(old) - keep)]:
+        os.remove(os.path.join(folder, name))
+
+
+def resume_state(cfg: Config, run_dir: str) -> dict | None:
+    """The checkpoint to continue from, None to start afresh, or a UserError when continuing would be wrong."""
+    path = os.path.join(run_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        return None
+    if not cfg.resume:
+        raise UserError(f"{run_dir} already holds a checkpoint; pass --resume=true to continue it, or choose "
+                        f"another --out_dir (nothing was overwritten)")
+    ckpt = load_checkpoint(path)
+    try:
+        saved = config_from_dict(ckpt["config"])
+    except (ConfigError, TypeError) as err:
+        raise UserError(f"{path}: saved config is unreadable ({err})") from None
+    differ = sorted(k for k, v in cfg.to_dict().items()
+                    if k not in RESUME_INDEPENDENT and getattr(saved, k) != v)
+    if differ:
+        changes = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in differ)
+        raise UserError(f"{path} was trained with a different config ({changes}); use another --out_dir "
+                        f"or the same settings")
+    return ckpt
+
+
+# --- signals -----------------------------------------------------------------------------------------------------
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop at the end of the current step (then it checkpoints and exits)."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved — "
+                         f"run the same command again to resume")
+        self.exit_code = 128 + signum
+
+
+# --- the run ----------------------------------------------------------------------------------------------------
+def train(cfg: Config) -> dict:
+    """Train `cfg`; returns the summary written to <run_dir>/summary.json. Works alone or under torchrun."""
+    dist_info, device = compute_init(cfg.device)
+    try:
+        return _run(cfg, dist_info, device)
+    finally:
+        compute_cleanup()
+
+
+def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
+    run_dir = cfg.run_dir
+    master = dist_info.is_master
+    t_start = time.perf_counter()
+    ckpt = resume_state(cfg, run_dir)
+    seed_everything(cfg.seed)  # same seed on every rank: identical initial weights (DDP also broadcasts)
+
+    views = load_views(cfg.data)
+    train_views, val_views = split_views(views, cfg.val_views)
+    train_views, val_views = train_views.to(device), val_views.to(device)
+    batcher = RayBatcher(train_views, cfg.batch_unit, cfg.batch_size, cfg.seed, dist_info.rank, dist_info.world_size)
+    n_steps = total_steps(cfg, batcher.steps_per_epoch)
+
+    raw = build_renderer(cfg, device, ckpt["model"] if ckpt else None)
+    trainer = Trainer(cfg, raw, dist_info, device)
+    start_step, train_time = 0, 0.0
+    if ckpt:
+        trainer.optimizer.load_state_dict(ckpt["optimizer"])
+        if trainer.scaler and ckpt.get("scaler"):
+            trainer.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        start_step, train_time = ckpt["step"], ckpt["train_time_s"]
+        print0(f"resuming {run_dir} from step {start_step}")
+    if master:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            f.write(cfg.to_json() + "\n")
+    logger = RunLogger(cfg, run_dir, master, start_step if ckpt else None)
+    n_params = sum(p.numel() for p in raw.parameters())
+    print0(f"{cfg.name}: {cfg.model}, {n_params:,} parameters, {len(train_views)} train / {len(val_views)} val "
+           f"views, {n_steps} steps of {cfg.batch_size} {cfg.batch_unit}s, device {device}, "
+           f"world size {dist_info.world_size}, amp {trainer.autocast_dtype}, compile {cfg.compile}")
+
+    stop = StopFlag()
+    try:
+        result = _loop(cfg, trainer, batcher, val_views, logger, stop, start_step, n_steps, train_time, device)
+    finally:
+        stop.restore()
+        logger.close()
+    step, train_time, train_points = result
+    eval_chunk = max(1, cfg.chunk_points // trainer.points_per_ray)
+    val_psnr, renders = evaluate_views(raw, val_views, dist_info, eval_chunk, trainer.autocast_dtype, keep=master)
+    summary = {
+        "name": cfg.name, "model": cfg.model, "val_psnr": val_psnr, "steps": step,
+        "wall_time_s": time.perf_counter() - t_start, "train_time_s": train_time,
+        "train_points_per_s": train_points / max(train_time, 1e-9), "parameters": n_params,
+        "world_size": dist_info.world_size, "amp": str(trainer.autocast_dtype).replace("torch.", "") if cfg.amp
+        else "off", "device": str(device), "data": cfg.data, "val_views": len(val_views),
+    }
+    if master:
+        save_checkpoint(os.path.join(run_dir, "ckpt.pt"), trainer, cfg, step, train_time, cfg.keep_ckpts)
+        _write_val_images(run_dir, val_views, renders)
+        if cfg.video:
+            _write_videos(cfg, raw, val_views, run_dir, eval_chunk, trainer.autocast_dtype)
+        summary["wall_time_s"] = time.perf_counter() - t_start
+        atomic_json(summary, os.path.join(run_dir, "summary.json"))
+        logger_final = {"step": step, "val_psnr": val_psnr, "time_s": train_time}
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(logger_final) + "\n")
+    print0(f"{cfg.name}: val PSNR {val_psnr:.2f} dB after {step} steps, {summary['wall_time_s']:.0f} s "
+           f"(outputs in {run_dir})")
+    return summary
+
+
+def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogger, stop: StopFlag,
+          step: int, n_steps: int, train_time: float, device):
+    """Steps from `step` to `n_steps` (or the time budget, or a signal). Returns (step, train time, points)."""
+    from tqdm import tqdm
+
+    dist_info = trainer.dist
+    run_dir = cfg.run_dir
+    ckpt_path = os.path.join(run_dir, "ckpt.pt")
+    eval_chunk = max(1, cfg.chunk_points // trainer.points_per_ray)
+    points = 0
+    window_loss, window_steps, window_points, window_time = torch.zeros((), device=device), 0, 0, 0.0
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    bar = tqdm(total=n_steps, initial=step, desc=cfg.name, disable=not dist_info.is_master, dynamic_ncols=True)
+    while step < n_steps:
+        t0 = time.perf_counter()
+        rays_o, rays_d, target = batcher.batch(step)
+        gen = step_generator(cfg.seed, dist_info.rank, step, device)
+        loss, grad_norm = trainer.step(rays_o, rays_d, target, gen, lr_at(cfg, step, n_steps))
+        if trainer.scaler is None:
+            nonfinite |= ~torch.isfinite(loss)
+        window_loss += loss
+        step += 1
+        window_steps += 1
+        batch_points = rays_o.shape[0] * trainer.points_per_ray * dist_info.world_size
+        points += batch_points
+        window_points += batch_points
+        if device.type == "cuda" and step % cfg.log_every == 0:
+            torch.cuda.synchronize()  # honest timings at the points where we read them
+        dt = time.perf_counter() - t0
+        train_time += dt
+        window_time += dt
+        bar.update(1)
+
+        out_of_time = cfg.max_time_s > 0 and train_time >= cfg.max_time_s
+        flags = torch.tensor([float(stop.signum), float(out_of_time)])
+        if dist_info.enabled:  # every rank must agree to stop at the same step
+            flags = all_reduce_sum(flags.to(device)).cpu()
+        finishing = step == n_steps or bool(flags.any())
+
+        if step % cfg.log_every == 0 or finishing:
+            if bool(nonfinite):
+                raise UserError(f"loss became NaN/inf before step {step}; stopped without saving (the last good "
+                                f"checkpoint, if any, is {ckpt_path}). Try a lower --lr or --amp=false")
+            mean_loss = all_reduce_mean(window_loss / window_steps).item()
+            record = {"step": step, "loss": mean_loss, "psnr": mse_to_psnr(mean_loss),
+                      "grad_norm": float(grad_norm), "lr": lr_at(cfg, step - 1, n_steps), "time_s": train_time,
+                      "points_per_s": window_points / max(window_time, 1e-9)}
+            logger.log(record)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{record['psnr']:.2f}")
+            window_loss.zero_()
+            window_steps, window_points, window_time = 0, 0, 0.0
+        if cfg.eval_every and step % cfg.eval_every == 0 and not finishing:
+            val_psnr, _ = evaluate_views(trainer.raw, val_views, dist_info, eval_chunk, trainer.autocast_dtype)
+            logger.log({"step": step, "val_psnr": val_psnr, "time_s": train_time})
+            bar.write(f"step {step}: val PSNR {val_psnr:.2f} dB")
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or flags[0]:
+            if dist_info.is_master:
+                save_checkpoint(ckpt_path, trainer, cfg, step, train_time, cfg.keep_ckpts)
+        if flags[0]:
+            bar.close()
+            raise Interrupted(int(stop.signum or signal.SIGTERM), step)
+        if finishing:
+            break
+    bar.close()
+    return step, train_time, points
+
+
+def _write_val_images(run_dir: str, views: Views, renders: dict) -> None:
+    """One PNG per held-out view this rank rendered: ground truth | prediction | depth (own range)."""
+    import imageio.v3 as iio
+
+    folder = os.path.join(run_dir, "val")
+    os.makedirs(folder, exist_ok=True)
+    for i, out in renders.items():
+        depth = colourise_depth(out.depth.cpu().numpy(), out.acc.cpu().numpy())
+        row = np.concatenate([to_uint8(views.images[i]), to_uint8(out.rgb), depth], axis=1)
+        iio.imwrite(os.path.join(folder, f"view{i:03d}.png"), row)
+
+
+def _write_videos(cfg: Config, raw, views: Views, run_dir: str, chunk_rays: int, autocast_dtype) -> None:
+    rgbs, depths, _, _ = render_orbit(raw, views.height, views.width, views.focal, cfg.video_frames,
+                                      cfg.video_radius, cfg.video_elevation, chunk_rays, autocast_dtype=autocast_dtype)
+    write_video(rgbs, os.path.join(run_dir, "video_rgb.mp4"), cfg.video_fps)
+    write_video(depths, os.path.join(run_dir, "video_depth.mp4"), cfg.video_fps)
+
+
+# --- entry point -------------------------------------------------------------------------------------------------
+def main(preset: Config = EXP1, argv: list[str] | None = None) -> int:
+    """Parse overrides, train, and turn user errors into one line on stderr with a non-zero exit code."""
+    try:
+        cfg = from_cli(preset, sys.argv[1:] if argv is None else argv)
+        train(cfg)
+        return 0
+    except Interrupted as stopped:
+        print0(str(stopped))
+        return stopped.exit_code
+    except (ConfigError, DataError, UserError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

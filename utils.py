@@ -1,0 +1,198 @@
+"""Small shared helpers: distributed setup, printing, metrics, safe checkpoint I/O, images and videos."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, file, checkpoint): reported as one line, non-zero exit."""
+
+
+# --- distributed / device --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """auto -> cuda:LOCAL_RANK, else mps, else cpu. An explicit request that is unavailable is an error."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={requested} requested but CUDA is not available (use --device=auto or cpu)")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device=mps requested but MPS is not available (use --device=auto or cpu)")
+    if requested == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(requested)
+
+
+def compute_init(device_request: str) -> tuple[Dist, torch.device]:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); start the process group if world > 1.
+
+    gloo on CPU, nccl on CUDA. A plain `python expN.py` is world size 1 with no process group.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    info = Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
+    device = pick_device(device_request, info.local_rank)
+    if info.enabled and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # bounded timeout: if a rank dies the others fail their next collective instead of hanging forever
+        from datetime import timedelta
+
+        timeout = timedelta(seconds=float(os.environ.get("NERF_DIST_TIMEOUT_S", "300")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return info, device
+
+
+def compute_cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (identity when not distributed)."""
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= dist.get_world_size()
+    return values
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --- metrics -------------------------------------------------------------------------------------------------
+def mse_to_psnr(mse: float) -> float:
+    return -10.0 * math.log10(max(mse, 1e-12))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return mse_to_psnr(torch.mean((a.float() - b.float()) ** 2).item())
+
+
+# --- files ---------------------------------------------------------------------------------------------------
+def atomic_write(path: str, write) -> None:
+    """Write a file via `write(tmp_path)` to a temporary beside it, then rename: readers never see half a file,
+    and a failure leaves the old file untouched."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_json(obj, path: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """torch.load with weights_only=True (no code from the file runs). Raises UserError with a one-line reason."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # corrupt zip, pickle refusing a global, truncated file ...
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load checkpoint {path}: {first_line[:300]}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project (expected keys 'model' and 'config')")
+    return ckpt
+
+
+# --- images and videos ---------------------------------------------------------------------------------------
+_COLOURMAP = np.array([  # a perceptually ordered ramp (dark purple -> orange -> pale yellow)
+    [0.00, 0.00, 0.02], [0.23, 0.04, 0.40], [0.55, 0.11, 0.43], [0.85, 0.30, 0.26], [0.98, 0.62, 0.12],
+    [0.99, 0.99, 0.75]])
+
+
+def colourise_depth(depth: np.ndarray, acc: np.ndarray | None = None, lo: float | None = None,
+                    hi: float | None = None) -> np.ndarray:
+    """Depth [H, W] -> uint8 RGB [H, W, 3], near = bright. The range is the depth's own range over the pixels
+    that hold something (acc > 0.5), or [lo, hi] when given (so the frames of one video share a scale)."""
+    depth = np.asarray(depth, dtype=np.float64)
+    mask = np.ones_like(depth, dtype=bool) if acc is None else np.asarray(acc) > 0.5
+    if lo is None or hi is None:
+        vals = depth[mask] if mask.any() else depth.ravel()
+        lo, hi = float(vals.min()), float(vals.max())
+    x = 1.0 - np.clip((depth - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
+    stops = np.linspace(0.0, 1.0, len(_COLOURMAP))
+    rgb = np.stack([np.interp(x, stops, _COLOURMAP[:, c]) for c in range(3)], axis=-1)
+    rgb[~mask] = 0.0
+    return (rgb * 255.0 + 0.5).astype(np.uint8)
+
+
+def to_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu().numpy()
+    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def write_video(frames: list[np.ndarray], path: str, fps: int) -> None:
+    """Write uint8 [H, W, 3] frames as .mp4 (H.264 through imageio-ffmpeg) or .gif, atomically."""
+    import imageio.v2 as imageio
+
+    def write(tmp):
+        if path.endswith(".gif"):
+            imageio.mimwrite(tmp, frames, format="GIF", duration=1000.0 / fps, loop=0)
+        else:
+            # macro_block_size=1: keep 100x100 frames as they are instead of resizing to multiples of 16
+            imageio.mimwrite(tmp, frames, format="FFMPEG", fps=fps, codec="libx264", quality=8,
+                             macro_block_size=1, pixelformat="yuv420p")
+
+    atomic_write(path, write)
