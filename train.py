@@ -49,6 +49,17 @@ def build_renderer(cfg: Config, device: torch.device, field_state: dict | None =
     return VolumeRenderer(field, cfg.near, cfg.far, cfg.n_samples, cfg.n_importance)
 
 
+def load_trained(path: str, device: torch.device | str = "cpu") -> tuple[VolumeRenderer, Config]:
+    """A trained renderer (eval mode) and its config from a checkpoint written by training."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    try:
+        cfg = config_from_dict(ckpt["config"])
+    except (ConfigError, TypeError) as err:
+        raise UserError(f"{path}: saved config is unreadable ({err})") from None
+    renderer = build_renderer(cfg, torch.device(device), ckpt["model"])
+    return renderer.eval(), cfg
+
+
 def field_state_dict(renderer: VolumeRenderer) -> dict:
     from bitnerf import plain_state_dict
 
