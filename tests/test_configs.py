@@ -1,0 +1,76 @@
+"""Configs: presets differ only where their experiment differs; CLI overrides are typed and checked."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, PRESETS, Config, ConfigError, config_from_dict, from_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def changed(a: Config, b: Config) -> set:
+    return {f.name for f in dataclasses.fields(Config) if getattr(a, f.name) != getattr(b, f.name)}
+
+
+def test_presets_differ_only_where_the_experiment_differs():
+    assert changed(EXP1, EXP2) == {"name", "amp"}
+    assert changed(EXP2, EXP3) == {"name", "batch_size"} and EXP3.batch_size == 8
+    assert changed(EXP1, EXP4) == {"name", "model", "lr"} and EXP4.lr == 5e-5
+    assert changed(EXP1, EXP5) == {"name"}
+    assert changed(EXP4, EXP6) == {"name"}  # the original's exp6 silently changed lr, norm and weight decay
+
+
+def test_reference_hyperparameters():
+    c = EXP1
+    assert (c.n_freqs, c.width, c.depth, c.skip_layer, c.n_samples, c.near, c.far) == (16, 256, 8, 4, 32, 2.0, 6.0)
+    assert (c.batch_unit, c.batch_size, c.lr, c.epochs, c.val_views) == ("image", 4, 1e-3, 50, 11)
+    assert (c.video_frames, c.video_fps, c.video_radius, c.video_elevation) == (120, 30, 4.0, -30.0)
+    assert c.wandb == "offline"
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        EXP1.lr = 1.0
+
+
+def test_cli_overrides_are_typed():
+    cfg = from_cli(EXP1, ["--lr=3e-4", "--steps=7", "--compile=false", "--amp", "--data", "x.npz", "--out-dir=o"])
+    assert (cfg.lr, cfg.steps, cfg.compile, cfg.amp, cfg.data, cfg.out_dir) == (3e-4, 7, False, True, "x.npz", "o")
+    assert from_cli(EXP1, ["--preset=exp4", "--seed=3"]) == dataclasses.replace(EXP4, seed=3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus=1"], "unknown config key --bogus"),
+    (["--lr=fast"], "--lr expects float"),
+    (["--steps=1.5"], "--steps expects int"),
+    (["--compile=maybe"], "--compile expects true/false"),
+    (["--lr=0"], "lr must be > 0"),
+    (["--n_samples=1"], "n_samples must be >= 2"),
+    (["--near=6", "--far=2"], "need 0 <= near < far"),
+    (["--device=tpu"], "device='tpu'"),
+    (["--wandb=maybe"], "wandb='maybe' is not one of"),
+    (["--steps=-1"], "steps must be >= 0"),
+    (["--preset=exp9"], "unknown preset"),
+    (["lr=1"], "unexpected argument"),
+])
+def test_cli_rejects_bad_input(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        from_cli(EXP1, argv)
+
+
+def test_config_round_trips_through_dict():
+    for preset in PRESETS.values():
+        assert config_from_dict(preset.to_dict()) == preset
+    with pytest.raises(ConfigError, match="unknown keys"):
+        config_from_dict({**EXP1.to_dict(), "extra": 1})
+
+
+def test_experiment_script_reports_bad_flag_in_one_line():
+    proc = subprocess.run([sys.executable, "exp1.py", "--bogus=1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: unknown config key --bogus (see --help for the list)"
