@@ -10,12 +10,16 @@ Usage as a tool: `python render.py --ckpt RUN/ckpt.pt` writes 360-degree videos 
 from __future__ import annotations
 
 import math
+import os
+import sys
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from nerf import colour, density
+from utils import ArgParser, UserError, colourise_depth, pick_device, run_cli, to_uint8, write_video
 
 Field = Callable[[torch.Tensor], torch.Tensor]
 
@@ -191,3 +195,111 @@ def pose_spherical(theta_deg: float, phi_deg: float, radius: float) -> torch.Ten
 def orbit_poses(n_frames: int, radius: float, elevation: float) -> torch.Tensor:
     """[n_frames, 4, 4]: a full turn of azimuth at a fixed elevation."""
     return torch.stack([pose_spherical(360.0 * k / n_frames, elevation, radius) for k in range(n_frames)])
+
+
+# --- 360-degree orbits: the one code path behind the training run's videos and `python render.py` -------------
+TINY_NERF_FOCAL_PER_PIXEL = 1.38889  # the tiny NeRF camera: focal 138.889 px at 100 px (~39.6 degree view)
+
+
+class Orbit(NamedTuple):
+    rgb: list[np.ndarray]  # per frame: uint8 [H, W, 3]
+    depth: list[np.ndarray]  # per frame: uint8 [H, W, 3], coloured on one range shared by all frames
+    raw_depth: list[np.ndarray]  # per frame: float32 [H, W] expected depth
+    acc: list[np.ndarray]  # per frame: float32 [H, W] opacity
+
+
+def render_orbit(renderer: nn.Module, height: int, width: int, focal: float, frames: int, radius: float,
+                 elevation: float, chunk_rays: int, progress: bool = True, autocast_dtype=None) -> Orbit:
+    """Render `frames` views on a full turn of azimuth at `elevation` degrees, `radius` from the origin."""
+    from tqdm import tqdm
+
+    device = next(renderer.parameters()).device
+    was_training = renderer.training
+    renderer.eval()
+    rgbs, depths, accs = [], [], []
+    for c2w in tqdm(orbit_poses(frames, radius, elevation), desc="render", disable=not progress, leave=False):
+        rays_o, rays_d = get_rays(height, width, focal, c2w.to(device))
+        out = render_image(renderer, rays_o, rays_d, chunk_rays, autocast_dtype)
+        rgbs.append(to_uint8(out.rgb))
+        depths.append(out.depth.cpu().numpy())
+        accs.append(out.acc.cpu().numpy())
+    renderer.train(was_training)
+    # one depth range for the whole video, so colours mean the same distance in every frame
+    fg = np.concatenate([d[a > 0.5] for d, a in zip(depths, accs)])
+    lo, hi = (float(fg.min()), float(fg.max())) if fg.size else (0.0, 1.0)
+    return Orbit(rgbs, [colourise_depth(d, a, lo, hi) for d, a in zip(depths, accs)], depths, accs)
+
+
+def still_frames(n_frames: int, n_stills: int) -> list[int]:
+    """Up to n_stills frame indices spread evenly over the orbit, starting at frame 0."""
+    return sorted({k * n_frames // n_stills for k in range(min(n_stills, n_frames))})
+
+
+def write_orbit(orbit: Orbit, out_dir: str, fps: int, gif: bool = False, stills: int = 0) -> list[str]:
+    """video_rgb.mp4 and video_depth.mp4 (+ .gif if asked) and `stills` PNGs (rgb | depth | opacity) of
+    evenly spaced frames into out_dir. Returns the paths written."""
+    import imageio.v3 as iio
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for kind, frames in (("rgb", orbit.rgb), ("depth", orbit.depth)):
+        for ext in ("mp4", "gif") if gif else ("mp4",):
+            paths.append(os.path.join(out_dir, f"video_{kind}.{ext}"))
+            write_video(frames, paths[-1], fps)
+    for k in still_frames(len(orbit.rgb), stills):
+        opacity = to_uint8(np.repeat(orbit.acc[k][..., None], 3, axis=-1))
+        paths.append(os.path.join(out_dir, f"still{k:03d}.png"))
+        iio.imwrite(paths[-1], np.concatenate([orbit.rgb[k], orbit.depth[k], opacity], axis=1))
+    return paths
+
+
+# --- command line: python render.py --ckpt RUN/ckpt.pt ---------------------------------------------------------
+def _parse(argv: list[str] | None):
+    p = ArgParser(prog="render.py", description="360-degree RGB and depth videos (and stills) of a trained model.")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by training (RUN/ckpt.pt)")
+    p.add_argument("--out", help="output folder (default: a 'render' folder beside the checkpoint)")
+    p.add_argument("--frames", type=int, help="frames in the turn (default: the run's video_frames)")
+    p.add_argument("--fps", type=int, help="frames per second (default: the run's video_fps)")
+    p.add_argument("--radius", type=float, help="camera distance from the origin (default: the run's)")
+    p.add_argument("--elevation", type=float, help="degrees; negative looks down (default: the run's)")
+    p.add_argument("--size", type=int, default=100, help="square image side in pixels (default 100)")
+    p.add_argument("--focal", type=float, help="focal length in pixels of the output image "
+                   f"(default {TINY_NERF_FOCAL_PER_PIXEL} x size: the tiny NeRF camera's field of view)")
+    p.add_argument("--stills", type=int, default=4, help="PNG stills (rgb | depth | opacity) to write")
+    p.add_argument("--gif", action="store_true", help="also write GIFs")
+    p.add_argument("--chunk", type=int, help="rays per forward pass (default: from the run's chunk_points)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    return p.parse_args(argv)
+
+
+def _render_cli(argv: list[str] | None) -> int:
+    from train import amp_dtype, load_trained  # train imports this module: import it only when run as a tool
+
+    args = _parse(argv)
+    device = pick_device(args.device)
+    renderer, cfg = load_trained(args.ckpt, device)
+    frames = args.frames if args.frames is not None else cfg.video_frames
+    fps = args.fps if args.fps is not None else cfg.video_fps
+    radius = args.radius if args.radius is not None else cfg.video_radius
+    elevation = args.elevation if args.elevation is not None else cfg.video_elevation
+    focal = args.focal if args.focal is not None else TINY_NERF_FOCAL_PER_PIXEL * args.size
+    chunk = args.chunk if args.chunk is not None else max(1, cfg.chunk_points // (cfg.n_samples + cfg.n_importance))
+    for name, value in (("frames", frames), ("fps", fps), ("size", args.size), ("chunk", chunk)):
+        if value < 1:
+            raise UserError(f"--{name} must be >= 1 (got {value})")
+    if not (radius > 0 and focal > 0 and args.stills >= 0):
+        raise UserError(f"need --radius > 0, --focal > 0, --stills >= 0 (got {radius}, {focal}, {args.stills})")
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "render")
+    orbit = render_orbit(renderer, args.size, args.size, focal, frames, radius, elevation, chunk,
+                         autocast_dtype=amp_dtype(cfg, device))
+    for path in write_orbit(orbit, out_dir, fps, args.gif, args.stills):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: _render_cli(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

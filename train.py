@@ -20,12 +20,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configs import EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli
-from dataset import DataError, RayBatcher, Views, load_views, split_views
+from dataset import RayBatcher, Views, load_views, split_views
 from nerf import build_field
-from render import VolumeRenderer, orbit_poses, render_image, get_rays
+from render import VolumeRenderer, render_image, get_rays, render_orbit, write_orbit
 from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json, atomic_torch_save,
                    colourise_depth, compute_cleanup, compute_init, load_checkpoint, mse_to_psnr, print0,
-                   seed_everything, to_uint8, write_video)
+                   run_cli, seed_everything, to_uint8)
 
 
 # --- model ---------------------------------------------------------------------------------------------------
@@ -184,28 +184,6 @@ def evaluate_views(renderer: VolumeRenderer, views: Views, dist_info: Dist, chun
     renderer.train(was_training)
     total = all_reduce_sum(total)
     return float(total[0] / total[1]), kept
-
-
-def render_orbit(renderer: VolumeRenderer, height: int, width: int, focal: float, frames: int, radius: float,
-                 elevation: float, chunk_rays: int, progress: bool = True, autocast_dtype=None):
-    """360-degree orbit: (rgb uint8 frames, depth uint8 frames coloured on one shared range, raw depth, acc)."""
-    from tqdm import tqdm
-
-    device = next(renderer.parameters()).device
-    was_training = renderer.training
-    renderer.eval()
-    rgbs, depths, accs = [], [], []
-    for c2w in tqdm(orbit_poses(frames, radius, elevation), desc="render", disable=not progress, leave=False):
-        rays_o, rays_d = get_rays(height, width, focal, c2w.to(device))
-        out = render_image(renderer, rays_o, rays_d, chunk_rays, autocast_dtype)
-        rgbs.append(to_uint8(out.rgb))
-        depths.append(out.depth.cpu().numpy())
-        accs.append(out.acc.cpu().numpy())
-    renderer.train(was_training)
-    fg = np.concatenate([d[a > 0.5] for d, a in zip(depths, accs)])
-    lo, hi = (float(fg.min()), float(fg.max())) if fg.size else (0.0, 1.0)
-    depth_frames = [colourise_depth(d, a, lo, hi) for d, a in zip(depths, accs)]
-    return rgbs, depth_frames, depths, accs
 
 
 # --- logging -----------------------------------------------------------------------------------------------------
@@ -484,28 +462,26 @@ def _write_val_images(run_dir: str, views: Views, renders: dict) -> None:
 
 
 def _write_videos(cfg: Config, raw, views: Views, run_dir: str, chunk_rays: int, autocast_dtype) -> None:
-    rgbs, depths, _, _ = render_orbit(raw, views.height, views.width, views.focal, cfg.video_frames,
-                                      cfg.video_radius, cfg.video_elevation, chunk_rays, autocast_dtype=autocast_dtype)
-    write_video(rgbs, os.path.join(run_dir, "video_rgb.mp4"), cfg.video_fps)
-    write_video(depths, os.path.join(run_dir, "video_depth.mp4"), cfg.video_fps)
+    # the same functions as `python render.py`, at the training views' resolution and focal
+    orbit = render_orbit(raw, views.height, views.width, views.focal, cfg.video_frames, cfg.video_radius,
+                         cfg.video_elevation, chunk_rays, autocast_dtype=autocast_dtype)
+    write_orbit(orbit, run_dir, cfg.video_fps)
 
 
 # --- entry point -------------------------------------------------------------------------------------------------
 def main(preset: Config = EXP1, argv: list[str] | None = None) -> int:
-    """Parse overrides, train, and turn user errors into one line on stderr with a non-zero exit code."""
-    try:
+    """Parse overrides and train; user errors become one line on stderr and exit code 2 (utils.run_cli)."""
+
+    def body() -> int:
         cfg = from_cli(preset, sys.argv[1:] if argv is None else argv)
-        train(cfg)
+        try:
+            train(cfg)
+        except Interrupted as stopped:
+            print0(str(stopped))
+            return stopped.exit_code
         return 0
-    except Interrupted as stopped:
-        print0(str(stopped))
-        return stopped.exit_code
-    except (ConfigError, DataError, UserError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        return 130
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

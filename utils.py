@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -15,6 +18,30 @@ import torch.distributed as dist
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, file, checkpoint): reported as one line, non-zero exit."""
+
+
+def run_cli(body: Callable[[], int | None]) -> int:
+    """Run a command-line tool's `body`; a user error (UserError, ConfigError, DataError) becomes one line
+    `error: ...` on stderr and exit code 2 instead of a traceback; Ctrl-C exits 130. Returns the exit code."""
+    # imported here: configs and dataset sit above utils in the import order
+    from configs import ConfigError
+    from dataset import DataError
+
+    try:
+        return body() or 0
+    except (ConfigError, DataError, UserError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors (one line, exit 2 through run_cli), not usage + exit."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 # --- distributed / device --------------------------------------------------------------------------------------
