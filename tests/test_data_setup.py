@@ -1,0 +1,258 @@
+"""data_setup.py: the download with `requests` replaced by fakes (no network), and the procedural-scene writer.
+
+Every failure must: exit 2 with one `error:` line naming the problem, retry exactly when retrying can help (with
+exponential backoff), leave no temporary file, and leave a pre-existing good file byte-for-byte untouched.
+"""
+
+import io
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import requests
+
+import data_setup
+from tests.conftest import ROOT
+
+GOOD_KEYS = ("images", "poses", "focal")
+
+
+def npz_bytes(keys=GOOD_KEYS, pose_scale: float = 1.0) -> bytes:
+    """A tiny-NeRF-shaped .npz of exactly the real file's size (stored zip entries without zip64 extras, as the
+    original file was written). Renaming a key to another of the same length keeps the size."""
+    arrays = [np.zeros((106, 100, 100, 3), np.float32), np.tile(np.eye(4, dtype=np.float32) * pose_scale,
+                                                                  (106, 1, 1)), np.float64(138.889)]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for key, array in zip(keys, arrays):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asanyarray(array))
+            zf.writestr(key + ".npy", member.getvalue())
+    return buf.getvalue()
+
+
+GOOD = npz_bytes()
+assert len(GOOD) == data_setup.EXPECTED_BYTES  # the fixture itself must be right for the tests to mean anything
+
+
+class FakeResponse:
+    def __init__(self, body: bytes = b"", status: int = 200, reason: str = "OK", length: int | None = -1,
+                 fail_after: int | None = None, error: Exception | None = None):
+        self.body, self.status_code, self.reason = body, status, reason
+        self.headers = {} if length is None else {"Content-Length": str(len(body) if length == -1 else length)}
+        self.fail_after, self.error = fail_after, error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def iter_content(self, chunk_size):
+        for start in range(0, len(self.body), chunk_size):
+            if self.fail_after is not None and start >= self.fail_after:
+                raise self.error
+            yield self.body[start:start + chunk_size]
+
+
+class FakeGet:
+    """Stands in for requests.get: plays `outcomes` in order (the last one repeats), recording each call."""
+
+    def __init__(self, *outcomes):
+        self.outcomes, self.calls = list(outcomes), []
+
+    def __call__(self, url, **kwargs):
+        self.calls.append((url, kwargs))
+        outcome = self.outcomes[min(len(self.calls), len(self.outcomes)) - 1]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    waits = []
+    monkeypatch.setattr(data_setup.time, "sleep", waits.append)
+    return waits
+
+
+@pytest.fixture
+def good_file(tmp_path):
+    path = tmp_path / "tiny_nerf_data.npz"
+    path.write_bytes(GOOD)
+    os.utime(path, (1_000_000, 1_000_000))  # a recognisable mtime: any rewrite would change it
+    return path
+
+
+def run_cli(argv, monkeypatch, get, capsys):
+    monkeypatch.setattr(data_setup.requests, "get", get)
+    code = data_setup.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_failed(code, err, *fragments):
+    lines = err.strip().splitlines()
+    assert code == 2
+    assert lines[-1].startswith("error: cannot download "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def assert_untouched(path):
+    assert path.read_bytes() == GOOD
+    assert os.stat(path).st_mtime == 1_000_000
+    assert sorted(os.listdir(path.parent)) == [path.name]  # no temporary left behind
+
+
+# --- success ------------------------------------------------------------------------------------------------------
+def test_download_success_streams_with_timeout(tmp_path, monkeypatch, capsys, sleeps):
+    out = tmp_path / "sub" / "tiny.npz"
+    get = FakeGet(FakeResponse(GOOD))
+    code, stdout, _ = run_cli(["--out", str(out), "--timeout", "7"], monkeypatch, get, capsys)
+    assert code == 0 and "downloaded" in stdout
+    assert out.read_bytes() == GOOD and sorted(os.listdir(out.parent)) == ["tiny.npz"]
+    assert len(get.calls) == 1 and sleeps == []
+    url, kwargs = get.calls[0]
+    assert url == data_setup.URL and kwargs["stream"] is True and kwargs["timeout"] == 7.0
+
+
+def test_retries_then_succeeds_with_exponential_backoff(tmp_path, monkeypatch, capsys, sleeps):
+    out = tmp_path / "tiny.npz"
+    cut = FakeResponse(GOOD, fail_after=1 << 20, error=requests.exceptions.ConnectionError("reset"))
+    get = FakeGet(requests.exceptions.ConnectTimeout("slow"), cut, FakeResponse(GOOD))
+    code, stdout, err = run_cli(["--out", str(out)], monkeypatch, get, capsys)
+    assert code == 0 and "3 attempts" in stdout
+    assert len(get.calls) == 3 and sleeps == [1.0, 2.0]
+    assert "attempt 1 failed: timed out" in err and "attempt 2 failed: network error" in err
+    assert out.read_bytes() == GOOD and sorted(os.listdir(tmp_path)) == ["tiny.npz"]
+
+
+def test_valid_file_present_skips_download(good_file, monkeypatch, capsys, sleeps):
+    get = FakeGet(AssertionError("must not download"))
+    code, stdout, _ = run_cli(["--out", str(good_file)], monkeypatch, get, capsys)
+    assert code == 0 and "already present and valid" in stdout and get.calls == []
+    assert_untouched(good_file)
+
+
+def test_invalid_file_present_is_replaced_by_a_good_download(tmp_path, monkeypatch, capsys, sleeps):
+    out = tmp_path / "tiny.npz"
+    out.write_bytes(GOOD[: len(GOOD) // 2])  # e.g. what an old, non-atomic downloader left behind
+    code, _, err = run_cli(["--out", str(out)], monkeypatch, FakeGet(FakeResponse(GOOD)), capsys)
+    assert code == 0 and "not the tiny NeRF file" in err
+    assert out.read_bytes() == GOOD
+
+
+# --- failures: each over a good file with --force (it must survive), with retries exactly where they help ----------
+def test_offline(good_file, monkeypatch, capsys, sleeps):
+    get = FakeGet(requests.exceptions.ConnectionError("Failed to resolve 'cseweb.ucsd.edu'"))
+    code, _, err = run_cli(["--out", str(good_file), "--force"], monkeypatch, get, capsys)
+    assert_failed(code, err, "network error (ConnectionError)", "(5 attempts)", "was left as it was",
+                  "--data=synthetic")
+    assert len(get.calls) == 5 and sleeps == [1.0, 2.0, 4.0, 8.0]
+    assert_untouched(good_file)
+
+
+def test_timeout(good_file, monkeypatch, capsys, sleeps):
+    get = FakeGet(requests.exceptions.ReadTimeout("read timed out"))
+    code, _, err = run_cli(["--out", str(good_file), "--force", "--retries", "2", "--timeout", "3"], monkeypatch,
+                           get, capsys)
+    assert_failed(code, err, "timed out (no data for 3 s)", "(3 attempts)")
+    assert len(get.calls) == 3 and sleeps == [1.0, 2.0]
+    assert_untouched(good_file)
+
+
+def test_http_404_is_not_retried(good_file, monkeypatch, capsys, sleeps):
+    get = FakeGet(FakeResponse(b"<html>gone</html>", status=404, reason="Not Found"))
+    code, _, err = run_cli(["--out", str(good_file), "--force"], monkeypatch, get, capsys)
+    assert_failed(code, err, "HTTP 404 Not Found", "(1 attempt)")
+    assert len(get.calls) == 1 and sleeps == []  # a missing file will not appear on a retry
+    assert_untouched(good_file)
+
+
+def test_http_503_is_retried(good_file, monkeypatch, capsys, sleeps):
+    get = FakeGet(FakeResponse(b"busy", status=503, reason="Service Unavailable"))
+    code, _, err = run_cli(["--out", str(good_file), "--force", "--retries", "1"], monkeypatch, get, capsys)
+    assert_failed(code, err, "HTTP 503 Service Unavailable", "(2 attempts)")
+    assert len(get.calls) == 2 and sleeps == [1.0]
+    assert_untouched(good_file)
+
+
+def test_wrong_size(good_file, monkeypatch, capsys, sleeps):
+    get = FakeGet(FakeResponse(GOOD[:5000]))  # a complete response, just not the file
+    code, _, err = run_cli(["--out", str(good_file), "--force"], monkeypatch, get, capsys)
+    assert_failed(code, err, "wrong size: got 5,000 bytes, expected 12,727,482", "(5 attempts)")
+    assert len(get.calls) == 5 and sleeps == [1.0, 2.0, 4.0, 8.0]
+    assert_untouched(good_file)
+
+
+def test_transfer_cut_short(good_file, monkeypatch, capsys, sleeps):
+    get = FakeGet(FakeResponse(GOOD[:4096], length=len(GOOD)))
+    code, _, err = run_cli(["--out", str(good_file), "--force", "--retries", "1"], monkeypatch, get, capsys)
+    assert_failed(code, err, "transfer cut short (4,096 of 12,727,482 bytes)", "(2 attempts)")
+    assert len(get.calls) == 2
+    assert_untouched(good_file)
+
+
+@pytest.mark.parametrize("make_body, problem", [
+    (lambda: npz_bytes(keys=("pixels", "poses", "focal")), "lacks key(s) images"),
+    (lambda: npz_bytes(pose_scale=2.0), "is not a rigid camera-to-world matrix"),
+    (lambda: b"\0" * len(GOOD), "is not a readable .npz file"),
+], ids=["wrong-keys", "non-rigid-poses", "not-a-zip"])
+def test_wrong_content_is_not_retried(good_file, monkeypatch, capsys, sleeps, make_body, problem):
+    body = make_body()
+    assert len(body) == len(GOOD)  # right size: only the content check can catch it
+    get = FakeGet(FakeResponse(body, length=None))
+    code, _, err = run_cli(["--out", str(good_file), "--force"], monkeypatch, get, capsys)
+    assert_failed(code, err, "wrong content: the download", problem, "(1 attempt)")
+    assert len(get.calls) == 1 and sleeps == []
+    assert_untouched(good_file)
+
+
+def test_failure_without_a_previous_file_leaves_nothing(tmp_path, monkeypatch, capsys, sleeps):
+    out = tmp_path / "tiny.npz"
+    get = FakeGet(FakeResponse(GOOD, fail_after=1 << 20, error=requests.exceptions.ChunkedEncodingError("x")))
+    code, _, err = run_cli(["--out", str(out), "--retries", "0"], monkeypatch, get, capsys)
+    assert_failed(code, err, "network error (ChunkedEncodingError)")
+    assert "was left as it was" not in err and os.listdir(tmp_path) == []
+
+
+def test_interrupt_mid_download_removes_the_partial_file(tmp_path, monkeypatch, capsys, sleeps):
+    out = tmp_path / "tiny.npz"
+    get = FakeGet(FakeResponse(GOOD, fail_after=1 << 20, error=KeyboardInterrupt()))
+    code, _, err = run_cli(["--out", str(out)], monkeypatch, get, capsys)
+    assert code == 130 and "nothing was written" in err and os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_cli_without_network_is_one_line(tmp_path):
+    """The real script, real requests, an address where nothing listens: one line, exit 2, no traceback."""
+    out = tmp_path / "tiny.npz"
+    proc = subprocess.run([sys.executable, "data_setup.py", "--out", str(out), "--url", "http://127.0.0.1:9/x.npz",
+                           "--retries", "0", "--timeout", "2"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: cannot download http://127.0.0.1:9/x.npz: network error (ConnectionError) (1 attempt); use "
+        "--data=synthetic or `python data_setup.py --synthetic OUT.npz` to work offline"]
+    assert not out.exists()
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        data_setup.main(["--retries", "-1"])
+    assert exc.value.code == 2 and "--retries must be >= 0" in capsys.readouterr().err
+
+
+# --- the procedural scene -----------------------------------------------------------------------------------------
+def test_synthetic_writes_exactly_the_named_file(tmp_path, capsys):
+    out = tmp_path / "scene"  # no .npz suffix: np.savez must not append one
+    assert data_setup.main(["--synthetic", str(out)]) == 0
+    assert os.listdir(tmp_path) == ["scene"]
+    views = data_setup.load_npz(str(out))
+    assert tuple(views.images.shape) == (106, 100, 100, 3) and views.depth is not None
+    assert "106 views, 100x100" in capsys.readouterr().out
