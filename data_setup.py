@@ -23,7 +23,7 @@ import numpy as np
 import requests
 
 from dataset import DataError, Views, load_npz, synthetic_scene
-from utils import UserError, atomic_write
+from utils import ArgParser, UserError, atomic_write, run_cli
 
 URL = "http://cseweb.ucsd.edu/~viscomp/projects/LF/papers/ECCV20/nerf/tiny_nerf_data.npz"
 EXPECTED_BYTES = 12_727_482
@@ -136,7 +136,7 @@ def write_synthetic(out: str, n_views: int = 106, size: int = 100, seed: int = 0
 
 # --- command line -----------------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Download tiny_nerf_data.npz, or write the procedural scene.")
+    parser = ArgParser(description="Download tiny_nerf_data.npz, or write the procedural scene.")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"where to put the download (default {DEFAULT_OUT})")
     parser.add_argument("--synthetic", metavar="OUT.npz", help="write the procedural scene here instead")
     parser.add_argument("--force", action="store_true",
@@ -170,16 +170,16 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        print(run(args), flush=True)
-        return 0
-    except (UserError, DataError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:  # the temporary file is already gone (atomic_write's finally)
-        print("interrupted; nothing was written", file=sys.stderr, flush=True)
-        return 130
+    """The command line: one `error: ...` line and exit 2 on any failure, 130 on Ctrl-C (utils.run_cli)."""
+
+    def body() -> None:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        try:
+            print(run(args), flush=True)
+        except OSError as err:  # e.g. the target folder is not writable
+            raise UserError(f"cannot write the data file: {err}") from None
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
