@@ -68,3 +68,119 @@ def ternary_weight(weight: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tenso
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A state dict of plain tensors (BitNet weight subclasses unwrapped), loadable with weights_only=True."""
     return {k: getattr(v, "_data", v).detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- inference with packed ternary weights (export.py writes and reads the file) -----------------------------------
+# Ternary digits are stored as t + 1 in {0, 1, 2}, little-endian within a byte: base 3 packs 5 per byte
+# (3^5 = 243 <= 256), base 4 is the plain 2-bit packing (4 per byte).
+PACKINGS = {"base3": (3, 5), "2bit": (4, 4)}
+
+
+def pack_ternary(values: torch.Tensor, packing: str = "base3") -> torch.Tensor:
+    """Ternary int8 values (any shape, flattened row-major) -> uint8 [ceil(n / per_byte)]."""
+    base, per_byte = PACKINGS[packing]
+    digits = values.reshape(-1).to(torch.int64) + 1
+    if digits.numel() and (digits.min() < 0 or digits.max() > 2):
+        raise ValueError("pack_ternary: values must be in {-1, 0, 1}")
+    digits = nn.functional.pad(digits, (0, -digits.numel() % per_byte)).view(-1, per_byte)
+    powers = base ** torch.arange(per_byte, device=digits.device)  # [per_byte]
+    return (digits * powers).sum(dim=-1).to(torch.uint8)
+
+
+def unpack_ternary(packed: torch.Tensor, n: int, packing: str = "base3") -> torch.Tensor:
+    """uint8 [ceil(n / per_byte)] -> int8 [n] in {-1, 0, 1}. ValueError when the bytes cannot be ternary digits."""
+    base, per_byte = PACKINGS[packing]
+    if packed.numel() != -(-n // per_byte):
+        raise ValueError(f"{packed.numel()} packed bytes cannot hold {n} ternary values ({packing})")
+    powers = base ** torch.arange(per_byte, device=packed.device)
+    packed = packed.to(torch.int64)
+    digits = ((packed[:, None] // powers) % base).reshape(-1)  # [bytes * per_byte]
+    # padding digits beyond n must be 0 too (pack writes 0 there), so every byte has exactly one meaning
+    if digits.numel() and (digits.max() > 2 or packed.max() >= base ** per_byte or digits[n:].any()):
+        raise ValueError("bytes that are not packed ternary digits")
+    return (digits[:n] - 1).to(torch.int8)
+
+
+def ternary_matmul(x_i8: torch.Tensor, ternary_t: torch.Tensor) -> torch.Tensor:
+    """Exact integer product x_i8 [M, K] @ ternary_t [K, N] (both int8), as int32 or float32 [M, N].
+
+    CUDA: torch._int_mm when its shape rules hold (M > 16, K and N multiples of 8). Elsewhere a float32 matmul of
+    the same integers: every partial sum is an integer of magnitude <= 127 K < 2^24, so float32 holds it exactly
+    and the result equals _int_mm's bit for bit (and on a CPU it is ~25x faster than _int_mm).
+    """
+    m, k = x_i8.shape
+    n = ternary_t.shape[1]
+    if x_i8.is_cuda and m > 16 and k % 8 == 0 and n % 8 == 0:
+        return torch._int_mm(x_i8, ternary_t)
+    if 127 * k < 2**24:
+        return x_i8.float() @ ternary_t.float()
+    return torch._int_mm(x_i8, ternary_t)
+
+
+class TernaryLinear(nn.Module):
+    """A Linear whose weight is ternary [out, in] (int8) times one fp32 scale, plus a float bias.
+
+    mode "int8": BitNet's forward as in training (torchao bitnet): per-row absmax int8 activations, integer
+    matmul with the ternary weights, then * scale * row scale + bias. mode "dequant": float matmul with
+    ternary * scale (no activation quantization; an approximation of the trained forward).
+    """
+
+    def __init__(self, in_features: int, out_features: int, mode: str = "int8"):
+        super().__init__()
+        if mode not in ("int8", "dequant"):
+            raise ValueError(f"mode must be int8 or dequant, got {mode!r}")
+        self.mode = mode
+        self.register_buffer("ternary", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in] -> [..., out]."""
+        if self.mode == "dequant":
+            weight = self.ternary.to(x.dtype) * self.scale.to(x.dtype)
+            return nn.functional.linear(x, weight, self.bias.to(x.dtype))
+        return self._int8_forward(x)
+
+    def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, bias = self.scale, self.bias
+        if torch.is_autocast_enabled("cuda"):  # torchao casts input, weight and bias to the autocast dtype
+            dtype = torch.get_autocast_dtype("cuda")
+            x, scale, bias = x.to(dtype), scale.to(dtype), bias.to(dtype)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        # torchao's quantize_int8_rowwise(eps=1e-5): the same operations in the same order, for equal bits
+        row_scale = x.abs().amax(dim=1) / 127  # [M], x's dtype
+        x_i8 = (x.float() * (1.0 / row_scale.float().clip(1e-5)).view(-1, 1)).round().clip(-128, 127)
+        acc = ternary_matmul(x_i8.to(torch.int8), self.ternary.T)
+        out = acc * scale * row_scale.view(-1, 1) + bias
+        return out.view(*lead, -1)
+
+
+def ternary_field(n_freqs: int, width: int, depth: int, skip_layer: int, mode: str = "int8") -> BitNeRF:
+    """An empty inference BitNeRF: every hidden Linear replaced by a TernaryLinear (fill it with
+    `load_state_dict(ternary_state_dict(...))`). Same forward, encoding and skip as the trained model."""
+    field = BitNeRF(n_freqs, width, depth, skip_layer)
+    for layer in field.hidden:
+        linear = layer.linear
+        layer[1] = TernaryLinear(linear.in_features, linear.out_features, mode)
+    return field.requires_grad_(False)
+
+
+def ternary_state_dict(float_state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """A trained BitNeRF's plain float state dict -> the state dict of `ternary_field`: each hidden Linear's
+    latent weight becomes (ternary int8, fp32 scale) exactly as training's forward quantizes it."""
+    state = dict(float_state)
+    for i in range(depth):
+        ternary, scale = ternary_weight(state.pop(f"hidden.{i}.1.weight").float())
+        state[f"hidden.{i}.1.ternary"], state[f"hidden.{i}.1.scale"] = ternary, scale
+    return state
+
+
+def set_ternary_mode(field: nn.Module, mode: str) -> nn.Module:
+    """Switch every TernaryLinear of `field` to "int8" or "dequant". Returns the field."""
+    if mode not in ("int8", "dequant"):
+        raise ValueError(f"mode must be int8 or dequant, got {mode!r}")
+    for module in field.modules():
+        if isinstance(module, TernaryLinear):
+            module.mode = mode
+    return field

@@ -50,7 +50,12 @@ def build_renderer(cfg: Config, device: torch.device, field_state: dict | None =
 
 
 def load_trained(path: str, device: torch.device | str = "cpu") -> tuple[VolumeRenderer, Config]:
-    """A trained renderer (eval mode) and its config from a checkpoint written by training."""
+    """A trained renderer (eval mode) and its config from a checkpoint written by training, or from an exported
+    packed-ternary BitNeRF (.bitnerf, export.py)."""
+    from export import is_bitnerf_file, load_exported
+
+    if is_bitnerf_file(path):
+        return load_exported(path, device)
     ckpt = load_checkpoint(path, map_location="cpu")
     try:
         cfg = config_from_dict(ckpt["config"])

@@ -1,0 +1,207 @@
+"""Packed ternary export (export.py, bitnerf.py inference field): packing, integer matmul, the file format's
+integrity checks, and that an exported BitNeRF renders what the QAT model renders."""
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bitnerf import (BitNeRF, TernaryLinear, pack_ternary, quantize_bitnet, set_ternary_mode, ternary_matmul,
+                     ternary_state_dict, unpack_ternary)
+from configs import EXP1, EXP4
+from dataset import load_views, split_views
+from export import export_checkpoint, is_bitnerf_file, main, read_bitnerf, write_bitnerf
+from nerf import NeRF
+from render import get_rays, render_image
+from train import load_trained, train
+from utils import UserError, atomic_torch_save, psnr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_ARCH = dict(n_freqs=2, width=16, depth=3, skip_layer=1)
+
+
+# --- packing ---------------------------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.one_of(st.sampled_from([1, 3, 5, 7, 255]), st.integers(1, 300)),
+       packing=st.sampled_from(["base3", "2bit"]), seed=st.integers(0, 2**31 - 1))
+def test_pack_unpack_round_trip_is_exact(rows, cols, packing, seed):
+    values = torch.randint(-1, 2, (rows, cols), generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+    packed = pack_ternary(values, packing)
+    per_byte = 5 if packing == "base3" else 4
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-rows * cols // per_byte)
+    assert torch.equal(unpack_ternary(packed, rows * cols, packing).view(rows, cols), values)
+
+
+def test_pack_hand_computed_bytes():
+    # digits t + 1, least significant first: base 3: 0 + 1*3 + 2*9 + 2*27 + 1*81 = 156; then [2] padded -> 2
+    assert pack_ternary(torch.tensor([-1, 0, 1, 1, 0, 1], dtype=torch.int8)).tolist() == [156, 2]
+    # 2 bits: 2 + 0*4 + 1*16 + 2*64 = 146
+    assert pack_ternary(torch.tensor([1, -1, 0, 1], dtype=torch.int8), "2bit").tolist() == [146]
+
+
+def test_pack_and_unpack_reject_non_ternary():
+    with pytest.raises(ValueError):
+        pack_ternary(torch.tensor([0, 2], dtype=torch.int8))
+    for packed, n, packing in [([243], 5, "base3"), ([3], 1, "2bit"), ([0b11000000], 4, "2bit"),
+                               ([2 + 3 * 1], 1, "base3"),  # a non-zero padding digit
+                               ([1, 1], 3, "base3")]:  # wrong byte count
+        with pytest.raises(ValueError):
+            unpack_ternary(torch.tensor(packed, dtype=torch.uint8), n, packing)
+
+
+# --- arithmetic ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m,k,n", [(1, 3, 5), (17, 8, 8), (40, 360, 24)])
+def test_ternary_matmul_is_exact(m, k, n):
+    gen = torch.Generator().manual_seed(m + k + n)
+    x = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+    w = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
+    assert torch.equal(ternary_matmul(x, w.T).long(), x.long() @ w.T.long())
+
+
+def _qat_linear(in_features: int, out_features: int, seed: int) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features)
+    from torchao import quantize_
+    from torchao.prototype.quantized_training import bitnet_training
+
+    quantize_(linear, bitnet_training())
+    return linear
+
+
+@pytest.mark.parametrize("in_features,out_features,rows", [(40, 24, 50), (7, 3, 2)])
+def test_int8_mode_equals_torchao_bitnet_forward_bitwise(in_features, out_features, rows):
+    qat = _qat_linear(in_features, out_features, seed=rows)
+    state = ternary_state_dict({"hidden.0.1.weight": qat.weight._data, "hidden.0.1.bias": qat.bias}, depth=1)
+    layer = TernaryLinear(in_features, out_features)
+    layer.load_state_dict({k.removeprefix("hidden.0.1."): v for k, v in state.items()})
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(layer(x), qat(x))
+
+
+def test_dequant_mode_matches_float64_reference():
+    layer = TernaryLinear(6, 4, mode="dequant")
+    gen = torch.Generator().manual_seed(3)
+    layer.ternary.copy_(torch.randint(-1, 2, (4, 6), generator=gen))
+    layer.scale.fill_(0.37)
+    layer.bias.copy_(torch.randn(4, generator=gen))
+    x = torch.randn(5, 6, generator=gen)
+    expected = x.double() @ (layer.ternary.double() * 0.37).T + layer.bias.double()
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+# --- the file ------------------------------------------------------------------------------------------------------
+def _tiny_file(path, floats="float32", packing="base3"):
+    torch.manual_seed(0)
+    field = BitNeRF(**TINY_ARCH)
+    cfg = replace(EXP4, model="bitnerf", **TINY_ARCH)
+    state = ternary_state_dict(field.state_dict(), cfg.depth)
+    write_bitnerf(str(path), state, cfg, packing, floats)
+    return state
+
+
+@pytest.mark.parametrize("packing", ["base3", "2bit"])
+def test_file_round_trip(tmp_path, packing):
+    path = tmp_path / "m.bitnerf"
+    state = _tiny_file(path, packing=packing)
+    cfg, loaded, header = read_bitnerf(str(path))
+    assert (cfg.width, cfg.depth, cfg.model) == (16, 3, "bitnerf")
+    assert loaded.keys() == state.keys()
+    for name, tensor in state.items():
+        assert torch.equal(loaded[name], tensor), name
+    assert header["tensors"]["hidden.0.1.ternary"]["encoding"] == f"ternary-{packing}"
+    assert is_bitnerf_file(str(path))
+
+
+def _assert_refused(path, capsys, words):
+    with pytest.raises(UserError, match=words):
+        read_bitnerf(str(path))
+    assert main(["--info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_flipped_byte_anywhere_is_refused(tmp_path, capsys):
+    path = tmp_path / "m.bitnerf"
+    _tiny_file(path)
+    blob = path.read_bytes()
+    assert main(["--info", str(path)]) == 0 and "ok" in capsys.readouterr().out
+    for at in (12, 20, len(blob) // 2, len(blob) - 40, len(blob) - 1):  # version, header, payload, digest
+        bad = bytearray(blob)
+        bad[at] ^= 0x10
+        path.write_bytes(bytes(bad))
+        _assert_refused(path, capsys, "checksum mismatch")
+    bad = bytearray(blob)
+    bad[0] ^= 0x01
+    path.write_bytes(bytes(bad))
+    _assert_refused(path, capsys, "not a .bitnerf")
+
+
+def test_truncated_file_is_refused(tmp_path, capsys):
+    path = tmp_path / "m.bitnerf"
+    _tiny_file(path)
+    blob = path.read_bytes()
+    for keep in (len(blob) - 1, len(blob) // 2, 20):
+        path.write_bytes(blob[:keep])
+        _assert_refused(path, capsys, "truncated")
+        with pytest.raises(UserError):
+            load_trained(str(path))
+
+
+def test_plain_nerf_checkpoint_is_refused(tmp_path, capsys):
+    cfg = replace(EXP1, **TINY_ARCH)
+    ckpt = tmp_path / "ckpt.pt"
+    atomic_torch_save({"model": NeRF(**TINY_ARCH).state_dict(), "config": cfg.to_dict()}, str(ckpt))
+    assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "m.bitnerf")]) == 2
+    err = capsys.readouterr().err
+    assert "only BitNeRF" in err and err.count("\n") == 1
+    assert not (tmp_path / "m.bitnerf").exists()
+
+
+def test_exp4_architecture_is_at_least_12x_smaller(tmp_path):
+    """The issue's target: exp4's field (8x256, L=16) in <= 1/12 of its float32 weight bytes."""
+    torch.manual_seed(0)
+    field = BitNeRF(EXP4.n_freqs, EXP4.width, EXP4.depth, EXP4.skip_layer)
+    float_bytes = sum(v.numel() * 4 for v in field.state_dict().values())
+    size = write_bitnerf(str(tmp_path / "m.bitnerf"), ternary_state_dict(field.state_dict(), EXP4.depth), EXP4)
+    assert size * 12 <= float_bytes
+
+
+# --- export of a trained model -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_exported_model_renders_like_the_qat_model(tiny_cfg, tmp_path):
+    cfg = replace(tiny_cfg, model="bitnerf", steps=2, log_every=10)
+    train(cfg)
+    ckpt = os.path.join(cfg.run_dir, "ckpt.pt")
+    qat, _ = load_trained(ckpt)
+    _, val = split_views(load_views(cfg.data), cfg.val_views)
+    for floats in ("float16", "float32"):
+        out = str(tmp_path / f"{floats}.bitnerf")
+        assert main(["--ckpt", ckpt, "--out", out, "--floats", floats]) == 0
+        exported, saved = load_trained(out)  # a .bitnerf path goes through the export loader
+        assert saved == cfg and isinstance(exported.field.hidden[0][1], TernaryLinear)
+        for mode in ("int8", "dequant"):
+            set_ternary_mode(exported.field, mode)
+            for i in range(len(val)):
+                rays_o, rays_d = get_rays(val.height, val.width, val.focal, val.poses[i])
+                a = render_image(qat, rays_o, rays_d, 256).rgb
+                b = render_image(exported, rays_o, rays_d, 256).rgb
+                assert psnr(a, b) >= 40.0, (floats, mode, i)
+                if floats == "float32" and mode == "int8":  # the same arithmetic as training's forward
+                    assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_cli_exit_code_and_one_line_error(tmp_path):
+    path = tmp_path / "m.bitnerf"
+    path.write_bytes(b"BITNERF\x00 not really")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--info", str(path)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: ") and "checksum" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
