@@ -1,0 +1,148 @@
+"""Evaluate a trained checkpoint on every view of a tiny-NeRF file: PSNR, SSIM and (where known) depth error.
+
+    python evaluate.py --ckpt runs/exp1/ckpt.pt --data data/tiny_nerf_data.npz [--split val] [--json OUT.json]
+
+Any checkpoint that train.load_trained reads works (NeRF or BitNeRF, trained alone or under DDP). The views
+are rendered in eval mode (bin-centre samples, no jitter) with the run's own AMP setting, as training's
+validation does, so `--split val` on the training data reproduces summary.json's val_psnr.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from dataset import Views, load_views, split_views
+from render import Rendered, get_rays, render_image
+from utils import ArgParser, UserError, atomic_json, pick_device, psnr, run_cli
+
+
+SSIM_MIN_SIDE = 6  # torchmetrics pads by the half window (5 px) in reflect mode, which needs a side > 5
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """SSIM of two images [H, W, 3] in [0, 1] (torchmetrics: 11-px Gaussian window, sigma 1.5)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    as_batch = [x.float().permute(2, 0, 1)[None] for x in (pred.clamp(0.0, 1.0), target)]  # [1, 3, H, W]
+    return float(structural_similarity_index_measure(*as_batch, data_range=1.0))
+
+
+def depth_error(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, int]:
+    """(sum of |pred - target|, pixel count) over pixels with ground truth (target > 0). pred, target: [H, W]."""
+    known = target > 0
+    return float((pred[known] - target[known]).abs().sum()), int(known.sum())
+
+
+def view_metrics(out: Rendered, image: torch.Tensor, depth: torch.Tensor | None) -> dict:
+    """Metrics of one rendered view against its image [H, W, 3] and optional depth [H, W]."""
+    metrics = {"psnr": psnr(out.rgb, image), "ssim": ssim(out.rgb, image)}
+    if depth is not None:
+        total, count = depth_error(out.depth, depth)
+        metrics.update(depth_abs_sum=total, depth_pixels=count)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(renderer: torch.nn.Module, views: Views, chunk_rays: int, autocast_dtype=None,
+             progress: bool = True) -> dict:
+    """Render every view and score it. Returns {"psnr", "ssim" (means over views), "depth_mae" (mean absolute
+    error over all pixels with ground-truth depth > 0, None without depth), "per_view": [...]}."""
+    from tqdm import tqdm
+
+    device = next(renderer.parameters()).device
+    renderer.eval()
+    per_view = []
+    for i in tqdm(range(len(views)), desc="evaluate", disable=not progress, leave=False):
+        rays_o, rays_d = get_rays(views.height, views.width, views.focal, views.poses[i].to(device))
+        out = render_image(renderer, rays_o, rays_d, chunk_rays, autocast_dtype)
+        depth = None if views.depth is None else views.depth[i].to(device)
+        per_view.append({"view": i, **view_metrics(out, views.images[i].to(device), depth)})
+    return summarise(per_view)
+
+
+def summarise(per_view: list[dict]) -> dict:
+    """Means over views; depth error pooled over pixels (views with more known pixels weigh more)."""
+    n = len(per_view)
+    result = {"psnr": sum(v["psnr"] for v in per_view) / n, "ssim": sum(v["ssim"] for v in per_view) / n,
+              "depth_mae": None, "per_view": []}
+    pixels = sum(v.get("depth_pixels", 0) for v in per_view)
+    if pixels:
+        result["depth_mae"] = sum(v["depth_abs_sum"] for v in per_view) / pixels
+    for v in per_view:
+        row = {"view": v["view"], "psnr": v["psnr"], "ssim": v["ssim"]}
+        if "depth_pixels" in v:
+            row["depth_mae"] = v["depth_abs_sum"] / v["depth_pixels"] if v["depth_pixels"] else None
+        result["per_view"].append(row)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A short fixed-width table: one row per view, then the means."""
+    has_depth = result["depth_mae"] is not None
+    head = f"{'view':>5} {'PSNR':>7} {'SSIM':>6}" + (f" {'depth MAE':>10}" if has_depth else "")
+    lines = [head]
+    for v in result["per_view"]:
+        depth = v.get("depth_mae")
+        line = f"{v['view']:>5} {v['psnr']:>7.2f} {v['ssim']:>6.4f}"
+        lines.append(line + (f" {depth:>10.4f}" if depth is not None else (f" {'-':>10}" if has_depth else "")))
+    mean = f"{'mean':>5} {result['psnr']:>7.2f} {result['ssim']:>6.4f}"
+    lines.append(mean + (f" {result['depth_mae']:>10.4f}" if has_depth else ""))
+    return "\n".join(lines)
+
+
+def _parse(argv: list[str] | None):
+    p = ArgParser(prog="evaluate.py", description="PSNR / SSIM / depth error of a checkpoint on a tiny-NeRF file.")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by training (RUN/ckpt.pt)")
+    p.add_argument("--data", help="tiny-NeRF .npz, or 'synthetic' (default: the data the run trained on)")
+    p.add_argument("--split", choices=("all", "val"), default="all",
+                   help="all views, or only the last val_views of the run's config (its held-out views)")
+    p.add_argument("--json", help="also write the results here as JSON")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--chunk", type=int, help="rays per forward pass (default: from the run's chunk_points)")
+    return p.parse_args(argv)
+
+
+def _evaluate_cli(argv: list[str] | None) -> int:
+    from train import amp_dtype, load_trained
+
+    args = _parse(argv)
+    if args.chunk is not None and args.chunk < 1:
+        raise UserError(f"--chunk must be >= 1 (got {args.chunk})")
+    device = pick_device(args.device)
+    renderer, cfg = load_trained(args.ckpt, device)
+    data = args.data or cfg.data
+    views = load_views(data)
+    offset = 0
+    if min(views.height, views.width) < SSIM_MIN_SIDE:
+        raise UserError(f"{data}: views are {views.height}x{views.width} pixels; SSIM's 11-pixel window needs "
+                        f"at least {SSIM_MIN_SIDE}x{SSIM_MIN_SIDE}")
+    if args.split == "val":
+        offset = len(views) - cfg.val_views
+        views = split_views(views, cfg.val_views)[1]
+    chunk = args.chunk or max(1, cfg.chunk_points // (cfg.n_samples + cfg.n_importance))
+    autocast_dtype = amp_dtype(cfg, device)
+    t0 = time.perf_counter()
+    result = evaluate(renderer, views, chunk, autocast_dtype)
+    for v in result["per_view"]:
+        v["view"] += offset  # numbered as in the file
+    result.update(ckpt=args.ckpt, data=data, split=args.split, model=cfg.model, name=cfg.name,
+                  views=len(views), height=views.height, width=views.width, device=str(device),
+                  amp=str(autocast_dtype).replace("torch.", "") if autocast_dtype else "off",
+                  render_s=time.perf_counter() - t0)
+    print(f"{cfg.name} ({cfg.model}) on {data} [{args.split}: {len(views)} views, {views.height}x{views.width}]")
+    print(format_table(result))
+    if args.json:
+        atomic_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: _evaluate_cli(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
