@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields, replace
 
 
@@ -115,6 +116,10 @@ def _problems(c: Config):
                 "n_importance", "val_views"):
         if getattr(c, key) < 0:
             yield f"{key} must be >= 0 (got {getattr(c, key)})"
+    for f in fields(c):  # nan passes every comparison below and inf trains straight to NaN
+        value = getattr(c, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            yield f"{f.name} must be a finite number (got {value})"
     if not c.lr > 0:
         yield f"lr must be > 0 (got {c.lr})"
     if c.n_samples < 2:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,10 +56,18 @@ def load_npz(path: str) -> Views:
     if not os.path.exists(path):
         raise DataError(f"data file not found: {path} (run `python data_setup.py` or use --data=synthetic)")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
-        raise DataError(f"{path} is not a readable .npz file ({type(err).__name__}: {err})") from None
+        # our own handle: np.load leaks its file when the zip is unreadable
+        with open(path, "rb") as f:
+            npz = np.load(f, allow_pickle=False)
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise DataError(f"{path} holds a single array, not a .npz with images, poses and focal")
+            with npz:
+                arrays = {k: npz[k] for k in npz.files}
+    except DataError:
+        raise
+    except Exception as err:  # whatever a damaged file raises: BadZipFile, zlib.error, EOFError, NotImplementedError..
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{path} is not a readable .npz file ({type(err).__name__}: {reason})") from None
     return views_from_arrays(arrays, path)
 
 

@@ -372,8 +372,7 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
         "world_size": dist_info.world_size, "amp": str(trainer.autocast_dtype).replace("torch.", "") if cfg.amp
         else "off", "device": str(device), "data": cfg.data, "val_views": len(val_views),
     }
-    if master:
-        save_checkpoint(os.path.join(run_dir, "ckpt.pt"), trainer, cfg, step, train_time, cfg.keep_ckpts)
+    if master:  # (the final checkpoint was saved by _loop)
         _write_val_images(run_dir, val_views, renders)
         if cfg.video:
             _write_videos(cfg, raw, val_views, run_dir, eval_chunk, trainer.autocast_dtype)
@@ -405,8 +404,8 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
         rays_o, rays_d, target = batcher.batch(step)
         gen = step_generator(cfg.seed, dist_info.rank, step, device)
         loss, grad_norm = trainer.step(rays_o, rays_d, target, gen, lr_at(cfg, step, n_steps))
-        if trainer.scaler is None:
-            nonfinite |= ~torch.isfinite(loss)
+        if trainer.scaler is None:  # a scaler skips such steps; without one a NaN/inf gradient is already
+            nonfinite |= ~(torch.isfinite(loss) & torch.isfinite(grad_norm))  # in the weights
         window_loss += loss
         step += 1
         window_steps += 1
@@ -426,10 +425,15 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
             flags = all_reduce_sum(flags.to(device)).cpu()
         finishing = step == n_steps or bool(flags.any())
 
-        if step % cfg.log_every == 0 or finishing:
-            if bool(nonfinite):
-                raise UserError(f"loss became NaN/inf before step {step}; stopped without saving (the last good "
-                                f"checkpoint, if any, is {ckpt_path}). Try a lower --lr or --amp=false")
+        saving = bool(cfg.ckpt_every and step % cfg.ckpt_every == 0) or finishing
+        # a loss window also ends at each checkpoint, so a resumed run logs the same records as an uninterrupted one
+        if step % cfg.log_every == 0 or saving:
+            # before every save, so NaN weights never reach a checkpoint; summed so that all ranks stop together
+            if bool(all_reduce_sum(nonfinite.float()) > 0):
+                bar.close()  # now, or it redraws below the error line
+                raise UserError(f"loss or gradients became NaN/inf by step {step}; stopped without saving (the last "
+                                f"good checkpoint, if any, is {ckpt_path}). Try a lower --lr, --grad_clip or "
+                                f"--amp=false")
             mean_loss = all_reduce_mean(window_loss / window_steps).item()
             record = {"step": step, "loss": mean_loss, "psnr": mse_to_psnr(mean_loss),
                       "grad_norm": float(grad_norm), "lr": lr_at(cfg, step - 1, n_steps), "time_s": train_time,
@@ -442,7 +446,7 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
             val_psnr, _ = evaluate_views(trainer.raw, val_views, dist_info, eval_chunk, trainer.autocast_dtype)
             logger.log({"step": step, "val_psnr": val_psnr, "time_s": train_time})
             bar.write(f"step {step}: val PSNR {val_psnr:.2f} dB")
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or flags[0]:
+        if saving:  # also at the end, before the final evaluation and videos: a signal there loses nothing
             if dist_info.is_master:
                 save_checkpoint(ckpt_path, trainer, cfg, step, train_time, cfg.keep_ckpts)
         if flags[0]:

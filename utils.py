@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -175,11 +176,25 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # corrupt zip, pickle refusing a global, truncated file ...
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load checkpoint {path}: {first_line[:300]}") from None
+        raise UserError(_load_failure(path, err)) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this project (expected keys 'model' and 'config')")
     return ckpt
+
+
+def _load_failure(path: str, err: Exception) -> str:
+    """Why torch.load(weights_only=True) refused `path`, in one line."""
+    text = str(err)
+    if "Weights only load failed" in text:
+        # torch's own text advises weights_only=False: exactly wrong for a file that may run code
+        refused = re.search(r"GLOBAL (\S+)|(Unsupported [^\n]*)", text)
+        if refused and refused.group(1):
+            return (f"refusing checkpoint {path}: it asks to load {refused.group(1)}, which no checkpoint of this "
+                    f"project contains; nothing in it was run")
+        why = refused.group(2) if refused else "unsupported content"
+        return f"cannot load checkpoint {path}: not a file of plain tensors ({why}); nothing in it was run"
+    first_line = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return f"cannot load checkpoint {path}: {first_line[:300]}"
 
 
 # --- images and videos ---------------------------------------------------------------------------------------
