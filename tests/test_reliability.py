@@ -490,7 +490,7 @@ def test_cli_refuses_other_config_or_no_resume_without_writing(resume_cfg, strai
     procs = [start(args + ["--lr=0.002", "--n_samples=24"]), start(args + ["--resume=false"])]
     other, no_resume = (error_line(*finish(p)[::2]) for p in procs)
     ckpt = os.path.join(straight_run, "ckpt.pt")
-    assert other == (f"error: {ckpt} was trained with a different config (lr: 0.001 -> 0.002, n_samples: 16 -> 24); "
+    assert other == (f"error: {ckpt} was trained with a different config (lr: 0.001 -> 0.002, n_samples: 8 -> 24); "
                      f"use another --out_dir or the same settings")
     assert no_resume == (f"error: {straight_run} already holds a checkpoint; pass --resume=true to continue it, or "
                          f"choose another --out_dir (nothing was overwritten)")
