@@ -202,7 +202,7 @@ def write_plots(runs: list[Run], folder: str) -> list[str]:
     os.makedirs(folder, exist_ok=True)
     paths = [os.path.join(folder, "report_step.png"), os.path.join(folder, "report_time.png")]
     plot_curves(with_metrics, "step", "step", paths[0])
-    plot_curves(with_metrics, "time_s", "training time (s, wall clock)", paths[1])
+    plot_curves(with_metrics, "time_s", "training time (s, wall clock; validation excluded)", paths[1])
     return paths
 
 

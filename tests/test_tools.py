@@ -37,8 +37,8 @@ def ckpt(tiny_cfg, _trained_once) -> str:
 
 
 def write_own_renders(ckpt_path: str, source_npz: str, path: str, depth_offset: float) -> list[torch.Tensor]:
-    """An .npz with source_npz's first 4 poses and its focal, whose images are the checkpoint's own renders. Its depth is
-    the rendered depth + depth_offset on the top half of each view and 0 (unknown) on the bottom half.
+    """An .npz with source_npz's first 4 poses and its focal, whose images are the checkpoint's own renders.
+    Its depth is the rendered depth + depth_offset on the top half of each view and 0 (unknown) on the bottom half.
     Returns the rendered images [H, W, 3]."""
     renderer, _ = train.load_trained(ckpt_path)
     views = load_npz(source_npz)
@@ -196,7 +196,8 @@ def bad_inputs(ckpt, tmp_path) -> dict:
     saved["config"]["width"] = 64  # the weights are 32 wide
     torch.save(saved, mismatched)
     (tmp_path / "empty").mkdir()
-    return {"missing": str(tmp_path / "nope.pt"), "not_ckpt": str(not_ckpt), "bad_data": str(bad_data), "too_small": str(too_small),
+    return {"missing": str(tmp_path / "nope.pt"), "not_ckpt": str(not_ckpt), "bad_data": str(bad_data),
+            "too_small": str(too_small),
             "mismatched": str(mismatched), "empty": str(tmp_path / "empty"), "out": str(tmp_path / "r")}
 
 
