@@ -89,7 +89,7 @@ class Config:
 RESUME_INDEPENDENT = frozenset(
     {"out_dir", "device", "max_time_s", "resume", "wandb", "wandb_project", "log_every", "eval_every",
      "ckpt_every", "keep_ckpts", "video", "video_frames", "video_fps", "video_radius", "video_elevation",
-     "chunk_points", "compile", "data"}
+     "chunk_points", "compile"}
 )
 
 _CHOICES = {
