@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from bitnerf_ddp import assert_replicas_agree
 from configs import EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli
 from dataset import RayBatcher, Views, load_views, split_views
 from nerf import build_field
 from render import VolumeRenderer, render_image, get_rays, render_orbit, write_orbit
 from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json, atomic_torch_save,
-                   colourise_depth, compute_cleanup, compute_init, load_checkpoint, mse_to_psnr, print0,
-                   run_cli, seed_everything, to_uint8)
+                   colourise_depth, compute_cleanup, compute_init, gather_to_master, load_checkpoint, mse_to_psnr,
+                   print0, run_cli, seed_everything, to_uint8)
 
 
 # --- model ---------------------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def evaluate_views(renderer: VolumeRenderer, views: Views, dist_info: Dist, chun
         if keep:
             kept[i] = out
     renderer.train(was_training)
-    total = all_reduce_sum(total)
+    total = all_reduce_sum(total.to(views.images.device)).cpu()  # NCCL reduces device tensors only
     return float(total[0] / total[1]), kept
 
 
@@ -362,13 +363,18 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
     finally:
         stop.restore()
         logger.close()
-    step, train_time, train_points = result
+    step, session_train_time, train_points = result[0], result[1] - train_time, result[2]
+    train_time = result[1]
     eval_chunk = max(1, cfg.chunk_points // trainer.points_per_ray)
-    val_psnr, renders = evaluate_views(raw, val_views, dist_info, eval_chunk, trainer.autocast_dtype, keep=master)
+    val_psnr, renders = evaluate_views(raw, val_views, dist_info, eval_chunk, trainer.autocast_dtype, keep=True)
+    renders = _gather_renders(renders)  # each rank rendered its share of the views; rank 0 writes them all
+    if dist_info.enabled:
+        assert_replicas_agree(raw)
     summary = {
         "name": cfg.name, "model": cfg.model, "val_psnr": val_psnr, "steps": step,
         "wall_time_s": time.perf_counter() - t_start, "train_time_s": train_time,
-        "train_points_per_s": train_points / max(train_time, 1e-9), "parameters": n_params,
+        # this session's rate: a resumed run's earlier points are not counted, nor is their time
+        "train_points_per_s": train_points / max(session_train_time, 1e-9), "parameters": n_params,
         "world_size": dist_info.world_size, "amp": str(trainer.autocast_dtype).replace("torch.", "") if cfg.amp
         else "off", "device": str(device), "data": cfg.data, "val_views": len(val_views),
     }
@@ -445,8 +451,11 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
         if cfg.eval_every and step % cfg.eval_every == 0 and not finishing:
             val_psnr, _ = evaluate_views(trainer.raw, val_views, dist_info, eval_chunk, trainer.autocast_dtype)
             logger.log({"step": step, "val_psnr": val_psnr, "time_s": train_time})
-            bar.write(f"step {step}: val PSNR {val_psnr:.2f} dB")
+            if dist_info.is_master:  # tqdm.write prints even when the bar is disabled
+                bar.write(f"step {step}: val PSNR {val_psnr:.2f} dB")
         if saving:  # also at the end, before the final evaluation and videos: a signal there loses nothing
+            if dist_info.enabled:  # a few numbers per parameter: never checkpoint replicas that drifted apart
+                assert_replicas_agree(trainer.raw)
             if dist_info.is_master:
                 save_checkpoint(ckpt_path, trainer, cfg, step, train_time, cfg.keep_ckpts)
         if flags[0]:
@@ -456,6 +465,13 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
             break
     bar.close()
     return step, train_time, points
+
+
+def _gather_renders(renders: dict) -> dict:
+    """{view index: Rendered} of every rank, on rank 0 (CPU, per-sample weights dropped); {} on other ranks."""
+    light = {i: out._replace(rgb=out.rgb.cpu(), depth=out.depth.cpu(), acc=out.acc.cpu(), weights=None)
+             for i, out in renders.items()}
+    return {i: out for part in gather_to_master(light) for i, out in part.items()}
 
 
 def _write_val_images(run_dir: str, views: Views, renders: dict) -> None:

@@ -93,8 +93,34 @@ def compute_init(device_request: str) -> tuple[Dist, torch.device]:
         from datetime import timedelta
 
         timeout = timedelta(seconds=float(os.environ.get("NERF_DIST_TIMEOUT_S", "300")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = _restart_safe_store(timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=info.rank, world_size=world, timeout=timeout)
     return info, device
+
+
+def _restart_safe_store(timeout) -> "dist.Store | None":
+    """A per-restart namespace in torchrun's shared store, or None for the default env:// rendezvous.
+
+    torchrun (torch 2.13) keeps one TCPStore for the whole job when TORCHELASTIC_USE_AGENT_STORE=True, so after a
+    `--max-restarts` restart the new workers' init_process_group finds the dead attempt's gloo/NCCL addresses
+    under the same keys and hangs until the timeout. Prefixing the keys with the restart count fixes that. The
+    count is the same for every worker only when one agent started them all (one node); on several nodes torchrun
+    must be told not to share the store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), which this warns about.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            print0("warning: --max-restarts on several nodes needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
+                   "torchrun's environment, or restarted workers may hang until the process-group timeout")
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"nerf_attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
 def compute_cleanup() -> None:
@@ -121,6 +147,16 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def gather_to_master(obj) -> list:
+    """Every rank's picklable `obj`, in rank order, on rank 0; [] on the other ranks; [obj] when not distributed.
+    Collective: every rank must call it. Send CPU tensors (small things: it pickles)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
 
 
 def seed_everything(seed: int) -> None:
