@@ -25,8 +25,8 @@ from dataset import RayBatcher, Views, load_views, split_views
 from nerf import build_field
 from render import VolumeRenderer, render_image, get_rays, render_orbit, write_orbit
 from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json, atomic_torch_save,
-                   colourise_depth, compute_cleanup, compute_init, gather_to_master, load_checkpoint, mse_to_psnr,
-                   print0, run_cli, seed_everything, to_uint8)
+                   colourise_depth, compute_cleanup, compute_init, gather_to_master, load_checkpoint, master_decides,
+                   mse_to_psnr, print0, run_cli, seed_everything, to_uint8)
 
 
 # --- model ---------------------------------------------------------------------------------------------------
@@ -328,7 +328,8 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
     run_dir = cfg.run_dir
     master = dist_info.is_master
     t_start = time.perf_counter()
-    ckpt = resume_state(cfg, run_dir)
+    # rank 0 reads the checkpoint and hands it out: on several nodes only rank 0 need see run_dir
+    ckpt = master_decides(lambda: resume_state(cfg, run_dir))
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights (DDP also broadcasts)
 
     views = load_views(cfg.data)

@@ -149,6 +149,24 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def master_decides(fn: Callable[[], object]):
+    """fn() run on rank 0 only; its result, or its UserError, reaches every rank (so every rank raises it).
+    Collective: every rank must call it. For files only rank 0 is sure to see (no shared filesystem needed)."""
+    if not dist.is_initialized():
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except UserError as err:
+            box[0] = ("error", str(err))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
 def gather_to_master(obj) -> list:
     """Every rank's picklable `obj`, in rank order, on rank 0; [] on the other ranks; [obj] when not distributed.
     Collective: every rank must call it. Send CPU tensors (small things: it pickles)."""

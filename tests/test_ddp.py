@@ -22,7 +22,8 @@ import torch.multiprocessing as mp
 from bitnerf_ddp import assert_replicas_agree, replica_fingerprint, replica_mismatch
 from dataset import RayBatcher, load_views, split_views
 from train import Trainer, build_renderer, evaluate_views, field_state_dict, step_generator
-from utils import Dist, all_reduce_mean, compute_cleanup, compute_init, seed_everything
+from utils import (Dist, UserError, all_reduce_mean, compute_cleanup, compute_init, master_decides,
+                   seed_everything)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -74,9 +75,18 @@ def _worker(rank: int, world: int, port: int, cfgs: dict, out_dir: str) -> None:
     dist_info, device = compute_init("cpu")
     try:
         results = {label: train_steps(cfg, dist_info, device, bypass) for label, (cfg, bypass) in cfgs.items()}
+        results["decided"] = master_decides(lambda: dist_info.rank)
+        try:
+            master_decides(lambda: _raise(UserError(f"only rank {dist_info.rank} sees this")))
+        except UserError as err:
+            results["error"] = str(err)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         compute_cleanup()
+
+
+def _raise(err: Exception):
+    raise err
 
 
 def spawn(world: int, fn, args: tuple, timeout_s: float) -> None:
@@ -133,6 +143,14 @@ def test_two_ranks_match_one_process_with_the_whole_batch(two_rank_results, refe
     assert diff < 1e-5, diff
     assert ddp0["losses"] == pytest.approx(ref["losses"], rel=1e-5)  # logged loss: mean over ranks
     assert ddp0["val_psnr"] == pytest.approx(ref["val_psnr"], abs=1e-4)  # val views shared out, averaged
+
+
+@pytest.mark.slow
+def test_rank_0_decides_for_every_rank(two_rank_results):
+    """resume_state runs on rank 0 only (other nodes may not see run_dir); its answer or error reaches all."""
+    results, _ = two_rank_results
+    assert results[0]["decided"] == results[1]["decided"] == 0
+    assert results[0]["error"] == results[1]["error"] == "only rank 0 sees this"
 
 
 @pytest.mark.slow
