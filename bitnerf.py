@@ -39,12 +39,46 @@ def quantize_bitnet(model: BitNeRF) -> BitNeRF:
 
     Apply after loading float weights and before torch.compile / DDP.
     """
+    _quiet_torchao_import()
     from torchao import quantize_
     from torchao.prototype.quantized_training import bitnet_training
+
+    _use_exact_float_int8_mm_off_cuda()
 
     targets = set(map(id, model.quantized_linears()))
     quantize_(model, bitnet_training(), filter_fn=lambda module, fqn: id(module) in targets)
     return model
+
+
+def _quiet_torchao_import() -> None:
+    """torchao logs "Failed to load ..." for its CUDA-only kernels on CPU machines (harmless), and torch warns
+    about one of its enums; keep them off stderr so our one-line errors stay one line."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _use_exact_float_int8_mm_off_cuda() -> None:
+    """Route torchao's BitNet int8 matmul through `ternary_matmul` off CUDA.
+
+    torchao's fallback (no Triton) is torch._int_mm, which on this CPU measured ~20x slower than a float32
+    matmul; the float32 product of the same int8 values is exact (see ternary_matmul), so training computes the
+    same numbers, only faster. CUDA keeps torchao's own kernel.
+    """
+    import torchao.prototype.quantized_training.bitnet as torchao_bitnet
+
+    original = torchao_bitnet.scaled_int8_mm
+    if getattr(original, "exact_off_cuda", False):
+        return
+
+    def scaled_int8_mm(a, b, row_scale, col_scale):
+        if a.is_cuda:
+            return original(a, b, row_scale, col_scale)
+        return ternary_matmul(a, b.T) * col_scale.view(-1) * row_scale.view(-1, 1)
+
+    scaled_int8_mm.exact_off_cuda = True
+    torchao_bitnet.scaled_int8_mm = scaled_int8_mm
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -85,3 +85,21 @@ def test_density_gradient_alive_at_init_for_many_seeds():
                           torch.randn(16, 3) * 0.1 + torch.tensor([0.0, 0.0, -1.0]), 2.0, 6.0, 8)
         out.rgb.sum().backward()
         assert model.output.weight.grad[3].abs().sum() > 0, f"dead density gradient for seed {seed}"
+
+
+def test_exact_float_int8_matmul_equals_torchao_int_mm():
+    # quantize_bitnet routes torchao's CPU int8 matmul through an exact float32 product: same bits, faster
+    import torchao.prototype.quantized_training.bitnet as torchao_bitnet
+
+    torch.manual_seed(0)
+    model = quantize_bitnet(BitNeRF(n_freqs=3, width=64, depth=3, skip_layer=1))
+    patched = torchao_bitnet.scaled_int8_mm
+    assert patched.exact_off_cuda
+    x = torch.randn(300, 3)
+    fast = model(x)
+    try:
+        torchao_bitnet.scaled_int8_mm = lambda a, b, rs, cs: torch._int_mm(a, b) * cs.view(-1) * rs.view(-1, 1)
+        reference = model(x)
+    finally:
+        torchao_bitnet.scaled_int8_mm = patched
+    assert torch.equal(fast, reference)
