@@ -190,6 +190,17 @@ def test_fingerprint_holds_the_ternary_scale_the_forward_uses():
     assert prints.shape == (len(list(field.parameters())), 2)
 
 
+def test_ddp_presets_differ_from_their_single_process_twins_only_in_name():
+    """The original exp6 silently used 20x the lr, no RMSNorm and no weight decay: no longer."""
+    from dataclasses import asdict
+
+    from configs import EXP1, EXP4, EXP5, EXP6
+
+    for ddp, single in ((EXP5, EXP1), (EXP6, EXP4)):
+        differ = {k for k, v in asdict(ddp).items() if asdict(single)[k] != v}
+        assert differ == {"name"}
+
+
 def test_gather_to_master_without_a_process_group():
     from utils import gather_to_master
 
