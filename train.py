@@ -364,8 +364,7 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
     finally:
         stop.restore()
         logger.close()
-    step, session_train_time, train_points = result[0], result[1] - train_time, result[2]
-    train_time = result[1]
+    step, train_time, train_points, rate_time = result
     eval_chunk = max(1, cfg.chunk_points // trainer.points_per_ray)
     val_psnr, renders = evaluate_views(raw, val_views, dist_info, eval_chunk, trainer.autocast_dtype, keep=True)
     renders = _gather_renders(renders)  # each rank rendered its share of the views; rank 0 writes them all
@@ -374,8 +373,8 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
     summary = {
         "name": cfg.name, "model": cfg.model, "val_psnr": val_psnr, "steps": step,
         "wall_time_s": time.perf_counter() - t_start, "train_time_s": train_time,
-        # this session's rate: a resumed run's earlier points are not counted, nor is their time
-        "train_points_per_s": train_points / max(session_train_time, 1e-9), "parameters": n_params,
+        # this session's rate without its first (compiling) step; a resumed run's earlier steps are not counted
+        "train_points_per_s": train_points / max(rate_time, 1e-9), "parameters": n_params,
         "world_size": dist_info.world_size, "amp": str(trainer.autocast_dtype).replace("torch.", "") if cfg.amp
         else "off", "device": str(device), "data": cfg.data, "val_views": len(val_views),
     }
@@ -395,14 +394,18 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
 
 def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogger, stop: StopFlag,
           step: int, n_steps: int, train_time: float, device):
-    """Steps from `step` to `n_steps` (or the time budget, or a signal). Returns (step, train time, points)."""
+    """Steps from `step` to `n_steps` (or the time budget, or a signal).
+
+    Returns (step, train time, points, seconds) where points / seconds is this session's training rate without
+    its first step (which includes torch.compile's compilation).
+    """
     from tqdm import tqdm
 
     dist_info = trainer.dist
     run_dir = cfg.run_dir
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
     eval_chunk = max(1, cfg.chunk_points // trainer.points_per_ray)
-    points = 0
+    points, session_time, first_step = 0, 0.0, None
     window_loss, window_steps, window_points, window_time = torch.zeros((), device=device), 0, 0, 0.0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     bar = tqdm(total=n_steps, initial=step, desc=cfg.name, disable=not dist_info.is_master, dynamic_ncols=True)
@@ -424,6 +427,8 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
         dt = time.perf_counter() - t0
         train_time += dt
         window_time += dt
+        session_time += dt
+        first_step = first_step or (batch_points, dt)
         bar.update(1)
 
         out_of_time = cfg.max_time_s > 0 and train_time >= cfg.max_time_s
@@ -465,7 +470,8 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
         if finishing:
             break
     bar.close()
-    return step, train_time, points
+    warm_points, warm_time = first_step if first_step and points > first_step[0] else (0, 0.0)
+    return step, train_time, points - warm_points, session_time - warm_time
 
 
 def _gather_renders(renders: dict) -> dict:
