@@ -75,14 +75,15 @@ def composite(raw: torch.Tensor, delta: torch.Tensor, t: torch.Tensor, rays_d: t
     w_i = T_i alpha_i; rgb = sum w_i c_i; depth = sum w_i t_i; acc = sum w_i. Background is black.
     """
     sigma = density(raw[..., 3])
-    rgb = colour(raw[..., :3])
     optical = sigma * delta * rays_d.norm(dim=-1, keepdim=True)  # [N, S]
     alpha = 1.0 - torch.exp(-optical)
     # exclusive cumulative product in log space: T_i = exp(-sum_{j<i} sigma_j delta_j)
     acc_optical = torch.cumsum(optical, dim=-1) - optical
     weights = alpha * torch.exp(-acc_optical)
     return Rendered(
-        rgb=(weights[..., None] * rgb).sum(dim=-2),
+        # one reduction per channel: summing [N, S, 3] over S makes torch.compile's CPU code open a thread team
+        # per ray (its loop heuristic sees the 3 channels as zero vector steps); per channel it loops over rays
+        rgb=torch.stack([(weights * colour(raw[..., c])).sum(dim=-1) for c in range(3)], dim=-1),
         depth=(weights * t).sum(dim=-1),
         acc=weights.sum(dim=-1),
         weights=weights,
