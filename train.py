@@ -35,7 +35,8 @@ def build_renderer(cfg: Config, device: torch.device, field_state: dict | None =
 
     Quantization comes after loading because checkpoints hold plain float latent weights.
     """
-    field = build_field(cfg.model, cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer)
+    field = build_field(cfg.model, cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer, cfg.grid_resolution,
+                        cfg.grid_bound)
     if field_state is not None:
         try:
             field.load_state_dict(field_state)
@@ -109,6 +110,14 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + rank) * 10_000_019 + step)
 
 
+def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.AdamW:
+    """AdamW, as one fused kernel where every parameter is a plain tensor on CPU or CUDA: the same update as the
+    default for-each implementation (to float rounding) in ~1/6 of its time on the fast preset's 32 MB grid.
+    torchao's BitNet weights are a tensor subclass the fused kernel does not take: those keep for-each."""
+    fused = device.type in ("cpu", "cuda") and all(type(p) is torch.nn.Parameter for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
 # --- one optimisation step ---------------------------------------------------------------------------------------
 class Trainer:
     """Holds what a step needs; `step()` runs one (micro-batched) forward/backward/update."""
@@ -123,7 +132,7 @@ class Trainer:
             # DDP wraps the compiled module (nanoGPT's order); the loss's forward goes through it below
             model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         self.model = model
-        self.optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(cfg, list(raw.parameters()), device)
         self.autocast_dtype = amp_dtype(cfg, device)
         # a scaler only for fp16: bf16 has fp32's exponent range, so its gradients do not underflow
         self.scaler = torch.amp.GradScaler(device.type) if self.autocast_dtype == torch.float16 else None

@@ -1,0 +1,333 @@
+"""Benchmarks: training-step and render throughput against the device's matmul peak, and time to quality.
+
+Throughput mode (default): for each model (NeRF with exp1's architecture, BitNeRF with exp4's), eager and
+compiled, fp32 and autocast, one child process per variant (so its peak memory is its own) builds the real
+`train.Trainer` and times `Trainer.step` on random rays of a procedural scene.
+
+    python bench.py [--model nerf|bitnerf|all] [--compile both|on|off] [--amp both|on|off] [--batch-rays N]
+                    [--chunk-points P] [--repeats K] [--json OUT]
+
+Reported per variant: median step time over K timed steps after warm-up; sample points/s and rays/s; achieved
+MLP GFLOP/s and its fraction of the same process's measured matmul peak; no-grad render points/s; peak memory.
+
+FLOP count (stated, not measured): a Linear(in, out) costs 2*in*out per point forward and 4*in*out backward
+(grad of input + grad of weight), so a training step costs 6 * sum(in*out over the field's Linears) per
+evaluated point and a render 2 * sum(in*out). Points evaluated per ray: n_samples, plus n_samples +
+n_importance for the fine pass when n_importance > 0 (the same field serves both passes). The positional
+encoding, activations, norms and compositing are not counted, so the fraction is of *useful* matmul work.
+Fields that are not MLPs (the grid field) report FLOP-based columns only for their decoder MLP.
+
+Peak memory: CPU: the child's peak resident set (VmHWM, reset through /proc/self/clear_refs just before the
+first step) minus its resident set at that moment, i.e. what the steps added; GPU: torch.cuda.max_memory_allocated.
+
+Time-to-quality mode:
+
+    python bench.py --quality --preset fast --data ../shared/data/lego100_train.npz --minutes 3
+
+trains the preset for that much training time (evaluation excluded) with held-out evaluations along the way
+and prints held-out PSNR against training time (read back from the run's metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+from configs import PRESETS, Config
+from utils import ArgParser, Dist, UserError, pick_device, run_cli
+
+DEFAULT_PRESET = {"nerf": "exp1", "bitnerf": "exp4", "grid": "fast"}
+
+
+# --- measurements --------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of `repeats` calls of fn() after `warmup` untimed calls (device-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """Measured GFLOP/s of a size x size matmul (2 size^3 FLOP), median of `repeats`."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    return 2 * size**3 / statistics.median(timed(lambda: a @ b, device, repeats)) / 1e9
+
+
+def linear_macs(module: torch.nn.Module) -> int:
+    """sum(in * out) over the module's Linear layers: multiply-adds per point of one forward pass."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def evaluated_points_per_ray(cfg: Config) -> int:
+    """Field evaluations per ray: the coarse samples, plus coarse + fine again for the fine pass."""
+    return cfg.n_samples + (cfg.n_samples + cfg.n_importance if cfg.n_importance else 0)
+
+
+def _rss_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.MULTILINE).group(1))
+
+
+class PeakMemory:
+    """Peak memory added while the block runs (MiB): CUDA allocator peak, or the CPU resident-set peak."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mib = float("nan")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif os.path.exists("/proc/self/clear_refs"):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+            self._base = _rss_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        elif os.path.exists("/proc/self/clear_refs"):
+            self.mib = (_rss_kib("VmHWM") * 1024 - self._base) / 2**20
+
+
+# --- one variant (runs in its own process) -------------------------------------------------------------------
+def variant_config(model: str, preset: str | None, compiled: bool, amp: bool, batch_rays: int,
+                   chunk_points: int | None) -> Config:
+    base = PRESETS[preset or DEFAULT_PRESET[model]]
+    cfg = replace(base, model=model, compile=compiled, amp=amp, batch_unit="ray", batch_size=batch_rays,
+                  wandb="disabled", video=False)
+    return replace(cfg, chunk_points=chunk_points) if chunk_points else cfg
+
+
+def measure(cfg: Config, views, device: torch.device, repeats: int, warmup: int) -> dict:
+    """Time `train.Trainer.step` on random rays of `views` and a no-grad render of one view, for one config.
+
+    Each timed step is followed by one timed 2048^2 fp32 matmul, so the peak it is compared with was measured
+    under the same load (the median of each is reported).
+    """
+    from dataset import RayBatcher
+    from render import get_rays, render_image
+    from train import Trainer, build_renderer, step_generator
+
+    torch.manual_seed(cfg.seed)
+    batcher = RayBatcher(views, "ray", cfg.batch_size, cfg.seed)
+    renderer = build_renderer(cfg, device)
+    trainer = Trainer(cfg, renderer, Dist(), device)
+    step = [0]
+
+    def train_step():
+        rays_o, rays_d, target = batcher.batch(step[0])
+        trainer.step(rays_o, rays_d, target, step_generator(cfg.seed, 0, step[0], device), cfg.lr)
+        step[0] += 1
+
+    start = time.perf_counter()
+    train_step()  # compiles when compiling
+    first_s = time.perf_counter() - start
+    a = torch.randn(2048, 2048, device=device)
+    step_times, cpu_times, peaks = [], [], []
+    with PeakMemory(device) as mem:
+        for _ in range(warmup):
+            train_step()
+        for _ in range(repeats):
+            cpu = time.process_time()
+            step_times += timed(train_step, device, 1, warmup=0)
+            cpu_times.append(time.process_time() - cpu)
+            peaks.append(2 * 2048**3 / timed(lambda: a @ a, device, 1, warmup=0)[0] / 1e9)
+    # the render path of evaluation: one whole view, no grad, eval mode, through the same (compiled) module
+    rays_o, rays_d = get_rays(views.height, views.width, views.focal, views.poses[0])
+    chunk_rays = max(1, cfg.chunk_points // trainer.points_per_ray)
+    trainer.model.eval()
+    render_times = timed(lambda: render_image(trainer.model, rays_o, rays_d, chunk_rays, trainer.autocast_dtype),
+                         device, max(1, repeats // 2), warmup=2)
+    trainer.model.train()
+    # bf16 matmuls on CPUs without AVX512-BF16/AMX run at a few GFLOP/s: a small size keeps this quick
+    peak_bf16 = matmul_peak(device, torch.bfloat16, 2048 if device.type == "cuda" else 512, repeats=3)
+
+    points_per_ray = evaluated_points_per_ray(cfg)
+    step_s = statistics.median(step_times)
+    points_per_s = cfg.batch_size * points_per_ray / step_s
+    gflops = 6 * linear_macs(renderer.field) * points_per_s / 1e9
+    peak32 = statistics.median(peaks)
+    peak = peak_bf16 if trainer.autocast_dtype is not None else peak32
+    return {
+        "model": cfg.model, "compile": cfg.compile,
+        "amp": str(trainer.autocast_dtype).replace("torch.", "") if cfg.amp else "off", "device": str(device),
+        "batch_rays": cfg.batch_size, "chunk_points": cfg.chunk_points, "points_per_ray": points_per_ray,
+        "step_s": step_s, "step_s_all": step_times, "cpu_s_per_step": statistics.median(cpu_times),
+        "first_step_s": first_s, "points_per_s": points_per_s, "rays_per_s": cfg.batch_size / step_s,
+        "mlp_gflops": gflops, "peak_fp32_gflops": peak32, "peak_bf16_gflops": peak_bf16,
+        "fraction_of_peak": gflops / peak,
+        "render_points_per_s": views.height * views.width * points_per_ray / statistics.median(render_times),
+        "peak_mem_mib": mem.mib, "threads": torch.get_num_threads(),
+        "optimizer": "fused" if trainer.optimizer.defaults.get("fused") else "for-each",
+    }
+
+
+def bench_variant(spec: dict) -> dict:
+    """measure() for one variant of `variant_specs`, on the procedural scene unless spec["data"] names a file."""
+    from dataset import load_views, synthetic_scene, views_from_arrays
+
+    device = pick_device(spec["device"])
+    cfg = variant_config(spec["model"], spec["preset"], spec["compile"], spec["amp"], spec["batch_rays"],
+                         spec["chunk_points"])
+    views = (load_views(spec["data"]) if spec["data"] else
+             views_from_arrays(synthetic_scene(n_views=8, size=100), "synthetic")).to(device)
+    result = measure(cfg, views, device, spec["repeats"], spec["warmup"])
+    return {**result, "preset": spec["preset"] or DEFAULT_PRESET[cfg.model]}
+
+
+def _child(spec: dict, queue) -> None:
+    try:
+        queue.put(bench_variant(spec))
+    except Exception as err:  # reported as a failed row: one variant failing must not hide the others
+        queue.put({"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]})
+
+
+def run_isolated(spec: dict) -> dict:
+    """bench_variant(spec) in a fresh process, so each variant's peak memory and compile caches are its own."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(spec, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return {**{k: spec[k] for k in ("model", "compile", "amp")}, **result}
+
+
+def variant_specs(args) -> list[dict]:
+    models = ("nerf", "bitnerf", "grid") if args.model == "all" else (args.model,)
+    switch = {"both": (False, True), "on": (True,), "off": (False,)}
+    return [dict(model=m, preset=args.preset, compile=c, amp=a, batch_rays=args.batch_rays,
+                 chunk_points=args.chunk_points, repeats=args.repeats, warmup=args.warmup, device=args.device,
+                 data=args.data)
+            for m in models for a in switch[args.amp] for c in switch[args.compile]
+            if not (m == "grid" and c)]  # the grid field runs eagerly (configs refuses compile=true for it)
+
+
+# --- output --------------------------------------------------------------------------------------------------
+COLUMNS = [("model", "model", "{}"), ("compile", "compile", "{}"), ("amp", "amp", "{}"),
+           ("step_s", "step s", "{:.3f}"), ("points_per_s", "train pts/s", "{:,.0f}"),
+           ("rays_per_s", "rays/s", "{:,.0f}"), ("mlp_gflops", "GFLOP/s", "{:.1f}"),
+           ("fraction_of_peak", "of peak", "{:.0%}"), ("render_points_per_s", "render pts/s", "{:,.0f}"),
+           ("peak_mem_mib", "peak MiB", "{:,.0f}"), ("peak_fp32_gflops", "fp32 peak", "{:.0f}"),
+           ("peak_bf16_gflops", "bf16 peak", "{:.1f}")]
+
+
+FLOP_KEYS = ("mlp_gflops", "fraction_of_peak")  # meaningless for a field without Linear layers
+
+
+def table(rows: list[dict]) -> str:
+    head = [title for _, title, _ in COLUMNS]
+    body = []
+    for row in rows:
+        if "error" in row:
+            body.append([str(row.get(k, "")) for k, _, _ in COLUMNS[:3]] + [row["error"]])
+            continue
+        body.append([fmt.format(row[k]) if row["mlp_gflops"] or k not in FLOP_KEYS else "-"
+                     for k, _, fmt in COLUMNS])
+    widths = [max(len(r[i]) for r in [head] + [b for b in body if len(b) == len(head)]) for i in range(len(head))]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    for cells in body:
+        lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths)) if len(cells) == len(head)
+                     else "  ".join(cells))
+    return "\n".join(lines)
+
+
+# --- time to quality -------------------------------------------------------------------------------------------
+def quality(args) -> dict:
+    """Train a preset for a training-time budget; held-out PSNR against training time from metrics.jsonl."""
+    from train import train
+
+    base = PRESETS[args.preset or "fast"]
+    cfg = replace(base, name=f"{base.name}-quality", data=args.data or base.data, device=args.device,
+                  max_time_s=args.minutes * 60.0, out_dir=args.out_dir or f"runs/bench-{base.name}-quality",
+                  resume=False, video=False, wandb="disabled",
+                  eval_every=args.eval_every or base.eval_every, val_views=args.val_views or base.val_views)
+    if os.path.exists(os.path.join(cfg.run_dir, "ckpt.pt")):
+        raise UserError(f"{cfg.run_dir} holds an earlier run: remove it or pass --out-dir")
+    summary = train(cfg)
+    curve = []
+    with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "val_psnr" in record:
+                curve.append({"step": record["step"], "time_s": record["time_s"], "val_psnr": record["val_psnr"]})
+    print(f"\n{cfg.name}: held-out PSNR over training time ({summary['val_views']} views, {cfg.data})")
+    for point in curve:
+        print(f"  {point['time_s']:7.1f} s  step {point['step']:6d}  {point['val_psnr']:6.2f} dB")
+    return {"config": cfg.to_dict(), "curve": curve, "summary": summary}
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None):
+    p = ArgParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=("nerf", "bitnerf", "grid", "all"), default="all")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="architecture/sampling preset (default: exp1 for nerf, exp4 for bitnerf, fast for grid "
+                        "and for --quality)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-rays", type=int, default=2048, help="rays per training step (default 2048)")
+    p.add_argument("--chunk-points", type=int, default=None, help="micro-batch size (default: the preset's)")
+    p.add_argument("--compile", choices=("both", "on", "off"), default="both")
+    p.add_argument("--amp", choices=("both", "on", "off"), default="both")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) one")
+    p.add_argument("--data", default=None, help="a tiny-NeRF .npz (default: a procedural scene)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--quality", action="store_true", help="time-to-quality mode (trains a preset)")
+    p.add_argument("--minutes", type=float, default=3.0)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (--quality)")
+    p.add_argument("--val-views", type=int, default=0, help="held-out views (--quality; default: preset's)")
+    p.add_argument("--out-dir", default=None, help="run folder (--quality)")
+    args = p.parse_args(argv)
+    if args.batch_rays < 1 or args.repeats < 1 or args.warmup < 0 or (args.chunk_points or 1) < 1:
+        raise UserError("--batch-rays, --repeats and --chunk-points must be >= 1, --warmup >= 0")
+    if args.minutes <= 0:
+        raise UserError("--minutes must be > 0")
+    pick_device(args.device)  # an unavailable device is an error here, not in every child
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.quality:
+        result = quality(args)
+    else:
+        rows = []
+        for spec in variant_specs(args):
+            rows.append(run_isolated(spec))
+            print(table(rows).splitlines()[-1] if len(rows) > 1 else table(rows), flush=True)
+        print("\n" + table(rows))
+        result = {"rows": rows, "flop_formula": "6 * sum(in*out of field Linears) per evaluated point"}
+    if args.json:
+        from utils import atomic_json
+
+        atomic_json(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(lambda: main()))
