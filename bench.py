@@ -17,8 +17,9 @@ n_importance for the fine pass when n_importance > 0 (the same field serves both
 encoding, activations, norms and compositing are not counted, so the fraction is of *useful* matmul work.
 Fields that are not MLPs (the grid field) report FLOP-based columns only for their decoder MLP.
 
-Peak memory: CPU: the child's peak resident set (VmHWM, reset through /proc/self/clear_refs just before the
-first step) minus its resident set at that moment, i.e. what the steps added; GPU: torch.cuda.max_memory_allocated.
+Peak memory during the timed steps: CPU: the child process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs when the timed steps start; it includes Python, torch and the data, ~0.4 GB); GPU:
+torch.cuda.max_memory_allocated.
 
 Time-to-quality mode:
 
@@ -90,27 +91,28 @@ def _rss_kib(key: str) -> int:
 
 
 class PeakMemory:
-    """Peak memory added while the block runs (MiB): CUDA allocator peak, or the CPU resident-set peak."""
+    """Peak memory while the block runs, in MiB: `peak` (the process's whole resident set on CPU, the CUDA
+    allocator's peak on GPU) and `before` (the same measure when the block started)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.mib = float("nan")
+        self.peak = self.before = float("nan")
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
+            self.before = torch.cuda.memory_allocated(self.device) / 2**20
         elif os.path.exists("/proc/self/clear_refs"):
             with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
-            self._base = _rss_kib("VmRSS") * 1024
+                f.write("5")  # resets the peak (VmHWM) to the current resident set (Linux >= 4.0)
+            self.before = _rss_kib("VmRSS") / 1024
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
-            self.mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+            self.peak = torch.cuda.max_memory_allocated(self.device) / 2**20
         elif os.path.exists("/proc/self/clear_refs"):
-            self.mib = (_rss_kib("VmHWM") * 1024 - self._base) / 2**20
+            self.peak = _rss_kib("VmHWM") / 1024
 
 
 # --- one variant (runs in its own process) -------------------------------------------------------------------
@@ -181,7 +183,7 @@ def measure(cfg: Config, views, device: torch.device, repeats: int, warmup: int)
         "mlp_gflops": gflops, "peak_fp32_gflops": peak32, "peak_bf16_gflops": peak_bf16,
         "fraction_of_peak": gflops / peak,
         "render_points_per_s": views.height * views.width * points_per_ray / statistics.median(render_times),
-        "peak_mem_mib": mem.mib, "threads": torch.get_num_threads(),
+        "peak_mem_mib": mem.peak, "mem_before_steps_mib": mem.before, "threads": torch.get_num_threads(),
         "optimizer": "fused" if trainer.optimizer.defaults.get("fused") else "for-each",
     }
 
@@ -319,9 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for spec in variant_specs(args):
             rows.append(run_isolated(spec))
-            print(table(rows).splitlines()[-1] if len(rows) > 1 else table(rows), flush=True)
+            print(table(rows[-1:]).splitlines()[-1], flush=True)  # progress: one line per variant
         print("\n" + table(rows))
-        result = {"rows": rows, "flop_formula": "6 * sum(in*out of field Linears) per evaluated point"}
+        result = {"rows": rows, "flop_formula": "6 * sum(in*out of field Linears) per evaluated point",
+                  "argv": sys.argv[1:] if argv is None else argv}
     if args.json:
         from utils import atomic_json
 
