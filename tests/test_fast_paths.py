@@ -58,6 +58,22 @@ def _has_compiled_node(fn, depth: int = 0) -> bool:
     return any(_has_compiled_node(nxt, depth + 1) for nxt, _ in fn.next_functions)
 
 
+def test_skip_linear_equals_the_layer_on_the_concatenation():
+    from bitnerf import RMSNormLinear
+    from nerf import skip_linear
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    enc = torch.randn(50, 9, generator=gen, dtype=torch.float64)
+    for layer in (torch.nn.Linear(25, 16).double(), RMSNormLinear(25, 16).double()):
+        ours, ref = skip_linear(layer, h, enc), layer(torch.cat([h, enc], dim=-1))
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+        upstream = torch.randn(ours.shape, generator=gen, dtype=torch.float64)
+        for a, b in zip(torch.autograd.grad(ours, [h, *layer.parameters()], upstream),
+                        torch.autograd.grad(ref, [h, *layer.parameters()], upstream)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 # --- the voxel-grid field --------------------------------------------------------------------------------------
 def reference_interpolation(field: GridField, points: torch.Tensor) -> torch.Tensor:
     """The same trilinear interpolation by F.grid_sample (input [1, C, z, y, x], align_corners: -1/+1 = the end
