@@ -39,6 +39,7 @@ import statistics
 import sys
 import time
 from dataclasses import replace
+from queue import Empty
 
 import torch
 
@@ -214,7 +215,14 @@ def run_isolated(spec: dict) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(spec, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a child killed outright (out of memory, a signal) never answers: do not wait for it forever
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not proc.is_alive():
+                result = {"error": f"the benchmark process died (exit code {proc.exitcode})"}
+                break
     proc.join()
     return {**{k: spec[k] for k in ("model", "compile", "amp")}, **result}
 
