@@ -275,7 +275,8 @@ def quality(args) -> dict:
     cfg = replace(base, name=f"{base.name}-quality", data=args.data or base.data, device=args.device,
                   max_time_s=args.minutes * 60.0, out_dir=args.out_dir or f"runs/bench-{base.name}-quality",
                   resume=False, video=False, wandb="disabled",
-                  eval_every=args.eval_every or base.eval_every, val_views=args.val_views or base.val_views)
+                  eval_every=args.eval_every or base.eval_every, val_views=args.val_views or base.val_views,
+                  steps=args.steps or base.steps)
     if os.path.exists(os.path.join(cfg.run_dir, "ckpt.pt")):
         raise UserError(f"{cfg.run_dir} holds an earlier run: remove it or pass --out-dir")
     summary = train(cfg)
@@ -310,6 +311,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--quality", action="store_true", help="time-to-quality mode (trains a preset)")
     p.add_argument("--minutes", type=float, default=3.0)
     p.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (--quality)")
+    p.add_argument("--steps", type=int, default=0, help="training steps, the length of the lr schedule "
+                                                         "(--quality; default: the preset's)")
     p.add_argument("--val-views", type=int, default=0, help="held-out views (--quality; default: preset's)")
     p.add_argument("--out-dir", default=None, help="run folder (--quality)")
     args = p.parse_args(argv)
