@@ -133,7 +133,8 @@ def measure(cfg: Config, views, device: torch.device, repeats: int, warmup: int)
     """
     from dataset import RayBatcher
     from render import get_rays, render_image
-    from train import Trainer, build_renderer, step_generator
+    from assembly import build_renderer
+    from train import Trainer, step_generator
 
     torch.manual_seed(cfg.seed)
     batcher = RayBatcher(views, "ray", cfg.batch_size, cfg.seed)

@@ -15,10 +15,7 @@ import numpy as np
 import torch
 
 from render import pixel_rays, pose_spherical
-
-
-class DataError(ValueError):
-    """The data file is missing or malformed (shown to the user as a one-line error)."""
+from utils import DataError  # lives in utils, so that run_cli reports it without importing this module
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     python evaluate.py --ckpt runs/exp1/ckpt.pt --data data/tiny_nerf_data.npz [--split val] [--json OUT.json]
 
-Any checkpoint that train.load_trained reads works (NeRF or BitNeRF, trained alone or under DDP). The views
+Any checkpoint that assembly.load_trained reads works (NeRF or BitNeRF, trained alone or under DDP). The views
 are rendered in eval mode (bin-centre samples, no jitter) with the run's own AMP setting, as training's
 validation does, so `--split val` on the training data reproduces summary.json's val_psnr.
 """
@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from assembly import amp_dtype, load_trained
 from dataset import Views, load_views, split_views
 from render import Rendered, get_rays, render_image
 from utils import ArgParser, UserError, atomic_json, pick_device, psnr, run_cli
@@ -106,8 +107,6 @@ def _parse(argv: list[str] | None):
 
 
 def _evaluate_cli(argv: list[str] | None) -> int:
-    from train import amp_dtype, load_trained
-
     args = _parse(argv)
     if args.chunk is not None and args.chunk < 1:
         raise UserError(f"--chunk must be >= 1 (got {args.chunk})")

@@ -92,20 +92,3 @@ def density(raw_sigma: torch.Tensor) -> torch.Tensor:
 
 def colour(raw_rgb: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(raw_rgb)
-
-
-def build_field(model: str, n_freqs: int, width: int, depth: int, skip_layer: int, grid_resolution: int = 128,
-                grid_bound: float = 1.5) -> nn.Module:
-    """The float field of any kind (BitNeRF's quantization is applied separately, see bitnerf.py); the MLP
-    sizes are ignored by the grid field and the grid sizes by the MLPs."""
-    if model == "nerf":
-        return NeRF(n_freqs, width, depth, skip_layer)
-    if model == "bitnerf":
-        from bitnerf import BitNeRF
-
-        return BitNeRF(n_freqs, width, depth, skip_layer)
-    if model == "grid":
-        from grid_field import GridField
-
-        return GridField(grid_resolution, grid_bound)
-    raise ValueError(f"unknown model kind {model!r}")

@@ -4,7 +4,7 @@ Conventions (those of the tiny NeRF data): camera-to-world poses [4, 4], camera 
 pixel (i, j) is sampled at its centre, ray directions have camera-space z = -1 so the ray parameter t is the
 camera-space depth. Each sample stands for an interval of length `delta` along the ray.
 
-Usage as a tool: `python render.py --ckpt RUN/ckpt.pt` writes 360-degree videos (see `main`).
+Usage as a tool: `python render.py --ckpt RUN/ckpt.pt` writes 360-degree videos (assembly.render_main).
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nerf import colour, density
-from utils import ArgParser, UserError, colourise_depth, pick_device, run_cli, to_uint8, write_video
+from occupancy import OccupancyGrid, occupied_samples
+from utils import colourise_depth, to_uint8, write_video
 
 Field = Callable[[torch.Tensor], torch.Tensor]
 
@@ -143,22 +145,71 @@ def _render_at(field: Field, rays_o, rays_d, t, delta) -> Rendered:
 
 
 class VolumeRenderer(nn.Module):
-    """The field plus the renderer's settings, as one module.
+    """The field plus the renderer's settings (and its occupancy grid when skipping empty space), as one module.
 
     Training calls *this* module's forward, so under DDP the call goes through the DDP wrapper (whose hooks
-    synchronise gradients) and under torch.compile the whole render is one graph.
+    synchronise gradients). Without a grid, torch.compile compiles the whole render as one graph; with one, the
+    number of occupied samples changes from batch to batch, so the field alone is compiled (`compile_field`)
+    and always sees `chunk_points` points (the last chunk padded): one static shape.
     """
 
-    def __init__(self, field: nn.Module, near: float, far: float, n_samples: int, n_importance: int = 0):
+    def __init__(self, field: nn.Module, near: float, far: float, n_samples: int, n_importance: int = 0,
+                 occupancy: OccupancyGrid | None = None, chunk_points: int = 8192):
         super().__init__()
+        if occupancy is not None and n_importance:
+            raise ValueError("empty-space skipping samples stratified points only (n_importance must be 0)")
         self.field = field
+        self.occupancy = occupancy
         self.near, self.far = near, far
         self.n_samples, self.n_importance = n_samples, n_importance
+        self.chunk_points = chunk_points
+        self.compiled_field = None  # a function (not a submodule) once compile_field has run
+
+    def compile_field(self) -> None:
+        """torch.compile the field (fullgraph: a graph break is an error). A plain function, not a submodule,
+        so the state dict keeps its keys."""
+        field = self.field
+        self.compiled_field = torch.compile(lambda points: field(points), fullgraph=True)
 
     def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, jitter: torch.Tensor | None = None,
                 importance_u: torch.Tensor | None = None) -> Rendered:
-        return render_rays(self.field, rays_o, rays_d, self.near, self.far, self.n_samples, self.n_importance,
-                           jitter, importance_u)
+        if self.occupancy is None:
+            return render_rays(self.field, rays_o, rays_d, self.near, self.far, self.n_samples, self.n_importance,
+                               jitter, importance_u)
+        t, delta = stratified_samples(rays_o.shape[0], self.n_samples, self.near, self.far, jitter, rays_o.device)
+        points = rays_o[:, None, :] + t[..., None] * rays_d[:, None, :]  # [N, S, 3]
+        keep = occupied_samples(self.occupancy, points)  # [N, S]
+        raw_kept = self.evaluate(points[keep])  # [P, 4]
+        raw = EMPTY_RAW.to(raw_kept.device).repeat(*keep.shape, 1).index_put((keep,), raw_kept.float())
+        return composite(raw, delta, t, rays_d)
+
+    def evaluate(self, points: torch.Tensor) -> torch.Tensor:
+        """raw [P, 4] of the field at points [P, 3], in chunks of exactly `chunk_points` (the last one padded,
+        and at least one chunk, so that every parameter takes part in every step, as DDP requires)."""
+        n, chunk = points.shape[0], self.chunk_points
+        padded = F.pad(points, (0, 0, 0, max(chunk, -(-n // chunk) * chunk) - n))
+        field = self.compiled_field or self.field
+        return torch.cat([field(part) for part in padded.split(chunk)])[:n]
+
+    def occupied_counts(self, rays_o: torch.Tensor, rays_d: torch.Tensor,
+                        jitter: torch.Tensor | None = None) -> torch.Tensor:
+        """[N] int64: how many of each ray's samples the field is evaluated at (n_samples without a grid)."""
+        if self.occupancy is None:
+            return torch.full((rays_o.shape[0],), self.n_samples + self.n_importance, device=rays_o.device)
+        t, _ = stratified_samples(rays_o.shape[0], self.n_samples, self.near, self.far, jitter, rays_o.device)
+        with torch.no_grad():
+            return self.occupancy.is_occupied(rays_o[:, None, :] + t[..., None] * rays_d[:, None, :]).sum(dim=1)
+
+    @torch.no_grad()
+    def update_occupancy(self, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> None:
+        """Refresh the occupancy grid from the field's density (collective under DDP: every rank calls it)."""
+        step_size = (self.far - self.near) / self.n_samples
+        self.occupancy.update(lambda p: density(self.evaluate(p)[:, 3].float()), step_size, generator, rank,
+                              world_size)
+
+
+# raw output of empty space: RGB logits 0, density pre-activation with softplus(-30) ~ 1e-13
+EMPTY_RAW = torch.tensor([0.0, 0.0, 0.0, -30.0])
 
 
 @torch.no_grad()
@@ -255,52 +306,9 @@ def write_orbit(orbit: Orbit, out_dir: str, fps: int, gif: bool = False, stills:
 
 
 # --- command line: python render.py --ckpt RUN/ckpt.pt ---------------------------------------------------------
-def _parse(argv: list[str] | None):
-    p = ArgParser(prog="render.py", description="360-degree RGB and depth videos (and stills) of a trained model.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by training (RUN/ckpt.pt)")
-    p.add_argument("--out", help="output folder (default: a 'render' folder beside the checkpoint)")
-    p.add_argument("--frames", type=int, help="frames in the turn (default: the run's video_frames)")
-    p.add_argument("--fps", type=int, help="frames per second (default: the run's video_fps)")
-    p.add_argument("--radius", type=float, help="camera distance from the origin (default: the run's)")
-    p.add_argument("--elevation", type=float, help="degrees; negative looks down (default: the run's)")
-    p.add_argument("--size", type=int, default=100, help="square image side in pixels (default 100)")
-    p.add_argument("--focal", type=float, help="focal length in pixels of the output image "
-                   f"(default {TINY_NERF_FOCAL_PER_PIXEL} x size: the tiny NeRF camera's field of view)")
-    p.add_argument("--stills", type=int, default=4, help="PNG stills (rgb | depth | opacity) to write")
-    p.add_argument("--gif", action="store_true", help="also write GIFs")
-    p.add_argument("--chunk", type=int, help="rays per forward pass (default: from the run's chunk_points)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    return p.parse_args(argv)
-
-
-def _render_cli(argv: list[str] | None) -> int:
-    from train import amp_dtype, load_trained  # train imports this module: import it only when run as a tool
-
-    args = _parse(argv)
-    device = pick_device(args.device)
-    renderer, cfg = load_trained(args.ckpt, device)
-    frames = args.frames if args.frames is not None else cfg.video_frames
-    fps = args.fps if args.fps is not None else cfg.video_fps
-    radius = args.radius if args.radius is not None else cfg.video_radius
-    elevation = args.elevation if args.elevation is not None else cfg.video_elevation
-    focal = args.focal if args.focal is not None else TINY_NERF_FOCAL_PER_PIXEL * args.size
-    chunk = args.chunk if args.chunk is not None else max(1, cfg.chunk_points // (cfg.n_samples + cfg.n_importance))
-    for name, value in (("frames", frames), ("fps", fps), ("size", args.size), ("chunk", chunk)):
-        if value < 1:
-            raise UserError(f"--{name} must be >= 1 (got {value})")
-    if not (radius > 0 and focal > 0 and args.stills >= 0):
-        raise UserError(f"need --radius > 0, --focal > 0, --stills >= 0 (got {radius}, {focal}, {args.stills})")
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "render")
-    orbit = render_orbit(renderer, args.size, args.size, focal, frames, radius, elevation, chunk,
-                         autocast_dtype=amp_dtype(cfg, device))
-    for path in write_orbit(orbit, out_dir, fps, args.gif, args.stills):
-        print(path)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(lambda: _render_cli(argv))
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as a program this file is an entry point, above the assembly layer that loads a model: the command
+    # line lives there (assembly.render_main). Imported as `render`, this file imports nothing above it.
+    from assembly import render_main
+
+    sys.exit(render_main())

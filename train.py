@@ -19,71 +19,17 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from assembly import amp_dtype, build_renderer, field_state_dict
 from bitnerf_ddp import assert_replicas_agree
 from configs import EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli
 from dataset import RayBatcher, Views, load_views, split_views
-from nerf import build_field
 from render import VolumeRenderer, render_image, get_rays, render_orbit, write_orbit
 from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json, atomic_torch_save,
                    colourise_depth, compute_cleanup, compute_init, gather_to_master, load_checkpoint, master_decides,
                    mse_to_psnr, print0, run_cli, seed_everything, to_uint8)
 
 
-# --- model ---------------------------------------------------------------------------------------------------
-def build_renderer(cfg: Config, device: torch.device, field_state: dict | None = None) -> VolumeRenderer:
-    """Float field (weights from `field_state` if given) -> BitNet quantization (bitnerf) -> renderer.
-
-    Quantization comes after loading because checkpoints hold plain float latent weights.
-    """
-    field = build_field(cfg.model, cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer, cfg.grid_resolution,
-                        cfg.grid_bound)
-    if field_state is not None:
-        try:
-            field.load_state_dict(field_state)
-        except RuntimeError as err:
-            raise UserError(f"checkpoint weights do not fit a {cfg.model} model of this config: "
-                            f"{str(err).splitlines()[0]}") from None
-    field.to(device)
-    if cfg.model == "bitnerf":
-        from bitnerf import quantize_bitnet
-
-        quantize_bitnet(field)
-    return VolumeRenderer(field, cfg.near, cfg.far, cfg.n_samples, cfg.n_importance)
-
-
-def load_trained(path: str, device: torch.device | str = "cpu") -> tuple[VolumeRenderer, Config]:
-    """A trained renderer (eval mode) and its config from a checkpoint written by training, or from an exported
-    packed-ternary BitNeRF (.bitnerf, export.py)."""
-    from export import is_bitnerf_file, load_exported
-
-    if is_bitnerf_file(path):
-        return load_exported(path, device)
-    ckpt = load_checkpoint(path, map_location="cpu")
-    try:
-        cfg = config_from_dict(ckpt["config"])
-    except (ConfigError, TypeError) as err:
-        raise UserError(f"{path}: saved config is unreadable ({err})") from None
-    renderer = build_renderer(cfg, torch.device(device), ckpt["model"])
-    return renderer.eval(), cfg
-
-
-def field_state_dict(renderer: VolumeRenderer) -> dict:
-    from bitnerf import plain_state_dict
-
-    return plain_state_dict(renderer.field)
-
-
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """None when AMP is off. auto: bf16 on CPU and on GPUs that support it (no scaler needed), else fp16."""
-    if not cfg.amp:
-        return None
-    if cfg.amp_dtype != "auto":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp_dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device.type == "mps" else torch.bfloat16
-
-
+# --- schedule ----------------------------------------------------------------------------------------------------
 def lr_at(cfg: Config, step: int, total_steps: int) -> float:
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     if cfg.lr_schedule == "cosine":
@@ -125,12 +71,16 @@ class Trainer:
     def __init__(self, cfg: Config, raw: VolumeRenderer, dist_info: Dist, device: torch.device):
         self.cfg, self.raw, self.dist, self.device = cfg, raw, dist_info, device
         model: torch.nn.Module = raw
-        if cfg.compile:
+        if cfg.compile and raw.occupancy is None:
             # fullgraph: a graph break is an error, not a silent fallback to eager
             model = torch.compile(model, fullgraph=True)
+        elif cfg.compile:  # skipping: the number of occupied samples varies, the field's chunks do not
+            raw.compile_field()
         if dist_info.enabled:
-            # DDP wraps the compiled module (nanoGPT's order); the loss's forward goes through it below
-            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+            # DDP wraps the compiled module (nanoGPT's order); the loss's forward goes through it below. Buffers
+            # are not broadcast: the occupancy grid is the same on every rank by construction (occupancy.py)
+            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                        broadcast_buffers=False)
         self.model = model
         self.optimizer = make_optimizer(cfg, list(raw.parameters()), device)
         self.autocast_dtype = amp_dtype(cfg, device)
@@ -146,19 +96,19 @@ class Trainer:
         jitter = torch.rand(n, cfg.n_samples, generator=gen, device=self.device) if cfg.perturb else None
         imp_u = (torch.rand(n, cfg.n_importance, generator=gen, device=self.device)
                  if cfg.perturb and cfg.n_importance else None)
-        parts = even_chunks(n, max(1, cfg.chunk_points // self.points_per_ray))
+        slices = self.micro_batches(rays_o, rays_d, jitter)
         loss_sum = torch.zeros((), device=self.device)
-        size = n // parts
-        for k in range(parts):
-            s = slice(k * size, (k + 1) * size)
+        for k, s in enumerate(slices):
             # DDP: all-reduce gradients only after the last micro-batch
-            sync = contextlib.nullcontext() if (k == parts - 1 or not self.dist.enabled) else self.model.no_sync()
+            last = k == len(slices) - 1
+            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.model.no_sync()
             with sync:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):
                     out = self.model(rays_o[s], rays_d[s], None if jitter is None else jitter[s],
                                      None if imp_u is None else imp_u[s])
-                    loss = torch.mean((out.rgb.float() - target[s]) ** 2) / parts
+                    # the batch's mean squared error, whatever the micro-batches' sizes
+                    loss = torch.sum((out.rgb.float() - target[s]) ** 2) / (3 * n)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach()
         if self.scaler:
@@ -175,6 +125,23 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm
+
+    def micro_batches(self, rays_o, rays_d, jitter) -> list[slice]:
+        """Consecutive ray slices, each holding at most chunk_points evaluated samples (memory, not maths).
+
+        Without skipping every ray has the same samples: equal slices, one compiled graph. With skipping the
+        occupied samples per ray vary: slices are cut where the running count crosses a multiple of chunk_points,
+        so each fills about one chunk of the compiled field.
+        """
+        n, chunk = rays_o.shape[0], self.cfg.chunk_points
+        if self.raw.occupancy is None:
+            parts = even_chunks(n, max(1, chunk // self.points_per_ray))
+            return [slice(k * (n // parts), (k + 1) * (n // parts)) for k in range(parts)]
+        counts = self.raw.occupied_counts(rays_o, rays_d, jitter)
+        part = (torch.cumsum(counts, 0) - 1).clamp_min(0) // chunk  # [N], non-decreasing
+        ends = torch.searchsorted(part, torch.arange(int(part[-1]) + 1, device=part.device), right=True).tolist()
+        starts = [0] + ends[:-1]
+        return [slice(a, b) for a, b in zip(starts, ends) if b > a]
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
@@ -252,6 +219,7 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 def save_checkpoint(path: str, trainer: Trainer, cfg: Config, step: int, train_time: float, keep: int) -> None:
     ckpt = {
         "model": field_state_dict(trainer.raw),
+        "occupancy": trainer.raw.occupancy.state_dict() if trainer.raw.occupancy is not None else None,
         "optimizer": trainer.optimizer.state_dict(),
         "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
         "step": step,
@@ -347,7 +315,11 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
     batcher = RayBatcher(train_views, cfg.batch_unit, cfg.batch_size, cfg.seed, dist_info.rank, dist_info.world_size)
     n_steps = total_steps(cfg, batcher.steps_per_epoch)
 
-    raw = build_renderer(cfg, device, ckpt["model"] if ckpt else None)
+    raw = build_renderer(cfg, device, ckpt["model"] if ckpt else None, ckpt.get("occupancy") if ckpt else None)
+    if raw.occupancy is not None and cfg.occ_carve and not ckpt:
+        raw.occupancy.carve(train_views.images, train_views.poses, train_views.focal, cfg.near)
+        print0(f"occupancy: {raw.occupancy.occupied_fraction():.1%} of {cfg.occ_resolution}^3 cells left after "
+               f"carving the space black training pixels see through")
     trainer = Trainer(cfg, raw, dist_info, device)
     start_step, train_time = 0, 0.0
     if ckpt:
@@ -374,7 +346,7 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
         stop.restore()
         logger.close()
     step, train_time, train_points, rate_time = result
-    eval_chunk = max(1, cfg.chunk_points // trainer.points_per_ray)
+    eval_chunk = raw.eval_chunk_rays()
     val_psnr, renders = evaluate_views(raw, val_views, dist_info, eval_chunk, trainer.autocast_dtype, keep=True)
     renders = _gather_renders(renders)  # each rank rendered its share of the views; rank 0 writes them all
     if dist_info.enabled:
@@ -413,7 +385,7 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
     dist_info = trainer.dist
     run_dir = cfg.run_dir
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
-    eval_chunk = max(1, cfg.chunk_points // trainer.points_per_ray)
+    eval_chunk = trainer.raw.eval_chunk_rays()
     points, session_time, first_step = 0, 0.0, None
     window_loss, window_steps, window_points, window_time = torch.zeros((), device=device), 0, 0, 0.0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)

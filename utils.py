@@ -16,18 +16,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from configs import ConfigError
+
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, file, checkpoint): reported as one line, non-zero exit."""
 
 
+class DataError(ValueError):
+    """The data file is missing or malformed (shown to the user as a one-line error). Raised by dataset.py;
+    defined here so that run_cli reports it without importing dataset (which sits above utils)."""
+
+
 def run_cli(body: Callable[[], int | None]) -> int:
     """Run a command-line tool's `body`; a user error (UserError, ConfigError, DataError) becomes one line
     `error: ...` on stderr and exit code 2 instead of a traceback; Ctrl-C exits 130. Returns the exit code."""
-    # imported here: configs and dataset sit above utils in the import order
-    from configs import ConfigError
-    from dataset import DataError
-
     try:
         return body() or 0
     except (ConfigError, DataError, UserError) as err:

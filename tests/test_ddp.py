@@ -19,9 +19,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from assembly import build_renderer, field_state_dict
 from bitnerf_ddp import assert_replicas_agree, replica_fingerprint, replica_mismatch
 from dataset import RayBatcher, load_views, split_views
-from train import Trainer, build_renderer, evaluate_views, field_state_dict, step_generator
+from train import Trainer, evaluate_views, step_generator
 from utils import (Dist, UserError, all_reduce_mean, compute_cleanup, compute_init, master_decides,
                    seed_everything)
 

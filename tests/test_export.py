@@ -15,10 +15,12 @@ from bitnerf import (BitNeRF, TernaryLinear, pack_ternary, quantize_bitnet, set_
                      ternary_state_dict, unpack_ternary)
 from configs import EXP1, EXP4
 from dataset import load_views, split_views
-from export import export_checkpoint, is_bitnerf_file, main, read_bitnerf, write_bitnerf
+from assembly import load_trained
+from bitnerf_format import is_bitnerf_file, read_bitnerf, write_bitnerf
+from export import export_checkpoint, main
 from nerf import NeRF
 from render import get_rays, pose_spherical, render_image
-from train import load_trained, train
+from train import train
 from utils import UserError, atomic_torch_save, psnr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

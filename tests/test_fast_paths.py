@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import assembly
 import bench
 import train
 from configs import FAST, ConfigError, from_cli
@@ -31,8 +32,8 @@ def rays(n: int, seed: int = 0, dtype=torch.float32):
 def test_compiled_render_and_gradients_match_eager(tiny_cfg):
     n_importance = 8  # both passes: stratified and importance samples
     cfg = replace(tiny_cfg, n_importance=n_importance)
-    eager = train.build_renderer(cfg, torch.device("cpu"))
-    twin = train.build_renderer(cfg, torch.device("cpu"))
+    eager = assembly.build_renderer(cfg, torch.device("cpu"))
+    twin = assembly.build_renderer(cfg, torch.device("cpu"))
     twin.load_state_dict(eager.state_dict())
     compiled = torch.compile(twin, fullgraph=True)
     o, d = rays(64)
@@ -171,7 +172,7 @@ def test_grid_preset_trains_and_refuses_compile(tiny_cfg):
         from_cli(FAST, ["--compile=true"])
     cfg = replace(tiny_cfg, model="grid", compile=False, grid_resolution=24, lr=0.1, weight_decay=0.0,
                   steps=25, n_samples=32, batch_size=512)
-    raw = train.build_renderer(cfg, torch.device("cpu"))
+    raw = assembly.build_renderer(cfg, torch.device("cpu"))
     views = split_views(load_views(cfg.data), cfg.val_views)[1]
     before, _ = train.evaluate_views(raw, views, Dist(), 256)
     trainer = train.Trainer(cfg, raw, Dist(), torch.device("cpu"))
@@ -185,8 +186,8 @@ def test_grid_preset_trains_and_refuses_compile(tiny_cfg):
 # --- the optimizer ---------------------------------------------------------------------------------------------
 def test_fused_optimizer_for_plain_parameters_matches_for_each(tiny_cfg):
     cfg = replace(tiny_cfg, weight_decay=0.01)
-    fused_model = train.build_renderer(cfg, torch.device("cpu"))
-    plain_model = train.build_renderer(cfg, torch.device("cpu"))
+    fused_model = assembly.build_renderer(cfg, torch.device("cpu"))
+    plain_model = assembly.build_renderer(cfg, torch.device("cpu"))
     plain_model.load_state_dict(fused_model.state_dict())
     fused = train.make_optimizer(cfg, list(fused_model.parameters()), torch.device("cpu"))
     plain = torch.optim.AdamW(plain_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
@@ -204,7 +205,7 @@ def test_fused_optimizer_for_plain_parameters_matches_for_each(tiny_cfg):
 
 def test_bitnerf_keeps_the_for_each_optimizer(tiny_cfg):
     cfg = replace(tiny_cfg, model="bitnerf")
-    raw = train.build_renderer(cfg, torch.device("cpu"))
+    raw = assembly.build_renderer(cfg, torch.device("cpu"))
     assert not train.make_optimizer(cfg, list(raw.parameters()), torch.device("cpu")).defaults["fused"]
 
 
@@ -226,7 +227,7 @@ def test_measure_reports_a_consistent_row(tiny_cfg):
     row = bench.measure(cfg, load_views(cfg.data), torch.device("cpu"), repeats=2, warmup=0)
     assert row["points_per_s"] == pytest.approx(128 * cfg.n_samples / row["step_s"])
     assert row["rays_per_s"] == pytest.approx(128 / row["step_s"])
-    flops = 6 * bench.linear_macs(train.build_renderer(cfg, torch.device("cpu")).field) * row["points_per_s"]
+    flops = 6 * bench.linear_macs(assembly.build_renderer(cfg, torch.device("cpu")).field) * row["points_per_s"]
     assert row["mlp_gflops"] == pytest.approx(flops / 1e9)
     assert row["fraction_of_peak"] == pytest.approx(row["mlp_gflops"] / row["peak_fp32_gflops"])
     assert row["peak_mem_mib"] >= row["mem_before_steps_mib"] or math.isnan(row["peak_mem_mib"])

@@ -22,6 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import assembly
 import train
 from configs import EXP1, ConfigError, from_cli
 from dataset import DataError, RayBatcher, load_npz, split_views, synthetic_scene, views_from_arrays
@@ -392,16 +393,16 @@ def test_checkpoint_that_runs_code_is_refused_unrun(tmp_path, capfd, protocol):
 def test_nerf_checkpoint_into_a_bitnerf_model_is_refused(trained, tmp_path):
     ckpt = load_checkpoint(os.path.join(trained.run_dir, "ckpt.pt"))
     with pytest.raises(UserError, match="checkpoint weights do not fit a bitnerf model of this config"):
-        train.build_renderer(replace(trained, model="bitnerf"), CPU, ckpt["model"])
+        assembly.build_renderer(replace(trained, model="bitnerf"), CPU, ckpt["model"])
     # a checkpoint whose saved config was edited to claim another model kind
     forged = dict(ckpt, config=dict(ckpt["config"], model="bitnerf"))
     path = str(tmp_path / "forged.pt")
     torch.save(forged, path)
     with pytest.raises(UserError, match="do not fit a bitnerf model"):
-        train.load_trained(path)
+        assembly.load_trained(path)
     torch.save(dict(ckpt, config=dict(ckpt["config"], colour="red")), path)
     with pytest.raises(UserError, match="saved config is unreadable .*unknown keys: colour"):
-        train.load_trained(path)
+        assembly.load_trained(path)
 
 
 def test_resume_with_another_config_or_model_kind_is_refused(trained):
@@ -611,7 +612,7 @@ def test_fp16_scaler_skips_a_step_with_inf_gradients(tiny_cfg):
     """CPU autocast does run fp16 in torch >= 2.x: a real GradScaler, a real inf gradient (an inf target)."""
     cfg = replace(tiny_cfg, amp=True, amp_dtype="fp16")
     torch.manual_seed(0)
-    renderer = train.build_renderer(cfg, CPU)
+    renderer = assembly.build_renderer(cfg, CPU)
     trainer = train.Trainer(cfg, renderer, Dist(), CPU)
     assert trainer.autocast_dtype == torch.float16 and trainer.scaler is not None
     gen = torch.Generator().manual_seed(0)

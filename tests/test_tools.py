@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import assembly
 import evaluate
 import render
 import report
@@ -40,7 +41,7 @@ def write_own_renders(ckpt_path: str, source_npz: str, path: str, depth_offset: 
     """An .npz with source_npz's first 4 poses and its focal, whose images are the checkpoint's own renders.
     Its depth is the rendered depth + depth_offset on the top half of each view and 0 (unknown) on the bottom half.
     Returns the rendered images [H, W, 3]."""
-    renderer, _ = train.load_trained(ckpt_path)
+    renderer, _ = assembly.load_trained(ckpt_path)
     views = load_npz(source_npz)
     images, depths = [], []
     for pose in views.poses[:4]:
@@ -117,7 +118,7 @@ def test_render_writes_requested_frames(ckpt, tmp_path):
     out = tmp_path / "render"
     argv = ["--ckpt", ckpt, "--out", str(out), "--frames", "6", "--fps", "6", "--size", "16", "--gif",
             "--stills", "2", "--device", "cpu"]
-    assert render.main(argv) == 0
+    assert assembly.render_main(argv) == 0
     for name in ("video_rgb.mp4", "video_depth.mp4"):
         frames = imageio.mimread(str(out / name), format="FFMPEG")
         assert len(frames) == 6 and frames[0].shape == (16, 16, 3)
@@ -211,8 +212,8 @@ def test_bad_inputs_in_process(ckpt, bad_inputs, capsys):
     cases = [(evaluate.main, ["--ckpt", bad_inputs["not_ckpt"]], "notes.pt"),
              (evaluate.main, ["--ckpt", ckpt, "--data", bad_inputs["bad_data"]], "bad.npz"),
              (evaluate.main, ["--ckpt", ckpt, "--data", bad_inputs["too_small"]], "4x4"),
-             (render.main, ["--ckpt", ckpt, "--frames", "many"], "--frames"),
-             (render.main, ["--ckpt", ckpt, "--frames", "0", "--out", bad_inputs["out"]], "--frames")]
+             (assembly.render_main, ["--ckpt", ckpt, "--frames", "many"], "--frames"),
+             (assembly.render_main, ["--ckpt", ckpt, "--frames", "0", "--out", bad_inputs["out"]], "--frames")]
     for main, argv, must_name in cases:
         capsys.readouterr()
         assert main(argv) == 2, argv

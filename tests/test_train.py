@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import assembly
 import train
 from dataset import RayBatcher, load_views, split_views
 from render import VolumeRenderer
@@ -28,7 +29,7 @@ def black_image_psnr(cfg):
 def test_training_raises_held_out_psnr(tiny_cfg, seed):
     cfg = replace(tiny_cfg, seed=seed, width=64, steps=150, lr=5e-3, out_dir=f"{tiny_cfg.out_dir}{seed}")
     torch.manual_seed(seed)
-    before = held_out_psnr(cfg, train.build_renderer(cfg, torch.device("cpu")))
+    before = held_out_psnr(cfg, assembly.build_renderer(cfg, torch.device("cpu")))
     summary = train.train(cfg)
     # measured: ~7.5 dB before, ~17.6-18 dB after; an all-black prediction scores 13.4 dB on these views
     assert summary["val_psnr"] > before + 8.0
@@ -38,7 +39,7 @@ def test_training_raises_held_out_psnr(tiny_cfg, seed):
 def test_bitnerf_training_raises_held_out_psnr(tiny_cfg):
     cfg = replace(tiny_cfg, model="bitnerf", width=64, steps=80, lr=3e-3)
     torch.manual_seed(cfg.seed)
-    before = held_out_psnr(cfg, train.build_renderer(cfg, torch.device("cpu")))
+    before = held_out_psnr(cfg, assembly.build_renderer(cfg, torch.device("cpu")))
     summary = train.train(cfg)
     assert summary["val_psnr"] > before + 4.0
     assert summary["val_psnr"] > black_image_psnr(cfg) + 2.0
@@ -61,7 +62,7 @@ def test_compiled_train_step_has_no_graph_breaks(tiny_cfg, model):
     torch._dynamo.reset()
     counters.clear()
     cfg = replace(tiny_cfg, model=model, n_importance=8)
-    raw = train.build_renderer(cfg, torch.device("cpu"))
+    raw = assembly.build_renderer(cfg, torch.device("cpu"))
     compiled = torch.compile(raw, fullgraph=True)  # fullgraph: any graph break raises
     gen = torch.Generator().manual_seed(0)
     _train_step(compiled, gen)
@@ -78,7 +79,7 @@ def test_trainer_step_runs_the_compiled_module(tiny_cfg):
     torch._dynamo.reset()
     counters.clear()
     cfg = replace(tiny_cfg, compile=True)
-    trainer = train.Trainer(cfg, train.build_renderer(cfg, torch.device("cpu")), Dist(), torch.device("cpu"))
+    trainer = train.Trainer(cfg, assembly.build_renderer(cfg, torch.device("cpu")), Dist(), torch.device("cpu"))
     assert isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule)
     batch = RayBatcher(split_views(load_views(cfg.data), 2)[0], "ray", 256, 0).batch(0)
     trainer.step(*batch, torch.Generator().manual_seed(0), 1e-3)
@@ -87,7 +88,7 @@ def test_trainer_step_runs_the_compiled_module(tiny_cfg):
 
 def test_amp_bf16_needs_no_scaler_and_learns(tiny_cfg):
     cfg = replace(tiny_cfg, amp=True, steps=60, lr=5e-3)
-    trainer = train.Trainer(cfg, train.build_renderer(cfg, torch.device("cpu")), Dist(), torch.device("cpu"))
+    trainer = train.Trainer(cfg, assembly.build_renderer(cfg, torch.device("cpu")), Dist(), torch.device("cpu"))
     assert trainer.autocast_dtype == torch.bfloat16 and trainer.scaler is None
     summary = train.train(cfg)
     assert summary["val_psnr"] > black_image_psnr(cfg) + 2.0 and summary["amp"] == "bfloat16"
@@ -97,8 +98,8 @@ def test_fp16_scaler_unscales_before_the_logged_grad_norm(tiny_cfg):
     """scale -> backward -> unscale_ -> norm -> step -> update: the logged norm is the true (unscaled) one."""
     cfg = replace(tiny_cfg, amp=True, amp_dtype="fp16")
     torch.manual_seed(0)
-    raw = train.build_renderer(cfg, torch.device("cpu"))
-    reference = train.build_renderer(replace(cfg, amp=False), torch.device("cpu"))
+    raw = assembly.build_renderer(cfg, torch.device("cpu"))
+    reference = assembly.build_renderer(replace(cfg, amp=False), torch.device("cpu"))
     reference.load_state_dict(raw.state_dict())
     batch = RayBatcher(split_views(load_views(cfg.data), 2)[0], "ray", 256, 0).batch(0)
     fp16 = train.Trainer(cfg, raw, Dist(), torch.device("cpu"))
@@ -119,9 +120,9 @@ def test_checkpoint_round_trip(tiny_cfg, model):
     ckpt = torch.load(path, weights_only=True)  # plain tensors only: no code runs on load
     assert ckpt["step"] == 3 and ckpt["config"]["model"] == model
     assert {"model", "optimizer", "scaler", "config", "rng", "train_time_s"} <= set(ckpt)
-    renderer, loaded_cfg = train.load_trained(path)
+    renderer, loaded_cfg = assembly.load_trained(path)
     assert loaded_cfg == cfg
-    again, _ = train.load_trained(path)
+    again, _ = assembly.load_trained(path)
     rays = torch.tensor([[0.0, 0.0, 4.0]]).expand(8, 3), torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(renderer(*rays).rgb, again(*rays).rgb)
     assert held_out_psnr(cfg, renderer) == pytest.approx(json.load(open(os.path.join(cfg.run_dir,
@@ -145,7 +146,7 @@ def test_run_writes_its_outputs(tiny_cfg):
 
 
 def test_validation_is_deterministic_eval_mode(tiny_cfg):
-    raw = train.build_renderer(tiny_cfg, torch.device("cpu"))
+    raw = assembly.build_renderer(tiny_cfg, torch.device("cpu"))
     a = held_out_psnr(tiny_cfg, raw)
     assert raw.training  # evaluate_views restores the mode it found
     assert held_out_psnr(tiny_cfg, raw) == a
