@@ -1,7 +1,9 @@
 """Evaluate a trained checkpoint on every view of a tiny-NeRF file: PSNR, SSIM and (where known) depth error.
 
-    python evaluate.py --ckpt runs/exp1/ckpt.pt --data data/tiny_nerf_data.npz [--split val] [--json OUT.json]
+    python evaluate.py --ckpt runs/exp1/ckpt.pt [--data PATH.npz] [--split val|all] [--json OUT.json]
 
+The headline number is over held-out views: on the data the run trained on (the default) only its last
+val_views views are scored (`--split val`); on any other data file every view is held out (`--split all`).
 Any checkpoint that assembly.load_trained reads works (NeRF or BitNeRF, trained alone or under DDP). The views
 are rendered in eval mode (bin-centre samples, no jitter) with the run's own AMP setting, as training's
 validation does, so `--split val` on the training data reproduces summary.json's val_psnr.
@@ -9,6 +11,7 @@ validation does, so `--split val` on the training data reproduces summary.json's
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -37,9 +40,18 @@ def depth_error(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, int]:
     return float((pred[known] - target[known]).abs().sum()), int(known.sum())
 
 
+def background_opacity(acc: torch.Tensor, image: torch.Tensor) -> tuple[float, int]:
+    """(sum of the rendered opacity, pixel count) over the pixels whose ground truth is exactly black (every
+    channel 0): what a field puts where the scene is empty. acc [H, W], image [H, W, 3]."""
+    black = image.amax(dim=-1) == 0
+    return float(acc.float()[black].sum()), int(black.sum())
+
+
 def view_metrics(out: Rendered, image: torch.Tensor, depth: torch.Tensor | None) -> dict:
     """Metrics of one rendered view against its image [H, W, 3] and optional depth [H, W]."""
-    metrics = {"psnr": psnr(out.rgb, image), "ssim": ssim(out.rgb, image)}
+    bg_sum, bg_pixels = background_opacity(out.acc, image)
+    metrics = {"psnr": psnr(out.rgb, image), "ssim": ssim(out.rgb, image), "bg_acc_sum": bg_sum,
+               "bg_pixels": bg_pixels}
     if depth is not None:
         total, count = depth_error(out.depth, depth)
         metrics.update(depth_abs_sum=total, depth_pixels=count)
@@ -50,7 +62,8 @@ def view_metrics(out: Rendered, image: torch.Tensor, depth: torch.Tensor | None)
 def evaluate(renderer: torch.nn.Module, views: Views, chunk_rays: int, autocast_dtype=None,
              progress: bool = True) -> dict:
     """Render every view and score it. Returns {"psnr", "ssim" (means over views), "depth_mae" (mean absolute
-    error over all pixels with ground-truth depth > 0, None without depth), "per_view": [...]}."""
+    error over all pixels with ground-truth depth > 0, None without depth), "background_opacity" (mean opacity
+    over all pixels whose ground truth is black, None without any), "per_view": [...]}."""
     from tqdm import tqdm
 
     device = next(renderer.parameters()).device
@@ -65,15 +78,21 @@ def evaluate(renderer: torch.nn.Module, views: Views, chunk_rays: int, autocast_
 
 
 def summarise(per_view: list[dict]) -> dict:
-    """Means over views; depth error pooled over pixels (views with more known pixels weigh more)."""
+    """Means over views; depth error and background opacity pooled over pixels (views with more such pixels
+    weigh more)."""
     n = len(per_view)
     result = {"psnr": sum(v["psnr"] for v in per_view) / n, "ssim": sum(v["ssim"] for v in per_view) / n,
-              "depth_mae": None, "per_view": []}
+              "depth_mae": None, "background_opacity": None, "per_view": []}
     pixels = sum(v.get("depth_pixels", 0) for v in per_view)
     if pixels:
         result["depth_mae"] = sum(v["depth_abs_sum"] for v in per_view) / pixels
+    black = sum(v.get("bg_pixels", 0) for v in per_view)
+    if black:
+        result["background_opacity"] = sum(v["bg_acc_sum"] for v in per_view) / black
     for v in per_view:
         row = {"view": v["view"], "psnr": v["psnr"], "ssim": v["ssim"]}
+        if "bg_pixels" in v:
+            row["background_opacity"] = v["bg_acc_sum"] / v["bg_pixels"] if v["bg_pixels"] else None
         if "depth_pixels" in v:
             row["depth_mae"] = v["depth_abs_sum"] / v["depth_pixels"] if v["depth_pixels"] else None
         result["per_view"].append(row)
@@ -81,25 +100,34 @@ def summarise(per_view: list[dict]) -> dict:
 
 
 def format_table(result: dict) -> str:
-    """A short fixed-width table: one row per view, then the means."""
+    """A short fixed-width table: one row per view, then the means (background opacity: over black pixels)."""
     has_depth = result["depth_mae"] is not None
-    head = f"{'view':>5} {'PSNR':>7} {'SSIM':>6}" + (f" {'depth MAE':>10}" if has_depth else "")
+
+    def number(value) -> str:
+        return f" {value:>10.4f}" if value is not None else f" {'-':>10}"
+
+    head = f"{'view':>5} {'PSNR':>7} {'SSIM':>6} {'bg opacity':>10}" + (f" {'depth MAE':>10}" if has_depth else "")
     lines = [head]
     for v in result["per_view"]:
-        depth = v.get("depth_mae")
-        line = f"{v['view']:>5} {v['psnr']:>7.2f} {v['ssim']:>6.4f}"
-        lines.append(line + (f" {depth:>10.4f}" if depth is not None else (f" {'-':>10}" if has_depth else "")))
-    mean = f"{'mean':>5} {result['psnr']:>7.2f} {result['ssim']:>6.4f}"
-    lines.append(mean + (f" {result['depth_mae']:>10.4f}" if has_depth else ""))
+        line = f"{v['view']:>5} {v['psnr']:>7.2f} {v['ssim']:>6.4f}" + number(v.get("background_opacity"))
+        lines.append(line + (number(v.get("depth_mae")) if has_depth else ""))
+    mean = f"{'mean':>5} {result['psnr']:>7.2f} {result['ssim']:>6.4f}" + number(result["background_opacity"])
+    lines.append(mean + (number(result["depth_mae"]) if has_depth else ""))
     return "\n".join(lines)
+
+
+def same_data(a: str, b: str) -> bool:
+    """Whether two --data values name the same views: the same file (by path), or the same built-in scene."""
+    return a == b or (os.path.isfile(a) and os.path.isfile(b) and os.path.samefile(a, b))
 
 
 def _parse(argv: list[str] | None):
     p = ArgParser(prog="evaluate.py", description="PSNR / SSIM / depth error of a checkpoint on a tiny-NeRF file.")
     p.add_argument("--ckpt", required=True, help="checkpoint written by training (RUN/ckpt.pt)")
     p.add_argument("--data", help="tiny-NeRF .npz, or 'synthetic' (default: the data the run trained on)")
-    p.add_argument("--split", choices=("all", "val"), default="all",
-                   help="all views, or only the last val_views of the run's config (its held-out views)")
+    p.add_argument("--split", choices=("all", "val"),
+                   help="val: only the last val_views of the run's config (its held-out views); all: every view "
+                        "(default: val on the data the run trained on, all on any other data file)")
     p.add_argument("--json", help="also write the results here as JSON")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--chunk", type=int, help="rays per forward pass (default: from the run's chunk_points)")
@@ -113,12 +141,13 @@ def _evaluate_cli(argv: list[str] | None) -> int:
     device = pick_device(args.device)
     renderer, cfg = load_trained(args.ckpt, device)
     data = args.data or cfg.data
+    split = args.split or ("val" if same_data(data, cfg.data) else "all")
     views = load_views(data)
     offset = 0
     if min(views.height, views.width) < SSIM_MIN_SIDE:
         raise UserError(f"{data}: views are {views.height}x{views.width} pixels; SSIM's 11-pixel window needs "
                         f"at least {SSIM_MIN_SIDE}x{SSIM_MIN_SIDE}")
-    if args.split == "val":
+    if split == "val":
         offset = len(views) - cfg.val_views
         views = split_views(views, cfg.val_views)[1]
     chunk = args.chunk or max(1, cfg.chunk_points // (cfg.n_samples + cfg.n_importance))
@@ -127,11 +156,12 @@ def _evaluate_cli(argv: list[str] | None) -> int:
     result = evaluate(renderer, views, chunk, autocast_dtype)
     for v in result["per_view"]:
         v["view"] += offset  # numbered as in the file
-    result.update(ckpt=args.ckpt, data=data, split=args.split, model=cfg.model, name=cfg.name,
+    result.update(ckpt=args.ckpt, data=data, split=split, model=cfg.model, name=cfg.name,
                   views=len(views), height=views.height, width=views.width, device=str(device),
                   amp=str(autocast_dtype).replace("torch.", "") if autocast_dtype else "off",
                   render_s=time.perf_counter() - t0)
-    print(f"{cfg.name} ({cfg.model}) on {data} [{args.split}: {len(views)} views, {views.height}x{views.width}]")
+    held_out = "held-out views" if split == "val" or not same_data(data, cfg.data) else "views, training ones too"
+    print(f"{cfg.name} ({cfg.model}) on {data} [{split}: {len(views)} {held_out}, {views.height}x{views.width}]")
     print(format_table(result))
     if args.json:
         atomic_json(result, args.json)

@@ -17,7 +17,7 @@ import render
 import report
 import train
 from dataset import load_npz
-from render import get_rays, render_image
+from render import Rendered, get_rays, render_image
 from utils import psnr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,12 +81,14 @@ def test_evaluate_noise_scores_low_and_json_schema(ckpt, tiny_scene_path, tmp_pa
     np.savez(data, images=noise, poses=views.poses.numpy(), focal=views.focal)
     result = run_evaluate(ckpt, data, str(tmp_path / "noise.json"))
     assert result["psnr"] < 12.0 and result["ssim"] < 0.2
-    assert {"psnr", "ssim", "per_view", "depth_mae", "ckpt", "data", "model"} <= set(result)
+    assert {"psnr", "ssim", "per_view", "depth_mae", "background_opacity", "ckpt", "data", "model"} <= set(result)
     assert result["depth_mae"] is None and result["model"] == "nerf"
+    assert result["background_opacity"] is None  # uniform noise has no exactly black pixel
     assert result["ckpt"] == ckpt and result["data"] == data
+    assert result["split"] == "all"  # another data file than the run's: every view is held out
     assert [v["view"] for v in result["per_view"]] == list(range(len(views)))
     for v in result["per_view"]:
-        assert set(v) == {"view", "psnr", "ssim"} and isinstance(v["psnr"], float)
+        assert set(v) == {"view", "psnr", "ssim", "background_opacity"} and isinstance(v["psnr"], float)
     assert result["psnr"] == pytest.approx(np.mean([v["psnr"] for v in result["per_view"]]))
 
 
@@ -99,6 +101,42 @@ def test_evaluate_val_split_reproduces_training_val_psnr(ckpt, tmp_path):
         result = json.load(f)
     assert [v["view"] for v in result["per_view"]] == [10, 11]  # 12 views, the last 2 held out
     assert result["psnr"] == pytest.approx(summary["val_psnr"], abs=1e-6)
+
+
+def test_evaluate_defaults_to_the_held_out_views_of_the_training_data(ckpt, tiny_scene_path, tmp_path, capsys):
+    results = {}
+    for name, extra in (("implied", []), ("named", ["--data", tiny_scene_path]), ("all", ["--split", "all"])):
+        out = str(tmp_path / f"{name}.json")
+        assert evaluate.main(["--ckpt", ckpt, *extra, "--json", out, "--device", "cpu"]) == 0
+        with open(out) as f:
+            results[name] = json.load(f)
+    for name in ("implied", "named"):  # the run's own data, by default or by name: its held-out views
+        assert results[name]["split"] == "val" and [v["view"] for v in results[name]["per_view"]] == [10, 11]
+    assert results["all"]["split"] == "all" and len(results["all"]["per_view"]) == 12
+    assert "[val: 2 held-out views" in capsys.readouterr().out
+
+
+def test_background_opacity_hand_computed():
+    def rendered(acc):
+        acc = torch.tensor(acc, dtype=torch.float32)
+        return Rendered(rgb=torch.zeros(*acc.shape, 3), depth=torch.zeros(acc.shape), acc=acc, weights=None)
+
+    image = torch.full((8, 8, 3), 0.5)
+    image[0, :2] = 0.0  # two exactly black pixels
+    image[1, 0] = torch.tensor([0.0, 0.0, 0.01])  # dark, but not black: not background
+    acc = torch.full((8, 8), 0.7)
+    acc[0, 0], acc[0, 1] = 0.2, 0.4
+    first = evaluate.view_metrics(rendered(acc.tolist()), image, None)
+    assert (first["bg_pixels"], first["bg_acc_sum"]) == (2, pytest.approx(0.6))
+    image2 = torch.full((8, 8, 3), 0.5)
+    image2[7, 7] = 0.0
+    second = evaluate.view_metrics(rendered(torch.full((8, 8), 0.9).tolist()), image2, None)
+    none = evaluate.view_metrics(rendered(torch.ones(8, 8).tolist()), torch.full((8, 8, 3), 0.5), None)
+    result = evaluate.summarise([{"view": i, **m} for i, m in enumerate((first, second, none))])
+    assert [v["background_opacity"] for v in result["per_view"]] == [pytest.approx(0.3), pytest.approx(0.9), None]
+    assert result["background_opacity"] == pytest.approx((0.2 + 0.4 + 0.9) / 3)  # pooled over pixels
+    assert "bg opacity" in evaluate.format_table(result)
+    assert evaluate.summarise([{"view": 0, **none}])["background_opacity"] is None
 
 
 def test_depth_error_and_pooling_hand_computed():
