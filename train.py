@@ -25,7 +25,8 @@ from configs import EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_from_d
 from dataset import RayBatcher, Views, load_views, split_views
 from render import VolumeRenderer, render_image, get_rays, render_orbit, write_orbit
 from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json, atomic_torch_save,
-                   colourise_depth, compute_cleanup, compute_init, gather_to_master, load_checkpoint, master_decides,
+                   colourise_depth, compute_cleanup, compute_init, gather_to_master, load_checkpoint_or_newest_good,
+                   master_decides,
                    mse_to_psnr, print0, run_cli, seed_everything, to_uint8)
 
 
@@ -170,12 +171,19 @@ def evaluate_views(renderer: VolumeRenderer, views: Views, dist_info: Dist, chun
 
 # --- logging -----------------------------------------------------------------------------------------------------
 class RunLogger:
-    """metrics.jsonl always; W&B too unless disabled. Rank 0 only: other ranks get a logger that does nothing."""
+    """metrics.jsonl always; W&B too unless disabled. Rank 0 only: other ranks get a logger that does nothing.
 
-    def __init__(self, cfg: Config, run_dir: str, active: bool, resume_step: int | None):
+    It also keeps what a resumed session must carry on: the W&B run's id (a resumed run continues the same W&B
+    run) and the wall time of the earlier sessions (`wall_time_s`, plus this session's since `started`)."""
+
+    def __init__(self, cfg: Config, run_dir: str, active: bool, resume_step: int | None, run_id: str | None = None,
+                 wall_time_s: float = 0.0, started: float | None = None):
         self.active = active
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.wandb = None
+        self.run_id = run_id
+        self._wall_before = wall_time_s
+        self._started = time.perf_counter() if started is None else started
         if not active:
             return
         if resume_step is not None:
@@ -187,8 +195,10 @@ class RunLogger:
             try:
                 import wandb
 
+                same_run = {"id": run_id, "resume": "allow"} if run_id else {}
                 self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.name, config=cfg.to_dict(),
-                                        dir=run_dir, mode=mode, reinit="finish_previous")
+                                        dir=run_dir, mode=mode, reinit="finish_previous", **same_run)
+                self.run_id = getattr(self.wandb, "id", None) or run_id
             except Exception as err:  # W&B is a convenience: never lose a run over it
                 print0(f"warning: W&B unavailable ({type(err).__name__}: {err}); logging to metrics.jsonl only")
 
@@ -205,6 +215,32 @@ class RunLogger:
             self.wandb.finish()
             self.wandb = None
 
+    def wall_time(self) -> float:
+        """Seconds of every session of this run so far (earlier ones as of their last checkpoint)."""
+        return self._wall_before + time.perf_counter() - self._started
+
+    def checkpoint_info(self) -> dict:
+        """What a checkpoint keeps for the next session."""
+        return {"wandb_run_id": self.run_id, "wall_time_s": self.wall_time()}
+
+    def log_final(self, record: dict) -> None:
+        """The run's last record (final validation), to metrics.jsonl only. Rerunning a finished command
+        replaces the final record at that step instead of adding a second one (no evaluation during training
+        is ever logged at the step a run finishes at)."""
+        if not self.active:
+            return
+        keep = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                keep = [line for line in f if line.strip() and not _is_val_at(json.loads(line), record["step"])]
+        keep.append(json.dumps(record) + "\n")
+        with open(self.path, "w") as f:
+            f.writelines(keep)
+
+
+def _is_val_at(record: dict, step: int) -> bool:
+    return record.get("step") == step and "val_psnr" in record and "loss" not in record
+
 
 def _truncate_metrics(path: str, last_step: int) -> None:
     if not os.path.exists(path):
@@ -216,7 +252,8 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------------
-def save_checkpoint(path: str, trainer: Trainer, cfg: Config, step: int, train_time: float, keep: int) -> None:
+def save_checkpoint(path: str, trainer: Trainer, cfg: Config, step: int, train_time: float, keep: int,
+                    extra: dict | None = None) -> None:
     ckpt = {
         "model": field_state_dict(trainer.raw),
         "occupancy": trainer.raw.occupancy.state_dict() if trainer.raw.occupancy is not None else None,
@@ -228,6 +265,7 @@ def save_checkpoint(path: str, trainer: Trainer, cfg: Config, step: int, train_t
         "world_size": trainer.dist.world_size,
         "rng": {"torch": torch.get_rng_state()},
         "format": 1,
+        **(extra or {}),  # RunLogger.checkpoint_info: the W&B run id and the wall time of every session so far
     }
     atomic_torch_save(ckpt, path)
     history = os.path.join(os.path.dirname(path), f"ckpt_step{step:07d}.pt")
@@ -250,7 +288,7 @@ def resume_state(cfg: Config, run_dir: str) -> dict | None:
     if not cfg.resume:
         raise UserError(f"{run_dir} already holds a checkpoint; pass --resume=true to continue it, or choose "
                         f"another --out_dir (nothing was overwritten)")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint_or_newest_good(path)  # a truncated ckpt.pt: the newest good ckpt_stepN.pt, warned
     try:
         saved = config_from_dict(ckpt["config"])
     except (ConfigError, TypeError) as err:
@@ -292,9 +330,15 @@ class Interrupted(Exception):
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
+DDP_EXPERIMENTS = ("exp5", "exp6")  # experiments whose point is the torchrun launch (configs: exp1/exp4 otherwise)
+
+
 def train(cfg: Config) -> dict:
     """Train `cfg`; returns the summary written to <run_dir>/summary.json. Works alone or under torchrun."""
     dist_info, device = compute_init(cfg.device)
+    if cfg.name in DDP_EXPERIMENTS and not dist_info.enabled:
+        print0(f"{cfg.name} is a DDP experiment but is running as a single process (not under torchrun); launch "
+               f"it with: torchrun --standalone --nproc_per_node=2 {cfg.name}.py [--key=value ...]")
     try:
         return _run(cfg, dist_info, device)
     finally:
@@ -333,7 +377,9 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             f.write(cfg.to_json() + "\n")
-    logger = RunLogger(cfg, run_dir, master, start_step if ckpt else None)
+    earlier = ckpt or {}  # what earlier sessions left (a checkpoint from before wall_time_s: its train time)
+    logger = RunLogger(cfg, run_dir, master, start_step if ckpt else None, earlier.get("wandb_run_id"),
+                       earlier.get("wall_time_s", earlier.get("train_time_s", 0.0)), started=t_start)
     n_params = sum(p.numel() for p in raw.parameters())
     print0(f"{cfg.name}: {cfg.model}, {n_params:,} parameters, {len(train_views)} train / {len(val_views)} val "
            f"views, {n_steps} steps of {cfg.batch_size} {cfg.batch_unit}s, device {device}, "
@@ -353,7 +399,7 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
         assert_replicas_agree(raw)
     summary = {
         "name": cfg.name, "model": cfg.model, "val_psnr": val_psnr, "steps": step,
-        "wall_time_s": time.perf_counter() - t_start, "train_time_s": train_time,
+        "wall_time_s": logger.wall_time(), "train_time_s": train_time,
         # this session's rate without its first (compiling) step; a resumed run's earlier steps are not counted
         "train_points_per_s": train_points / max(rate_time, 1e-9), "parameters": n_params,
         "world_size": dist_info.world_size, "amp": str(trainer.autocast_dtype).replace("torch.", "") if cfg.amp
@@ -363,11 +409,9 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
         _write_val_images(run_dir, val_views, renders)
         if cfg.video:
             _write_videos(cfg, raw, val_views, run_dir, eval_chunk, trainer.autocast_dtype)
-        summary["wall_time_s"] = time.perf_counter() - t_start
+        summary["wall_time_s"] = logger.wall_time()  # every session's, as of now
         atomic_json(summary, os.path.join(run_dir, "summary.json"))
-        logger_final = {"step": step, "val_psnr": val_psnr, "time_s": train_time}
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(logger_final) + "\n")
+        logger.log_final({"step": step, "val_psnr": val_psnr, "time_s": train_time})
     print0(f"{cfg.name}: val PSNR {val_psnr:.2f} dB after {step} steps, {summary['wall_time_s']:.0f} s "
            f"(outputs in {run_dir})")
     return summary
@@ -444,7 +488,7 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
             if dist_info.enabled:  # a few numbers per parameter: never checkpoint replicas that drifted apart
                 assert_replicas_agree(trainer.raw)
             if dist_info.is_master:
-                save_checkpoint(ckpt_path, trainer, cfg, step, train_time, cfg.keep_ckpts)
+                save_checkpoint(ckpt_path, trainer, cfg, step, train_time, cfg.keep_ckpts, logger.checkpoint_info())
         if flags[0]:
             bar.close()
             raise Interrupted(int(stop.signum or signal.SIGTERM), step)

@@ -226,17 +226,46 @@ def atomic_json(obj, path: str) -> None:
     atomic_write(path, write)
 
 
+class CheckpointUnreadable(UserError):
+    """torch.load could not read the file at all (truncated or corrupt), as opposed to refusing its contents."""
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """torch.load with weights_only=True (no code from the file runs). Raises UserError with a one-line reason."""
+    """torch.load with weights_only=True (no code from the file runs). Raises UserError with a one-line reason
+    (CheckpointUnreadable for a truncated or corrupt file)."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # corrupt zip, pickle refusing a global, truncated file ...
-        raise UserError(_load_failure(path, err)) from None
+        message = _load_failure(path, err)
+        refused = "Weights only load failed" in str(err)
+        raise (UserError if refused else CheckpointUnreadable)(message) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this project (expected keys 'model' and 'config')")
     return ckpt
+
+
+def load_checkpoint_or_newest_good(path: str, map_location="cpu") -> dict:
+    """load_checkpoint(path); if that file is truncated or corrupt (a crash mid-write on a filesystem without
+    atomic rename, a bad disk), the newest readable ckpt_stepN.pt beside it, with a one-line warning. Without
+    one, load_checkpoint's error about `path`. A file that is readable but refused (code in it, not a
+    checkpoint of this project) is never passed over."""
+    try:
+        return load_checkpoint(path, map_location)
+    except CheckpointUnreadable as err:
+        folder = os.path.dirname(path) or "."
+        history = [(int(m.group(1)), name) for name in os.listdir(folder)
+                   if (m := re.fullmatch(r"ckpt_step(\d+)\.pt", name))]
+        for _, name in sorted(history, reverse=True):
+            try:
+                ckpt = load_checkpoint(os.path.join(folder, name), map_location)
+            except UserError:
+                continue
+            print(f"warning: {err}; using the newest good one, {os.path.join(folder, name)} (step "
+                  f"{ckpt.get('step')})", file=sys.stderr, flush=True)
+            return ckpt
+        raise
 
 
 def _load_failure(path: str, err: Exception) -> str:

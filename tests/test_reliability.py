@@ -435,6 +435,100 @@ def test_bitnerf_checkpoint_loads_weights_only_and_resumes_exactly(tiny_cfg, tmp
     assert all(torch.equal(x, y) for x, y in zip(all_tensors(a["optimizer"]), all_tensors(b["optimizer"])))
 
 
+def test_truncated_checkpoint_falls_back_to_the_newest_good_one(trained, tmp_path, capsys):
+    run = replace(trained, out_dir=str(tmp_path / "run"))
+    shutil.copytree(trained.run_dir, run.run_dir)  # ckpt.pt and ckpt_step0000001..3.pt, all at or before step 3
+    path = os.path.join(run.run_dir, "ckpt.pt")
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[: len(blob) // 2])
+    step3 = os.path.join(run.run_dir, "ckpt_step0000003.pt")
+    open(step3, "wb").write(os.urandom(1000))
+    capsys.readouterr()
+    assert train.resume_state(run, run.run_dir)["step"] == 2
+    warning = capsys.readouterr().err.strip()
+    assert "\n" not in warning and warning.startswith(f"warning: cannot load checkpoint {path}")
+    assert warning.endswith(f"using the newest good one, {os.path.join(run.run_dir, 'ckpt_step0000002.pt')} (step 2)")
+    assert train.train(run)["steps"] == 3  # resumed from step 2, finished normally
+    assert load_checkpoint(path)["step"] == 3
+    # nothing good left: the one-line error about ckpt.pt, as before
+    for name in os.listdir(run.run_dir):
+        if name.startswith("ckpt"):
+            open(os.path.join(run.run_dir, name), "wb").write(b"not a zip")
+    with pytest.raises(UserError, match=f"^cannot load checkpoint {path}: "):
+        train.resume_state(run, run.run_dir)
+    # a readable file that is refused (not this project's) is never passed over for an older one
+    shutil.copy(os.path.join(trained.run_dir, "ckpt_step0000001.pt"), os.path.join(run.run_dir, "ckpt_step1.pt"))
+    torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(UserError, match="is not a checkpoint of this project"):
+        train.resume_state(run, run.run_dir)
+
+
+def test_resumed_run_keeps_its_wandb_run_wall_time_and_one_final_record(tiny_cfg, monkeypatch):
+    inits = []
+
+    class FakeRun:
+        def __init__(self, **kwargs):
+            inits.append(kwargs)
+            self.id = kwargs.get("id") or "run-1"
+
+        def log(self, record, step):
+            pass
+
+        def finish(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: FakeRun(**kw)))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    real_step = train.Trainer.step
+    calls = []
+
+    def slow_step_then_signal(self, *args):
+        time.sleep(0.3)
+        calls.append(1)
+        out = real_step(self, *args)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    cfg = replace(tiny_cfg, steps=4, wandb="offline")
+    with monkeypatch.context() as patch:
+        patch.setattr(train.Trainer, "step", slow_step_then_signal)
+        with pytest.raises(train.Interrupted):
+            train.train(cfg)
+    first = load_checkpoint(os.path.join(cfg.run_dir, "ckpt.pt"))
+    assert first["step"] == 2 and first["wandb_run_id"] == "run-1" and first["wall_time_s"] >= 0.6
+    assert "id" not in inits[0] and "resume" not in inits[0]
+    t0 = time.perf_counter()
+    summary = train.train(cfg)
+    elapsed = time.perf_counter() - t0
+    assert inits[1]["id"] == "run-1" and inits[1]["resume"] == "allow"  # the same W&B run continues
+    assert summary["steps"] == 4 and first["train_time_s"] < summary["train_time_s"] < summary["wall_time_s"]
+    assert first["wall_time_s"] + 0.5 * elapsed < summary["wall_time_s"] <= first["wall_time_s"] + elapsed
+    with open(os.path.join(cfg.run_dir, "summary.json")) as f:
+        assert json.load(f)["wall_time_s"] == summary["wall_time_s"]
+    final = load_checkpoint(os.path.join(cfg.run_dir, "ckpt.pt"))
+    assert final["wandb_run_id"] == "run-1" and final["wall_time_s"] > first["wall_time_s"]
+    # the same command again: nothing to train, the final evaluation is redone but recorded once
+    again = train.train(cfg)
+    assert inits[2]["id"] == "run-1" and again["wall_time_s"] > final["wall_time_s"]
+    records = read_metrics(cfg.run_dir)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "val_psnr" in r] == [4]
+
+
+def test_ddp_experiment_without_torchrun_says_it_is_one_process(tiny_cfg, monkeypatch, capsys):
+    monkeypatch.setattr(train, "_run", lambda cfg, dist_info, device: {})
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for name in ("exp5", "exp6", "exp1"):
+        train.train(replace(tiny_cfg, name=name))
+        out = capsys.readouterr().out
+        if name == "exp1":
+            assert "torchrun" not in out
+        else:
+            assert "running as a single process" in out
+            assert f"torchrun --standalone --nproc_per_node=2 {name}.py" in out
+
+
 # --- resumption after SIGKILL: bitwise the same as never stopping --------------------------------------------------
 @pytest.fixture(scope="module")
 def resume_cfg(tiny_scene_path, tmp_path_factory):
