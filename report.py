@@ -138,13 +138,22 @@ def table_row(run: Run) -> dict[str, str]:
     }
 
 
+def markdown(columns: list[str], rows: list[dict[str, str]], left: tuple[str, ...] = ()) -> str:
+    """A markdown table of `rows` (dicts of cell text) in `columns`; `left` columns are left-aligned (text),
+    the others right-aligned (numbers). A '|' inside a cell is escaped."""
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join("---" if k in left else "---:" for k in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(k, "—")) for k in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def markdown_table(runs: list[Run]) -> str:
     rows = [table_row(r) for r in runs]
     columns = [k for k in rows[0] if k != "packed (KB)" or any(r.packed_bytes for r in runs)]
-    lines = ["| " + " | ".join(columns) + " |",
-             "|" + "|".join("---" if k in ("run", "model", "AMP") else "---:" for k in columns) + "|"]
-    lines += ["| " + " | ".join(row[k] for k in columns) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown(columns, rows, left=("run", "model", "AMP"))
 
 
 def notes(runs: list[Run]) -> list[str]:
@@ -162,36 +171,57 @@ def notes(runs: list[Run]) -> list[str]:
 def plot_curves(runs: list[Run], x_key: str, x_label: str, path: str) -> None:
     """Training loss (top, log scale) and PSNR (bottom: training line, validation markers) against x_key,
     one colour per run. 7 x 6 inches at 100 dpi: 700 px wide."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
+    plt = pyplot()
     fig, (ax_loss, ax_psnr) = plt.subplots(2, 1, figsize=(7, 6), dpi=100, sharex=True)
     for k, run in enumerate(runs):
         colour = f"C{k % 10}"
-        train = [r for r in run.metrics if "loss" in r and x_key in r]
-        val = [r for r in run.metrics if "val_psnr" in r and x_key in r]
-        ax_loss.plot([r[x_key] for r in train], [r["loss"] for r in train], color=colour, label=run.label)
-        ax_psnr.plot([r[x_key] for r in train], [r["psnr"] for r in train], color=colour, alpha=0.8)
-        ax_psnr.plot([r[x_key] for r in val], [r["val_psnr"] for r in val], "o", color=colour, markersize=5)
-    ax_loss.set_yscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}")  # not 1.9x10^-1 on short log ranges
-    ax_loss.yaxis.set_major_formatter(plain)
-    ax_loss.yaxis.set_minor_formatter(plain)
-    ax_loss.set_ylabel("training loss (MSE)")
+        ax_loss.plot(*series(run.metrics, x_key, "loss"), color=colour, label=run.label)
+        ax_psnr.plot(*series(run.metrics, x_key, "psnr"), color=colour, alpha=0.8)
+        ax_psnr.plot(*series(run.metrics, x_key, "val_psnr"), "o", color=colour, markersize=5)
+    loss_axis(ax_loss)
     ax_loss.legend(fontsize="small")
     ax_psnr.set_ylabel("PSNR (dB)")
     ax_psnr.set_xlabel(x_label)
     ax_psnr.plot([], [], "-", color="grey", label="training batches")
     ax_psnr.plot([], [], "o", color="grey", label="validation views")
     ax_psnr.legend(fontsize="small")
-    for ax in (ax_loss, ax_psnr):
+    save_figure(fig, [ax_loss, ax_psnr], path)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def series(records: list[dict], x_key: str, y_key: str) -> tuple[list, list]:
+    """(xs, ys) of the records that hold both keys, in file order."""
+    both = [r for r in records if x_key in r and y_key in r]
+    return [r[x_key] for r in both], [r[y_key] for r in both]
+
+
+def loss_axis(ax) -> None:
+    """A log-scale training-loss axis with plain tick labels (not 1.9x10^-1 on short log ranges)."""
+    import matplotlib.ticker
+
+    ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.set_ylabel("training loss (MSE)")
+
+
+def save_figure(fig, axes: list, path: str) -> None:
+    """Light grids, tight layout, write `path`, free the figure."""
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def write_plots(runs: list[Run], folder: str) -> list[str]:

@@ -1,0 +1,198 @@
+"""study.py: runs the experiments, skips finished ones, resumes interrupted ones, and writes results.md whose
+numbers are the runs' own (summary.json, eval.json); seeds give mean ± std; claims are judged by the spread."""
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+from dataclasses import replace
+
+import pytest
+
+import report
+import study
+import train
+
+# a model, sampling and schedule that train in about a second; the study's own flags are added per test
+TINY = ["--scale=cpu", "--device=cpu", "--width=16", "--depth=2", "--skip_layer=1", "--n_freqs=2", "--n_samples=8",
+        "--compile=false", "--wandb=disabled", "--val_views=2", "--skip=false"]
+
+
+def run_study(args: list[str]) -> tuple[int, str]:
+    """study.main's exit code and what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = study.main(args)
+    return code, out.getvalue()
+
+
+def table(md_path: str) -> dict[str, dict[str, str]]:
+    """results.md's table: {experiment: {column: cell}}."""
+    with open(md_path) as f:
+        lines = [line for line in f if line.startswith("| ")]
+    split = [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in lines]
+    head = split[0]
+    return {row[0]: dict(zip(head, row)) for row in split[1:]}
+
+
+def read(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def study_out(tmp_path_factory, tiny_scene_path) -> dict:
+    """One study of exp1, exp4 and exp5 (torchrun, 2 processes), 2 steps each."""
+    out = str(tmp_path_factory.mktemp("study"))
+    args = [f"--out={out}", "--only=exp1,exp4,exp5", "--steps=2", f"--data={tiny_scene_path}", *TINY]
+    code, printed = run_study(args)
+    assert code == 0, printed
+    return {"out": out, "args": args, "printed": printed}
+
+
+# --- a study and its results.md -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_table_and_figures_match_the_runs(study_out):
+    out = study_out["out"]
+    rows = table(os.path.join(out, "results.md"))
+    assert list(rows) == ["exp1", "exp4", "exp5"]
+    for exp, row in rows.items():
+        run = os.path.join(out, exp, "seed0")
+        summary, ev = read(os.path.join(run, "summary.json")), read(os.path.join(run, "eval.json"))
+        assert summary["steps"] == 2 and row["steps"] == "2"
+        assert ev["psnr"] == pytest.approx(summary["val_psnr"], abs=0.01)  # evaluate.py = training's validation
+        assert row["PSNR (dB)"] == f"{ev['psnr']:.2f}" and row["SSIM"] == f"{ev['ssim']:.4f}"
+        assert row["train (s)"] == f"{summary['train_time_s']:.0f}"
+        assert row["points/s"] == report._si(summary["train_points_per_s"])
+        assert row["world"] == str(summary["world_size"]) and row["AMP"] == summary["amp"]
+        assert row["ckpt (MB)"] == f"{os.path.getsize(os.path.join(run, 'ckpt.pt')) / 1e6:.2f}"
+        assert float(row["peak RSS (MB)"].split()[0]) > 50  # a Python process with torch
+        assert row["depth MAE"] != "—"  # the procedural scene has ground-truth depth
+    bitnerf = os.path.join(out, "exp4", "seed0", "model.bitnerf")
+    assert rows["exp4"][".bitnerf (KB)"] == f"{os.path.getsize(bitnerf) / 1e3:.1f}"
+    assert rows["exp1"][".bitnerf (KB)"] == "—"
+    assert rows["exp4"]["differs from exp1"] == "BitNeRF: model=bitnerf"  # cpu scale: the same lr
+    assert rows["exp5"]["world"] == "2" and "per process (workers' sum" in rows["exp5"]["peak RSS (MB)"]
+    assert "2 processes share" in rows["exp5"]["note"]
+    with open(os.path.join(out, "results.md")) as f:
+        text = f.read()
+    for name in ("psnr_time.png", "loss_step.png", "views.png"):
+        with open(os.path.join(out, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in text  # linked, so a markdown viewer shows it inline
+
+
+@pytest.mark.slow
+def test_claims_are_generated_and_one_seed_claims_nothing(study_out):
+    with open(os.path.join(study_out["out"], "results.md")) as f:
+        text = f.read()
+    claims = [line for line in text.splitlines() if line.startswith("- **")]
+    assert len(claims) == len(study.COMPARISONS)
+    bit = next(line for line in claims if "(exp4 vs exp1)" in line)
+    assert "held-out PSNR" in bit and "SSIM" in bit and "points/s" in bit and "packed .bitnerf" in bit
+    assert bit.count("one seed cannot tell") == bit.count("not claimed") == 3 and "real:" not in bit
+    assert "(exp6 vs exp4): not measured in this study" in text and "(exp2 vs exp1): not measured" in text
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_runs(study_out):
+    out = study_out["out"]
+    files = [os.path.join(out, e, "seed0", n) for e in ("exp1", "exp4", "exp5")
+             for n in ("summary.json", "ckpt.pt", "eval.json")]
+    before = {p: os.path.getmtime(p) for p in files}
+    code, printed = run_study(study_out["args"])
+    assert code == 0
+    assert printed.count("finished before, skipped") == 3 and ": training" not in printed
+    assert {p: os.path.getmtime(p) for p in files} == before  # nothing retrained or re-evaluated
+
+
+# --- resume and seeds ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_interrupted_run_is_resumed(tmp_path, tiny_scene_path):
+    out = str(tmp_path / "study")
+    base = [f"--out={out}", "--only=exp1", "--steps=4", f"--data={tiny_scene_path}", *TINY]
+    trial = study.plan(*study.parse_args(base))[0][0]
+    # the study's exp1 run, stopped after its first step (here by a time budget, in this process: quicker)
+    train.train(replace(trial.cfg, max_time_s=1e-6))
+    run = os.path.join(out, "exp1", "seed0")
+    assert read(os.path.join(run, "summary.json"))["steps"] == 1
+    os.remove(os.path.join(run, "summary.json"))  # as if stopped before the end: a checkpoint, no summary
+    code, printed = run_study(base)
+    assert code == 0 and "resuming from its checkpoint" in printed
+    with open(os.path.join(run, "train.log")) as f:
+        assert "from step 1" in f.read()  # training continued the checkpoint
+    assert read(os.path.join(run, "summary.json"))["steps"] == 4
+    assert table(os.path.join(out, "results.md"))["exp1"]["steps"] == "4"
+
+
+@pytest.mark.slow
+def test_seeds_give_mean_and_std(study_out, tmp_path, tiny_scene_path):
+    out = str(tmp_path / "study")
+    shutil.copytree(study_out["out"], out)  # a second seed added to a finished study: seed 42 is reused
+    code, printed = run_study([f"--out={out}", "--only=exp1", "--seeds=2", "--steps=2",
+                               f"--data={tiny_scene_path}", *TINY])
+    assert code == 0, printed
+    assert "exp1 seed 42: finished before, skipped" in printed and "exp1 seed 43: training" in printed
+    runs = [os.path.join(out, "exp1", f"seed{k}") for k in (0, 1)]
+    assert [read(os.path.join(r, "config.json"))["seed"] for r in runs] == [42, 43]
+    psnrs = [read(os.path.join(r, "eval.json"))["psnr"] for r in runs]
+    mean, std = sum(psnrs) / 2, abs(psnrs[0] - psnrs[1]) / math.sqrt(2)
+    assert table(os.path.join(out, "results.md"))["exp1"]["PSNR (dB)"] == f"{mean:.2f} ± {std:.2f}"
+
+
+# --- pieces, without training -------------------------------------------------------------------------------------
+def fake(exp: str, psnrs: list[float], rates: list[float]) -> list:
+    """Finished runs of `exp`, one per seed, with these held-out PSNRs and points/s."""
+    runs = []
+    for k, (p, r) in enumerate(zip(psnrs, rates)):
+        run = report.Run(f"/nowhere/{exp}/seed{k}", exp, {}, {"train_points_per_s": r, "val_psnr": p},
+                         evaluation={"psnr": p, "per_view": []})
+        runs.append(study.Finished(None, run, {}))
+    return runs
+
+
+def test_verdict_real_only_beyond_the_seeds_spread():
+    base = fake("exp1", [20.0, 20.2, 20.4], [100.0, 100.0, 100.0])
+    assert study.verdict("psnr", fake("exp4", [22.0, 22.2, 22.4], [1, 1, 1]), base).startswith("real: 2.00 dB")
+    assert study.verdict("psnr", fake("exp4", [20.1, 20.5, 20.3], [1, 1, 1]), base).startswith("not a real")
+    assert study.verdict("points", fake("exp2", [1, 1, 1], [150.0, 151.0, 149.0]), base).startswith("real: 50%")
+    one = study.verdict("psnr", fake("exp4", [25.0], [1]), base[:1])
+    assert one.startswith("one seed cannot tell") and one.endswith("not claimed")
+
+
+def test_plan_commands_threads_and_confound_notes(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    args, extras = study.parse_args(["--out=o", "--minutes=1", "--scale=cpu", "--device=cpu", "--val_views=10"])
+    trials, shared = study.plan(args, extras)
+    assert [t.exp for t in trials] == list(study.EXPERIMENTS) and shared["nproc"] == 2
+    exp5 = next(t for t in trials if t.exp == "exp5")
+    cmd = study.command(exp5)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert "--video=false" in cmd and "--max_time_s=60" in cmd and cmd[-1] == "--val_views=10"
+    assert exp5.cfg.val_views == 10 and exp5.cfg.seed == 42 and exp5.run_dir == os.path.join("o", "exp5", "seed0")
+    assert study.child_env(2, False)["OMP_NUM_THREADS"] == str(max(1, study.cpu_count() // 2))
+    assert "OMP_NUM_THREADS" not in study.child_env(1, False)
+    note = study.note("exp3", shared)  # cpu scale: equal epochs, so half the steps at the same lr
+    assert "1500 planned steps vs exp2's 3000 at the same lr" in note
+
+
+def test_a_folder_of_another_config_stops_the_study_before_it_runs(tmp_path):
+    trial = study.plan(*study.parse_args([f"--out={tmp_path}", "--only=exp1", "--steps=5", *TINY]))[0][0]
+    os.makedirs(trial.run_dir)
+    with open(os.path.join(trial.run_dir, "config.json"), "w") as f:
+        f.write(replace(trial.cfg, lr=0.5).to_json())
+    open(os.path.join(trial.run_dir, "ckpt.pt"), "wb").close()
+    with pytest.raises(study.UserError, match="another config .*lr: 0.5 -> 0.005"):
+        study.trial_state(trial)
+    os.remove(os.path.join(trial.run_dir, "ckpt.pt"))  # no checkpoint: training starts afresh
+    assert study.trial_state(trial) == "new"
+
+
+def test_overrides_the_study_sets_or_configs_refuse_exit_2(capsys):
+    assert study.main(["--seed=1"]) == 2
+    assert study.main(["--width=wide"]) == 2
+    assert study.main(["--only=exp7"]) == 2
+    err = capsys.readouterr().err
+    assert "--seed is set by the study" in err and "--width expects int" in err and "exp7" in err
