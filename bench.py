@@ -267,6 +267,91 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --- BitNeRF / NeRF ratio (both in one process, interleaved) -----------------------------------------------------
+RATIO_SIZES = {"small": dict(width=64, depth=4, skip_layer=2, n_freqs=6),   # the CPU scale
+               "exp4": dict(width=256, depth=8, skip_layer=4, n_freqs=16)}  # exp1/exp4's field
+
+
+def field_train_step(field: torch.nn.Module, optimizer, points: torch.Tensor, target: torch.Tensor, chunk: int,
+                     autocast_dtype: torch.dtype | None):
+    """One training step of a field alone: micro-batches of `chunk` points forward + backward (MSE on the raw
+    output), then the AdamW step. Returns a closure for timing."""
+    def step():
+        for start in range(0, points.shape[0], chunk):
+            with torch.autocast(points.device.type, autocast_dtype, enabled=autocast_dtype is not None):
+                raw = field(points[start:start + chunk])
+            (raw.float() - target[start:start + chunk]).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def bitnerf_ratio(size: str, compiled: bool, chunk: int, chunks: int, repeats: int, device: torch.device,
+                  amp: bool = False, impl: str = "fused") -> dict:
+    """Seconds per training step of NeRF and of (quantized) BitNeRF of the same size on the same random points,
+    timed alternately (NeRF, BitNeRF, NeRF, ...) so both see the same machine load; the ratio is the median of
+    the per-pair ratios. AdamW as train.make_optimizer builds it (fused where every parameter is plain).
+    impl "torchao": BitNeRF on torchao's BitNet weight subclass and nn.RMSNorm (the reference, and what
+    BitNeRF trained with before the fused layer)."""
+    from bitnerf import BitNeRF, quantize_bitnet, quantize_bitnet_torchao
+    from nerf import NeRF
+
+    arch = RATIO_SIZES[size]
+    torch.manual_seed(0)
+    n = chunk * chunks
+    points = (torch.rand(n, 3, device=device) * 3 - 1.5)
+    target = torch.randn(n, 4, device=device)
+    dtype = (torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16) \
+        if amp else None
+    steps, first = {}, {}
+    quantize = quantize_bitnet_torchao if impl == "torchao" else quantize_bitnet
+    for name, field in (("nerf", NeRF(**arch)), ("bitnerf", quantize(BitNeRF(**arch)))):
+        field.to(device)
+        params = list(field.parameters())
+        fused = device.type in ("cpu", "cuda") and all(type(p) is torch.nn.Parameter for p in params)
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused or None)
+        module = torch.compile(field, fullgraph=True) if compiled else field
+        steps[name] = field_train_step(module, optimizer, points, target, chunk, dtype)
+        first[name] = timed(steps[name], device, 1, warmup=0)[0]  # compiles when compiling
+        timed(steps[name], device, 1, warmup=0)
+    times = {"nerf": [], "bitnerf": []}
+    cpu = {"nerf": [], "bitnerf": []}  # process CPU time: steadier than wall time on a shared, loaded machine
+    for _ in range(repeats):
+        for name in ("nerf", "bitnerf"):
+            start = time.process_time()
+            times[name] += timed(steps[name], device, 1, warmup=0)
+            cpu[name].append(time.process_time() - start)
+    ratios = [b / a for a, b in zip(times["nerf"], times["bitnerf"])]
+    cpu_ratios = [b / a for a, b in zip(cpu["nerf"], cpu["bitnerf"])]
+    return {"size": size, **arch, "impl": impl, "compile": compiled, "amp": str(dtype).replace("torch.", "") if amp else "off",
+            "points_per_step": n, "chunk_points": chunk, "nerf_step_s": statistics.median(times["nerf"]),
+            "bitnerf_step_s": statistics.median(times["bitnerf"]), "ratio": statistics.median(ratios),
+            "ratio_all": ratios, "cpu_ratio": statistics.median(cpu_ratios), "first_step_s": first,
+            "threads": torch.get_num_threads()}
+
+
+def ratio_main(args) -> list[dict]:
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    switch = {"both": (False, True), "on": (True,), "off": (False,)}
+    rows = []
+    for size in args.ratio_sizes.split(","):
+        if size not in RATIO_SIZES:
+            raise UserError(f"--ratio-sizes: unknown size {size!r} (choose from {', '.join(RATIO_SIZES)})")
+        for compiled in switch[args.compile]:
+            for amp in switch[args.amp]:
+                row = bitnerf_ratio(size, compiled, args.chunk_points or 8192, args.ratio_chunks, args.repeats,
+                                    device, amp, args.bitnerf_impl)
+                rows.append(row)
+                print(f"{size:6s} {'compiled' if compiled else 'eager':8s} amp={row['amp']:8s} "
+                      f"nerf {row['nerf_step_s'] * 1e3:8.1f} ms  bitnerf {row['bitnerf_step_s'] * 1e3:8.1f} ms  "
+                      f"ratio {row['ratio']:.2f} (CPU time {row['cpu_ratio']:.2f}; pairs: "
+                      f"{' '.join(f'{r:.2f}' for r in row['ratio_all'])})",
+                      flush=True)
+    return rows
+
+
 # --- time to quality -------------------------------------------------------------------------------------------
 def quality(args) -> dict:
     """Train a preset for a training-time budget; held-out PSNR against training time from metrics.jsonl."""
@@ -316,6 +401,13 @@ def parse_args(argv: list[str] | None):
                                                          "(--quality; default: the preset's)")
     p.add_argument("--val-views", type=int, default=0, help="held-out views (--quality; default: preset's)")
     p.add_argument("--out-dir", default=None, help="run folder (--quality)")
+    p.add_argument("--ratio", action="store_true",
+                   help="BitNeRF/NeRF training-step time ratio per point, both in this process, interleaved")
+    p.add_argument("--ratio-sizes", default="small,exp4", help="--ratio: small (4x64, L=6), exp4 (8x256, L=16)")
+    p.add_argument("--ratio-chunks", type=int, default=2, help="--ratio: micro-batches per step")
+    p.add_argument("--threads", type=int, default=0, help="--ratio: torch threads (default: torch's)")
+    p.add_argument("--bitnerf-impl", choices=("fused", "torchao"), default="fused",
+                   help="--ratio: BitNeRF's layers: bitnerf's fused RMSNorm+BitLinear, or torchao's BitNet weights")
     args = p.parse_args(argv)
     if args.batch_rays < 1 or args.repeats < 1 or args.warmup < 0 or (args.chunk_points or 1) < 1:
         raise UserError("--batch-rays, --repeats and --chunk-points must be >= 1, --warmup >= 0")
@@ -329,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.quality:
         result = quality(args)
+    elif args.ratio:
+        result = {"ratio_rows": ratio_main(args), "argv": sys.argv[1:] if argv is None else argv}
     else:
         rows = []
         for spec in variant_specs(args):

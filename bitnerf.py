@@ -25,6 +25,168 @@ class RMSNormLinear(nn.Sequential):
         return self[1]
 
 
+class BitLinear(nn.Linear):
+    """A Linear trained with BitNet b1.58 QAT (`quantize_bitnet` turns a hidden Linear into one): the same
+    forward and straight-through gradients as torchao's `bitnet_training`, on a plain float `weight` Parameter
+    (DDP all-reduces its .grad, AdamW may be fused, checkpoints hold it as is).
+
+    Eager, the ternary weight and its scale are computed once per weight update, not once per call: they are
+    cached under the weight's version counter, which every in-place update (optimizer step, load_state_dict,
+    copy_ under no_grad) advances. (Writing through `weight.data` bypasses the counter: don't.) Compiled, they
+    are computed in the graph, where they fuse into one small kernel.
+    """
+
+    _ternary_cache: tuple | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rmsnorm_bitlinear(x, None, 0.0, self)
+
+    def ternary(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ternary weight [out, in] for the integer matmul: int8 on CUDA, else float32 holding -1, 0, 1;
+        absmean scale [] in the weight's dtype, or `dtype` when the weight is cast to it as under CUDA autocast).
+
+        As torchao: the scale is computed in float32 from the (cast) weight, then cast back to its dtype."""
+        weight = self.weight
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+            return _ternary(weight, dtype)
+        key = (weight, weight._version, dtype)
+        cache = self._ternary_cache
+        if cache is None or cache[0] is not key[0] or cache[1:] != key[1:]:
+            cache = self._ternary_cache = key + _ternary(weight, dtype)
+        return cache[3], cache[4]
+
+
+@torch.no_grad()
+def _ternary(weight: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    w = weight.detach()
+    if dtype is not None:
+        w = w.to(dtype)
+    scale = w.float().abs().mean()  # torchao's get_bitnet_scale
+    ternary = (w.float() / scale.clip(1e-5)).round_().clip_(-1, 1)  # torchao's quantize_bitnet_weight
+    ternary = ternary.to(torch.int8) if w.is_cuda else ternary
+    return ternary, scale.to(w.dtype)
+
+
+def rmsnorm_bitlinear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float | None,
+                      linear: nn.Linear) -> torch.Tensor:
+    """linear(rms_norm(x)) with `linear` a BitNet b1.58 QAT Linear (torchao bitnet_training's arithmetic):
+    per-row absmax int8 activations (eps 1e-5) times the ternary weight, an exact integer product, scaled by the
+    weight's absmean and the row scales, plus the bias. Gradients are the straight-through ones torchao computes:
+    grad input = grad out @ ternary * scale (then through the RMSNorm), grad weight = grad out^T @ dequantized
+    int8 activations. No RMSNorm when `norm_weight` is None.
+
+    Autocast: as torchao, under CUDA autocast input, weight and bias are cast to its dtype; the integer product
+    itself never runs in a low precision (a bf16 product of the integers would round)."""
+    dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else None
+    ternary, scale = linear.ternary(dtype)
+    if norm_eps is None:
+        norm_eps = torch.finfo(x.dtype).eps
+    args = (x, norm_weight, linear.weight, linear.bias, ternary, scale, norm_eps, dtype)
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return _RMSNormBitLinear.apply(*args)
+    return _RMSNormBitLinear.apply(*args)
+
+
+class _RMSNormBitLinear(torch.autograd.Function):
+    """RMSNorm (optional) + BitNet b1.58 Linear, forward and backward in few passes over the activations."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, weight, bias, ternary, scale, eps, dtype):
+        lead, k = x.shape[:-1], x.shape[-1]
+        x = x.reshape(-1, k)
+        # Eager, every fresh activation-sized tensor costs page faults on a CPU: temporaries are reused in place.
+        eager = not torch.compiler.is_compiling()
+        if norm_weight is not None:
+            # nn.RMSNorm's arithmetic (same bits): x * rsqrt(mean(x^2) + eps) * weight, in float32
+            xf = x.float()
+            square = xf * xf
+            r = torch.rsqrt(square.mean(-1, keepdim=True).add_(eps))  # [M, 1]
+            xhat = torch.mul(xf, r, out=square) if eager else xf * r
+            y = (xhat * norm_weight).to(x.dtype)
+        else:
+            y = x
+        if dtype is not None:  # CUDA autocast: torchao casts the Linear's input
+            y = y.to(dtype)
+        # torchao's quantize_int8_rowwise(y, eps=1e-5), with its roundings; its clip to [-128, 127] only matters
+        # for a scale below float32's (|y| * 127 / max|y| rounds to at most 127 in float32). max |y| per row as
+        # max(amax, -amin): equal, and no |y| temporary
+        row_scale = torch.maximum(y.amax(-1, keepdim=True), y.amin(-1, keepdim=True).neg_()) / 127  # [M, 1]
+        inv = 1.0 / row_scale.float().clip(1e-5)
+        y_q = y.mul_(inv) if y is not x and y.dtype == torch.float32 else y.float() * inv
+        y_q = y_q.round_()
+        if y.dtype != torch.float32:
+            y_q = y_q.clip_(-128, 127)
+        if ternary.dtype == torch.int8:  # CUDA
+            y_q = y_q.to(torch.int8)
+        out = _integer_mm(y_q, ternary)  # exact: int32, or float32 holding the same integers
+        if out.dtype == torch.int32:  # torchao's scaled_int8_mm: * col scale, then * row scale
+            out = out * scale.view(-1) * row_scale
+        else:
+            out = out.mul_(scale).mul_(row_scale)
+        if bias is not None:
+            b = bias if dtype is None else bias.to(dtype)
+            out = out.add_(b) if out.dtype == torch.promote_types(out.dtype, b.dtype) else out + b
+        if norm_weight is not None:
+            ctx.save_for_backward(y_q, row_scale, ternary, scale, xhat, r, norm_weight)
+        else:
+            ctx.save_for_backward(y_q, row_scale, ternary, scale)
+        ctx.x_dtype, ctx.lead = x.dtype, lead
+        ctx.weight_dtype = weight.dtype
+        return out.view(*lead, -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y_q, row_scale, ternary, scale = ctx.saved_tensors[:4]
+        grad_out = grad_out.reshape(-1, ternary.shape[0])
+        needs = ctx.needs_input_grad
+        grad_x = grad_norm = grad_weight = grad_bias = None
+        if needs[3]:
+            grad_bias = grad_out.sum(0)
+        if needs[2]:  # torchao: grad_out^T @ (int8 activations * row scale)
+            deq = y_q.to(grad_out.dtype) if y_q.dtype == torch.int8 else y_q
+            grad_weight = (grad_out.t() @ (deq * row_scale).to(grad_out.dtype)).to(ctx.weight_dtype)
+        if needs[0] or needs[1]:
+            # torchao: grad of the Linear's input = grad_out @ ternary * scale (straight through the rounding)
+            grad_y = (grad_out @ ternary.to(grad_out.dtype)).mul_(scale)
+            if len(ctx.saved_tensors) == 4:
+                grad_x = grad_y.to(ctx.x_dtype)
+            else:  # through y = xhat * g, xhat = x * r, r = rsqrt(mean(x^2) + eps):
+                # grad x = r * (grad_y * g - xhat * mean(grad_y * g * xhat)), grad g = sum over rows of grad_y * xhat
+                xhat, r, g = ctx.saved_tensors[4:]
+                grad_y = grad_y.float()
+                product = grad_y * xhat
+                if needs[1]:
+                    grad_norm = product.sum(0).to(g.dtype)
+                mean = (product @ g).div_(xhat.shape[1]).unsqueeze(-1)  # [M, 1]
+                grad_xhat = grad_y.mul_(g) if grad_y.dtype == torch.float32 else grad_y * g
+                grad_x = grad_xhat.addcmul_(xhat, mean, value=-1).mul_(r).to(ctx.x_dtype)
+            grad_x = grad_x.view(*ctx.lead, -1)
+        return grad_x, grad_norm, grad_weight, grad_bias, None, None, None, None
+
+
+def _integer_mm(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
+    """x_q [M, K] @ ternary.T, both holding integers: torch._int_mm (int32) where CUDA takes the shapes, else a
+    float32 matmul, which is exact (see ternary_matmul)."""
+    if ternary.dtype == torch.int8:
+        if x_q.shape[0] > 16 and x_q.shape[1] % 8 == 0 and ternary.shape[0] % 8 == 0:
+            return torch._int_mm(x_q, ternary.t())
+        x_q, ternary = x_q.float(), ternary.float()
+    return x_q @ ternary.t()
+
+
+class BitRMSNormLinear(nn.Sequential):
+    """RMSNormLinear after `quantize_bitnet`: RMSNorm and BitLinear in one autograd.Function (fewer passes)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self[0]
+        return rmsnorm_bitlinear(x, norm.weight, norm.eps, self[1])
+
+    @property
+    def linear(self) -> nn.Linear:
+        return self[1]
+
+
 class BitNeRF(NeRF):
     def __init__(self, n_freqs: int = 16, width: int = 256, depth: int = 8, skip_layer: int = 4):
         # pad the encoding to a multiple of 8 so the skip layer's K (width + encoding) suits CUDA int8 matmul
@@ -35,10 +197,21 @@ class BitNeRF(NeRF):
 
 
 def quantize_bitnet(model: BitNeRF) -> BitNeRF:
-    """Swap the hidden Linear weights for torchao's BitNet training weights, in place. Returns the model.
-
-    Apply after loading float weights and before torch.compile / DDP.
+    """Make the hidden layers BitNet b1.58 QAT layers (RMSNorm + BitLinear, torchao bitnet_training's math in one
+    autograd.Function), in place. Returns the model. The parameters stay the same plain nn.Parameters (state dict
+    unchanged). Apply after loading float weights and before torch.compile / DDP.
     """
+    for layer in model.hidden:
+        if type(layer) is RMSNormLinear:
+            layer.__class__ = BitRMSNormLinear
+        if type(layer[1]) is nn.Linear:
+            layer[1].__class__ = BitLinear
+    return model
+
+
+def quantize_bitnet_torchao(model: nn.Module) -> nn.Module:
+    """The reference: torchao's own BitNet training weights (tensor subclass) on the hidden Linears, in place
+    (with the exact float32 product for its int8 matmul off CUDA). Tests compare `quantize_bitnet` with it."""
     _quiet_torchao_import()
     from torchao import quantize_
     from torchao.prototype.quantized_training import bitnet_training
@@ -82,9 +255,10 @@ def _use_exact_float_int8_mm_off_cuda() -> None:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    from torchao.prototype.quantized_training.bitnet import BitNetTrainingLinearWeight
-
-    return any(isinstance(p, BitNetTrainingLinearWeight) for p in model.parameters())
+    """Whether `model` has BitNet QAT layers (quantize_bitnet's, or torchao's weight subclass)."""
+    if any(isinstance(m, BitLinear) for m in model.modules()):
+        return True
+    return any(type(p).__name__ == "BitNetTrainingLinearWeight" for p in model.parameters())
 
 
 def ternary_weight(weight: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:

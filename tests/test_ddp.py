@@ -184,7 +184,7 @@ def test_fingerprint_holds_the_ternary_scale_the_forward_uses():
     names, prints = replica_fingerprint(field)
     row = names.index("hidden.0.1.weight")
     weight = field.hidden[0].linear.weight
-    latent = weight._data.double()
+    latent = getattr(weight, "_data", weight).detach().double()
     assert prints[row, 0].item() == pytest.approx(latent.sum().item(), rel=1e-12)
     assert prints[row, 1].item() == ternary_weight(weight)[1].item()
     assert prints[row, 1].item() == pytest.approx(latent.abs().mean().item(), rel=1e-6)  # absmean

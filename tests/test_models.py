@@ -1,9 +1,10 @@
 """NeRF and BitNeRF fields: architecture, ternary forward, straight-through gradients, live density at init."""
 
+import pytest
 import torch
 from torch import nn
 
-from bitnerf import BitNeRF, is_quantized, plain_state_dict, quantize_bitnet, ternary_weight
+from bitnerf import BitNeRF, is_quantized, plain_state_dict, quantize_bitnet, quantize_bitnet_torchao, ternary_weight
 from nerf import NeRF
 
 
@@ -39,7 +40,7 @@ def test_bitnerf_forward_uses_ternary_weights_and_int8_activations():
     assert is_quantized(model)
     out = layer(x)
     # independent float64 recomputation: absmean-scaled ternary weights, per-row absmax int8 activations
-    w = layer.linear.weight._data.double()
+    w = layer.linear.weight.double()
     scale = w.abs().mean()
     w_t = (w / scale).round().clamp(-1, 1)
     assert set(w_t.unique().tolist()) <= {-1.0, 0.0, 1.0}
@@ -56,12 +57,13 @@ def test_bitnerf_gradients_reach_latent_weights():
     torch.manual_seed(0)
     model = quantize_bitnet(BitNeRF(n_freqs=2, width=32, depth=2, skip_layer=1))
     latent = model.hidden[1].linear.weight
-    before = latent._data.clone()
+    assert type(latent) is nn.Parameter  # plain: DDP all-reduces its .grad, AdamW may be fused
+    before = latent.detach().clone()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(torch.randn(64, 3)).square().mean().backward()
     assert latent.grad is not None and latent.grad.abs().sum() > 0
     opt.step()
-    assert (latent._data - before).abs().max() > 0
+    assert (latent.detach() - before).abs().max() > 0
 
 
 def test_plain_state_dict_unwraps_quantized_weights():
@@ -70,7 +72,7 @@ def test_plain_state_dict_unwraps_quantized_weights():
     assert all(type(v) is torch.Tensor for v in state.values())
     fresh = BitNeRF(n_freqs=2, width=16, depth=2, skip_layer=1)
     fresh.load_state_dict(state)
-    torch.testing.assert_close(fresh.hidden[0].linear.weight, model.hidden[0].linear.weight._data)
+    torch.testing.assert_close(fresh.hidden[0].linear.weight, model.hidden[0].linear.weight.detach())
 
 
 def test_density_gradient_alive_at_init_for_many_seeds():
@@ -88,11 +90,11 @@ def test_density_gradient_alive_at_init_for_many_seeds():
 
 
 def test_exact_float_int8_matmul_equals_torchao_int_mm():
-    # quantize_bitnet routes torchao's CPU int8 matmul through an exact float32 product: same bits, faster
+    # the torchao reference routes torchao's CPU int8 matmul through an exact float32 product: same bits, faster
     import torchao.prototype.quantized_training.bitnet as torchao_bitnet
 
     torch.manual_seed(0)
-    model = quantize_bitnet(BitNeRF(n_freqs=3, width=64, depth=3, skip_layer=1))
+    model = quantize_bitnet_torchao(BitNeRF(n_freqs=3, width=64, depth=3, skip_layer=1))
     patched = torchao_bitnet.scaled_int8_mm
     assert patched.exact_off_cuda
     x = torch.randn(300, 3)
@@ -103,3 +105,112 @@ def test_exact_float_int8_matmul_equals_torchao_int_mm():
     finally:
         torchao_bitnet.scaled_int8_mm = patched
     assert torch.equal(fast, reference)
+
+
+# --- the fused RMSNorm + BitLinear layer against torchao's BitNet (the reference) ----------------------------------
+def _twins(arch: dict, seed: int = 0):
+    """(torchao-quantized BitNeRF, fused-quantized BitNeRF) with the same weights (RMSNorm gains not all 1)."""
+    import copy
+
+    torch.manual_seed(seed)
+    base = BitNeRF(**arch)
+    with torch.no_grad():
+        for layer in base.hidden:
+            layer[0].weight.uniform_(0.5, 1.5)
+    return quantize_bitnet_torchao(copy.deepcopy(base)), quantize_bitnet(copy.deepcopy(base))
+
+
+def _assert_grads_close(reference: nn.Module, fused: nn.Module, rtol: float = 1e-5):
+    ref_params = dict(reference.named_parameters())
+    for name, param in fused.named_parameters():
+        expected = getattr(ref_params[name].grad, "_data", ref_params[name].grad)
+        scale = expected.abs().max().clamp_min(1e-12)
+        assert (param.grad - expected).abs().max() <= rtol * scale, name
+
+
+def test_fused_bitnerf_equals_torchao_bitnet_forward_bits_and_gradients():
+    for arch in (dict(n_freqs=3, width=64, depth=4, skip_layer=2), dict(n_freqs=2, width=24, depth=2, skip_layer=1)):
+        reference, fused = _twins(arch)
+        assert is_quantized(fused) and all(type(p) is nn.Parameter for p in fused.parameters())
+        x = torch.randn(5, 77, 3)  # leading dims are kept
+        a, b = reference(x), fused(x)
+        assert torch.equal(a, b)  # same bits: same RMSNorm, roundings and exact integer product
+        (a.square().mean() + a[..., 0].sum()).backward()
+        (b.square().mean() + b[..., 0].sum()).backward()
+        _assert_grads_close(reference, fused)
+
+
+def test_fused_bitlinear_edge_rows_equal_torchao():
+    from bitnerf import BitLinear, rmsnorm_bitlinear
+
+    torch.manual_seed(1)
+    reference, fused = _twins(dict(n_freqs=2, width=16, depth=2, skip_layer=1))
+    ref_layer, layer = reference.hidden[0], fused.hidden[0]
+    x = torch.randn(6, 16)
+    x[1] = 0.0  # an all-zero row (RMSNorm eps, the scale's clip)
+    x[2] *= 1e-7
+    x[3] *= 1e6
+    x[4] = -x[4].abs()  # max |x| negative
+    x.requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    a, b = ref_layer(x_ref), layer(x)
+    assert torch.equal(a, b)
+    a.sum().backward()
+    b.sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    # without an RMSNorm: the BitLinear alone equals torchao's weight on a plain Linear
+    assert isinstance(layer[1], BitLinear)
+    y = torch.randn(9, 16)
+    torch.testing.assert_close(layer[1](y), ref_layer[1](y), rtol=0, atol=0)
+    assert torch.equal(rmsnorm_bitlinear(y, None, None, layer[1]), layer[1](y))
+
+
+def test_ternary_cache_follows_weight_updates():
+    reference, fused = _twins(dict(n_freqs=2, width=32, depth=3, skip_layer=1))
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (reference, fused)]
+    for step in range(3):
+        x = torch.randn(64, 3)
+        for model, opt in zip((reference, fused), opts):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        x = torch.randn(64, 3)
+        torch.testing.assert_close(fused(x), reference(x), rtol=1e-4, atol=1e-5)
+    # load_state_dict and a change of dtype also renew the cached ternary weights
+    fused.load_state_dict(plain_state_dict(reference))
+    assert torch.equal(fused(x), reference(x))
+    fused.double()
+    assert fused(x.double()).dtype == torch.float64
+
+
+def test_fused_bitnerf_under_cpu_autocast():
+    reference, fused = _twins(dict(n_freqs=3, width=32, depth=2, skip_layer=1))
+    x = torch.randn(200, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(x)
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fused.parameters())
+    # bf16 rounds the float layers; the quantized layers' integer product stays exact
+    torch.testing.assert_close(out.float(), reference(x), rtol=0.1, atol=0.1)
+
+
+@pytest.mark.slow
+def test_fused_bitnerf_compiles_fullgraph_and_matches_eager():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    _, fused = _twins(dict(n_freqs=2, width=16, depth=2, skip_layer=1))
+    compiled = torch.compile(fused, fullgraph=True)  # fullgraph: a graph break raises
+    x = torch.randn(50, 3)
+    out = compiled(x)
+    out.square().mean().backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    grads = {n: p.grad.clone() for n, p in fused.named_parameters()}
+    fused.zero_grad()
+    expected = fused(x)
+    expected.square().mean().backward()
+    # the compiled RMSNorm may round differently, which can move an activation across a rounding boundary
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    for name, param in fused.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=5e-2, atol=5e-3)
