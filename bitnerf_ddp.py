@@ -36,6 +36,11 @@ def replica_fingerprint(model: nn.Module) -> tuple[list[str], torch.Tensor]:
             scale = data.float().abs().mean()
         names.append(name)
         rows.append(torch.stack([data.double().sum(), scale.double()]))
+    for name, buffer in model.named_buffers():  # e.g. the occupancy grid, which every rank must hold alike
+        values = buffer.detach().double()
+        names.append(name)
+        rows.append(torch.stack([values.sum(), (values * torch.arange(values.numel(), device=values.device,
+                                                                       dtype=torch.float64).view_as(values)).sum()]))
     return names, torch.stack(rows)
 
 

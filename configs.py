@@ -24,6 +24,9 @@ class Config:
     out_dir: str = ""  # "" -> runs/<name>
     data: str = "synthetic"  # path to a tiny-NeRF .npz, or "synthetic" for the built-in procedural scene
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # paper: the preset as the original configured it; cpu: the same experiment at a size a 2-core CPU trains in
+    # minutes (see CPU_SCALE). On the command line the default is auto: paper on CUDA, cpu elsewhere
+    scale: str = "paper"
     seed: int = 42
     # --- schedule (steps wins over epochs when > 0; max_time_s stops early and then finishes normally) ----
     epochs: int = 50
@@ -51,6 +54,15 @@ class Config:
     near: float = 2.0
     far: float = 6.0
     perturb: bool = True  # stratified jitter of the samples during training
+    # empty-space skipping (occupancy.py): the field is evaluated only at samples inside occupied cells of a
+    # binary grid over [-occ_bound, occ_bound]^3, refreshed from the field's own density every occ_update_every
+    # steps (EMA); occ_carve empties, before training, the cells that black training pixels see through
+    skip: bool = True
+    occ_resolution: int = 128
+    occ_bound: float = 1.5
+    occ_update_every: int = 16
+    occ_threshold: float = 0.01  # a cell stays occupied while its opacity over one cell width exceeds this
+    occ_carve: bool = True
     # --- optimisation --------------------------------------------------------------------------------------
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -103,6 +115,7 @@ _CHOICES = {
     "lr_schedule": ("constant", "cosine"),
     "amp_dtype": ("auto", "bf16", "fp16"),
     "wandb": ("online", "offline", "disabled"),
+    "scale": ("paper", "cpu"),
 }
 
 
@@ -140,6 +153,14 @@ def _problems(c: Config):
     if c.model == "grid" and c.compile:
         # its empty-space skipping picks a data-dependent number of points: no single compiled graph
         yield "model=grid runs eagerly: set --compile=false"
+    if c.skip and c.model == "grid":
+        yield "model=grid skips empty space by itself: set --skip=false"
+    if c.skip and c.n_importance:
+        yield "skip=true samples stratified points only: set --n_importance=0 or --skip=false"
+    if c.skip and (c.occ_resolution < 2 or not c.occ_bound > 0 or c.occ_update_every < 1
+                   or not 0 < c.occ_threshold < 1):
+        yield (f"need occ_resolution >= 2, occ_bound > 0, occ_update_every >= 1, 0 < occ_threshold < 1 (got "
+               f"{c.occ_resolution}, {c.occ_bound}, {c.occ_update_every}, {c.occ_threshold})")
     if c.video_radius <= 0:
         yield f"video_radius must be > 0 (got {c.video_radius})"
     if not c.name or "/" in c.name:
@@ -168,9 +189,40 @@ EXP6 = replace(EXP4, name="exp6")  # exp4 under torchrun / DDP
 FAST = replace(
     EXP1, name="fast", model="grid", compile=False, batch_unit="ray", batch_size=2048, chunk_points=1 << 20,
     n_samples=128, n_importance=0, near=2.5, far=5.5, lr=0.2, weight_decay=0.0, lr_schedule="cosine",
-    warmup_steps=0, epochs=1, steps=2000, eval_every=200, ckpt_every=500, keep_ckpts=1,
+    warmup_steps=0, epochs=1, steps=2000, eval_every=200, ckpt_every=500, keep_ckpts=1, skip=False,
 )
 PRESETS = {c.name: c for c in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, FAST)}
+
+
+# --- scales: the same experiment at another size ------------------------------------------------------------
+# `cpu` changes only model size, encoding, sampling, batching and schedule, so every experiment keeps what makes it
+# that experiment: exp2's AMP, exp3's batch (twice exp1's here too), exp4's BitNeRF, exp5/exp6's DDP.
+# Measured on lego100 (90 views, 10 held out) on a 2-core CPU: see the README's Results.
+CPU_SCALE = dict(width=128, depth=4, skip_layer=2, n_freqs=8, batch_unit="ray", n_samples=64, weight_decay=0.0,
+                 lr_schedule="cosine", warmup_steps=50, epochs=1, eval_every=500, ckpt_every=500)
+CPU_RAYS_PER_IMAGE_OF_BATCH = 512  # paper batch_size counts images: exp1's 4 -> 2048 rays, exp3's 8 -> 4096
+CPU_STEPS_FOR_EXP1_BATCH = 3000  # exp3 (twice the batch) gets half: the same rays seen, as the paper's epochs
+CPU_LR = {"nerf": 5e-3, "bitnerf": 5e-3}  # ternary QAT measured: see the README
+
+
+def apply_scale(cfg: Config, scale: str) -> Config:
+    """`cfg` (a paper-scale preset) at `scale`. The grid field has no size to change."""
+    if scale == "paper" or cfg.model == "grid":
+        return replace(cfg, scale=scale)
+    rays = CPU_RAYS_PER_IMAGE_OF_BATCH * cfg.batch_size
+    steps = CPU_STEPS_FOR_EXP1_BATCH * EXP1.batch_size // cfg.batch_size
+    return replace(cfg, scale=scale, batch_size=rays, steps=steps, lr=CPU_LR[cfg.model], **CPU_SCALE)
+
+
+def auto_scale(device: str) -> str:
+    """paper where the run will use CUDA, cpu elsewhere (a CPU or an Apple GPU)."""
+    if device == "cpu" or device == "mps":
+        return "cpu"
+    if device.startswith("cuda"):
+        return "paper"
+    import torch
+
+    return "paper" if torch.cuda.is_available() else "cpu"
 
 
 # --- command line --------------------------------------------------------------------------------------------
@@ -193,6 +245,8 @@ def from_cli(preset: Config, argv: list[str]) -> Config:
     """Apply `--key=value` overrides (and `--preset=NAME` as the first one) to a preset.
 
     A bare `--flag` sets a boolean field to true; `--key value` (space-separated) is accepted too.
+    `--scale=paper|cpu|auto` (default auto, see auto_scale) is applied to the preset before the other overrides,
+    so an explicit `--width=...` wins over the scale's.
     """
     types = {f.name: _field_type(f) for f in fields(Config)}
     overrides: dict = {}
@@ -210,6 +264,9 @@ def from_cli(preset: Config, argv: list[str]) -> Config:
                 raise ConfigError(f"unknown preset {raw!r}; known: {', '.join(PRESETS)}")
             preset = PRESETS[raw]
             continue
+        if key == "scale" and eq and raw == "auto":
+            overrides.pop("scale", None)
+            continue
         if key not in types:
             raise ConfigError(f"unknown config key --{key} (see --help for the list)")
         if not eq:
@@ -220,7 +277,19 @@ def from_cli(preset: Config, argv: list[str]) -> Config:
             else:
                 raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
         overrides[key] = parse_value(key, raw, types[key])
-    return replace(preset, **overrides)
+    scale = overrides.pop("scale", None) or auto_scale(overrides.get("device", preset.device))
+    if scale not in _CHOICES["scale"]:
+        raise ConfigError(f"scale={scale!r} is not one of auto, {', '.join(_CHOICES['scale'])}")
+    return replace(apply_scale(preset, scale), **overrides)
+
+
+def scale_line(cfg: Config, argv: list[str]) -> str:
+    """The run's first line: which scale, and why when it was chosen automatically."""
+    chosen = "" if any(a.startswith("--scale") for a in argv) else " (auto: " + (
+        "CUDA available)" if cfg.scale == "paper" else "no CUDA device; --scale=paper for the original sizes)")
+    return (f"scale {cfg.scale}{chosen}: {cfg.model} {cfg.depth}x{cfg.width}, L={cfg.n_freqs}, "
+            f"{cfg.n_samples} samples/ray, {cfg.batch_size} {cfg.batch_unit}s/step, lr {cfg.lr:g}, "
+            f"skip {'on' if cfg.skip else 'off'}")
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -241,4 +310,5 @@ def config_from_dict(d: dict) -> Config:
     unknown = set(d) - known
     if unknown:
         raise ConfigError(f"saved config has unknown keys: {', '.join(sorted(unknown))}")
-    return Config(**d)
+    # files from before empty-space skipping existed were trained (and must be rendered) without it
+    return Config(**{"skip": False, **d})

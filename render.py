@@ -184,12 +184,20 @@ class VolumeRenderer(nn.Module):
         return composite(raw, delta, t, rays_d)
 
     def evaluate(self, points: torch.Tensor) -> torch.Tensor:
-        """raw [P, 4] of the field at points [P, 3], in chunks of exactly `chunk_points` (the last one padded,
-        and at least one chunk, so that every parameter takes part in every step, as DDP requires)."""
+        """raw [P, 4] of the field at points [P, 3], in chunks of at most `chunk_points` (memory). Compiled, every
+        chunk has exactly that size (the last one padded): one static shape, one graph. At least one point is
+        evaluated, so that every parameter takes part in every step, as DDP requires."""
         n, chunk = points.shape[0], self.chunk_points
-        padded = F.pad(points, (0, 0, 0, max(chunk, -(-n // chunk) * chunk) - n))
+        size = max(chunk, -(-n // chunk) * chunk) if self.compiled_field is not None else max(n, 1)
+        padded = F.pad(points, (0, 0, 0, size - n))
         field = self.compiled_field or self.field
         return torch.cat([field(part) for part in padded.split(chunk)])[:n]
+
+    def eval_chunk_rays(self) -> int:
+        """Rays per no-grad forward when rendering images. With skipping most samples are never evaluated and
+        the field runs in chunks anyway, so the chunk of rays can be much larger."""
+        per_ray = self.n_samples + self.n_importance
+        return max(1, self.chunk_points // per_ray) * (16 if self.occupancy is not None else 1)
 
     def occupied_counts(self, rays_o: torch.Tensor, rays_d: torch.Tensor,
                         jitter: torch.Tensor | None = None) -> torch.Tensor:

@@ -65,6 +65,14 @@ def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
+def _no_buffer_broadcast() -> dict:
+    """DDP's option not to broadcast buffers every forward (renamed in newer PyTorch)."""
+    import inspect
+
+    names = inspect.signature(DDP.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in names else {"broadcast_buffers": False}
+
+
 # --- one optimisation step ---------------------------------------------------------------------------------------
 class Trainer:
     """Holds what a step needs; `step()` runs one (micro-batched) forward/backward/update."""
@@ -81,7 +89,7 @@ class Trainer:
             # DDP wraps the compiled module (nanoGPT's order); the loss's forward goes through it below. Buffers
             # are not broadcast: the occupancy grid is the same on every rank by construction (occupancy.py)
             model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        broadcast_buffers=False)
+                        **_no_buffer_broadcast())
         self.model = model
         self.optimizer = make_optimizer(cfg, list(raw.parameters()), device)
         self.autocast_dtype = amp_dtype(cfg, device)
@@ -97,7 +105,7 @@ class Trainer:
         jitter = torch.rand(n, cfg.n_samples, generator=gen, device=self.device) if cfg.perturb else None
         imp_u = (torch.rand(n, cfg.n_importance, generator=gen, device=self.device)
                  if cfg.perturb and cfg.n_importance else None)
-        slices = self.micro_batches(rays_o, rays_d, jitter)
+        slices, self.last_points = self.micro_batches(rays_o, rays_d, jitter)
         loss_sum = torch.zeros((), device=self.device)
         for k, s in enumerate(slices):
             # DDP: all-reduce gradients only after the last micro-batch
@@ -127,8 +135,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm
 
-    def micro_batches(self, rays_o, rays_d, jitter) -> list[slice]:
-        """Consecutive ray slices, each holding at most chunk_points evaluated samples (memory, not maths).
+    def micro_batches(self, rays_o, rays_d, jitter) -> tuple[list[slice], int]:
+        """Consecutive ray slices, each holding at most chunk_points evaluated samples (memory, not maths), and
+        the number of samples the field is evaluated at.
 
         Without skipping every ray has the same samples: equal slices, one compiled graph. With skipping the
         occupied samples per ray vary: slices are cut where the running count crosses a multiple of chunk_points,
@@ -137,12 +146,12 @@ class Trainer:
         n, chunk = rays_o.shape[0], self.cfg.chunk_points
         if self.raw.occupancy is None:
             parts = even_chunks(n, max(1, chunk // self.points_per_ray))
-            return [slice(k * (n // parts), (k + 1) * (n // parts)) for k in range(parts)]
+            return [slice(k * (n // parts), (k + 1) * (n // parts)) for k in range(parts)], n * self.points_per_ray
         counts = self.raw.occupied_counts(rays_o, rays_d, jitter)
         part = (torch.cumsum(counts, 0) - 1).clamp_min(0) // chunk  # [N], non-decreasing
         ends = torch.searchsorted(part, torch.arange(int(part[-1]) + 1, device=part.device), right=True).tolist()
         starts = [0] + ends[:-1]
-        return [slice(a, b) for a, b in zip(starts, ends) if b > a]
+        return [slice(a, b) for a, b in zip(starts, ends) if b > a], int(counts.sum())
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
@@ -436,6 +445,10 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
     bar = tqdm(total=n_steps, initial=step, desc=cfg.name, disable=not dist_info.is_master, dynamic_ncols=True)
     while step < n_steps:
         t0 = time.perf_counter()
+        if trainer.raw.occupancy is not None and step % cfg.occ_update_every == 0:
+            # the same cells and points on every rank (rank 0's generator): each rank evaluates its share
+            trainer.raw.update_occupancy(step_generator(cfg.seed, 0, step, device), dist_info.rank,
+                                         dist_info.world_size)
         rays_o, rays_d, target = batcher.batch(step)
         gen = step_generator(cfg.seed, dist_info.rank, step, device)
         loss, grad_norm = trainer.step(rays_o, rays_d, target, gen, lr_at(cfg, step, n_steps))
@@ -444,7 +457,7 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
         window_loss += loss
         step += 1
         window_steps += 1
-        batch_points = rays_o.shape[0] * trainer.points_per_ray * dist_info.world_size
+        batch_points = trainer.last_points  # this rank's; summed over ranks where rates are reported
         points += batch_points
         window_points += batch_points
         if device.type == "cuda" and step % cfg.log_every == 0:
@@ -472,6 +485,7 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
                                 f"good checkpoint, if any, is {ckpt_path}). Try a lower --lr, --grad_clip or "
                                 f"--amp=false")
             mean_loss = all_reduce_mean(window_loss / window_steps).item()
+            window_points = int(all_reduce_sum(torch.tensor(float(window_points), device=device)))
             record = {"step": step, "loss": mean_loss, "psnr": mse_to_psnr(mean_loss),
                       "grad_norm": float(grad_norm), "lr": lr_at(cfg, step - 1, n_steps), "time_s": train_time,
                       "points_per_s": window_points / max(window_time, 1e-9)}
@@ -496,7 +510,8 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
             break
     bar.close()
     warm_points, warm_time = first_step if first_step and points > first_step[0] else (0, 0.0)
-    return step, train_time, points - warm_points, session_time - warm_time
+    rate_points = all_reduce_sum(torch.tensor(float(points - warm_points), device=device)).item()  # all ranks'
+    return step, train_time, rate_points, session_time - warm_time
 
 
 def _gather_renders(renders: dict) -> dict:

@@ -29,4 +29,4 @@ def tiny_cfg(tiny_scene_path, tmp_path) -> Config:
     return replace(EXP1, name="tiny", data=tiny_scene_path, out_dir=str(tmp_path / "run"), width=32, depth=2,
                    skip_layer=1, n_freqs=4, n_samples=16, steps=5, batch_unit="ray", batch_size=256,
                    val_views=2, compile=False, video=False, wandb="disabled", log_every=1, eval_every=0,
-                   ckpt_every=0, chunk_points=8192)
+                   ckpt_every=0, chunk_points=8192, occ_resolution=32)

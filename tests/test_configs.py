@@ -40,7 +40,38 @@ def test_configs_are_frozen():
 def test_cli_overrides_are_typed():
     cfg = from_cli(EXP1, ["--lr=3e-4", "--steps=7", "--compile=false", "--amp", "--data", "x.npz", "--out-dir=o"])
     assert (cfg.lr, cfg.steps, cfg.compile, cfg.amp, cfg.data, cfg.out_dir) == (3e-4, 7, False, True, "x.npz", "o")
-    assert from_cli(EXP1, ["--preset=exp4", "--seed=3"]) == dataclasses.replace(EXP4, seed=3)
+    assert from_cli(EXP1, ["--preset=exp4", "--seed=3", "--scale=paper"]) == dataclasses.replace(EXP4, seed=3)
+
+
+def test_paper_scale_is_the_preset_untouched():
+    for preset in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6):
+        assert from_cli(preset, ["--scale=paper"]) == preset
+
+
+def test_cpu_scale_keeps_what_makes_each_experiment_itself():
+    from configs import CPU_SCALE
+
+    cpu = {p.name: from_cli(p, ["--scale=cpu"]) for p in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6)}
+    allowed = set(CPU_SCALE) | {"scale", "batch_size", "steps", "lr"}  # size, encoding, sampling, batch, schedule
+    for preset in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6):
+        assert changed(preset, cpu[preset.name]) <= allowed, preset.name
+    assert changed(cpu["exp1"], cpu["exp2"]) == {"name", "amp"}
+    assert changed(cpu["exp2"], cpu["exp3"]) == {"name", "batch_size", "steps"}
+    assert cpu["exp3"].batch_size == 2 * cpu["exp2"].batch_size  # twice the batch, as in the paper
+    assert cpu["exp3"].steps * 2 == cpu["exp2"].steps  # and the same rays seen, as the paper's equal epochs
+    assert changed(cpu["exp1"], cpu["exp4"]) <= {"name", "model", "lr"} and cpu["exp4"].model == "bitnerf"
+    assert changed(cpu["exp1"], cpu["exp5"]) == {"name"} and changed(cpu["exp4"], cpu["exp6"]) == {"name"}
+    assert cpu["exp1"].width < EXP1.width and cpu["exp1"].batch_unit == "ray"
+
+
+def test_explicit_overrides_win_over_the_scale_and_auto_follows_the_device():
+    cfg = from_cli(EXP1, ["--scale=cpu", "--width=32", "--lr=1e-4"])
+    assert (cfg.scale, cfg.width, cfg.lr) == ("cpu", 32, 1e-4)
+    assert from_cli(EXP1, ["--device=cpu"]).scale == "cpu"
+    assert from_cli(EXP1, ["--device=cuda:1"]).scale == "paper"
+    assert from_cli(EXP1, ["--device=cpu", "--scale=auto"]).scale == "cpu"
+    with pytest.raises(ConfigError, match="scale='huge'"):
+        from_cli(EXP1, ["--scale=huge"])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -54,18 +54,21 @@ def train_steps(cfg, dist_info: Dist, device: torch.device, bypass: bool) -> dic
     batcher = RayBatcher(train_views, cfg.batch_unit, cfg.batch_size, cfg.seed, dist_info.rank,
                          dist_info.world_size)
     raw = build_renderer(cfg, device)
+    raw.occupancy.carve(train_views.images, train_views.poses, train_views.focal, cfg.near)
     trainer = Trainer(cfg, raw, dist_info, device)
     if bypass:
         trainer.model = trainer.model.module  # the original bug: DDP's gradient hooks never fire
     losses = []
     for step in range(STEPS):
+        if step % 2 == 0:  # as train._loop does: split over ranks, the same grid everywhere
+            raw.update_occupancy(step_generator(cfg.seed, 0, step, device), dist_info.rank, dist_info.world_size)
         rays_o, rays_d, target = batcher.batch(step)
         loss, _ = trainer.step(rays_o, rays_d, target, step_generator(cfg.seed, dist_info.rank, step, device),
                                cfg.lr)
         losses.append(all_reduce_mean(loss).item())
     val_psnr, _ = evaluate_views(raw, val_views, dist_info, chunk_rays=4096)
     return {"params": field_state_dict(raw), "losses": losses, "val_psnr": val_psnr,
-            "mismatch": replica_mismatch(raw)}
+            "mismatch": replica_mismatch(raw), "occupied": raw.occupancy.occupied.clone()}
 
 
 def _worker(rank: int, world: int, port: int, cfgs: dict, out_dir: str) -> None:
@@ -107,7 +110,7 @@ def two_rank_results(tiny_scene_path, tmp_path_factory):
     from conftest import EXP1
 
     base = replace(EXP1, data=tiny_scene_path, width=32, depth=2, skip_layer=1, n_freqs=4, n_samples=16,
-                   batch_unit="ray", val_views=2, compile=False, video=False, wandb="disabled")
+                   batch_unit="ray", val_views=2, compile=False, video=False, wandb="disabled", occ_resolution=32)
     cfgs = {label: (equivalence_cfg(base, model, chunk), bypass) for label, model, chunk, bypass in VARIANTS}
     out = tmp_path_factory.mktemp("ddp")
     spawn(2, _worker, (2, free_port(), cfgs, str(out)), timeout_s=120)
@@ -139,6 +142,9 @@ def test_two_ranks_match_one_process_with_the_whole_batch(two_rank_results, refe
     ref = reference(label)
     ddp0, ddp1 = results[0][label], results[1][label]
     assert ddp0["mismatch"] == [] and max_diff(ddp0["params"], ddp1["params"]) == 0.0  # replicas bitwise equal
+    # every rank holds the same occupancy grid (each evaluated half of its cells), and the one process's grid
+    assert torch.equal(ddp0["occupied"], ddp1["occupied"]) and torch.equal(ddp0["occupied"], ref["occupied"])
+    assert 0 < ddp0["occupied"].float().mean() < 1  # carved and updated: a real grid, not all or nothing
     diff = max_diff(ddp0["params"], ref["params"])
     # measured: 1.5e-08 for nerf and bitnerf (float32 summation order); bypassing DDP gives ~7e-03
     assert diff < 1e-5, diff
@@ -210,7 +216,8 @@ def test_gather_to_master_without_a_process_group():
 
 # --- torchrun end to end ----------------------------------------------------------------------------------------
 TINY_ARGS = ["--width=32", "--depth=2", "--skip_layer=1", "--n_freqs=4", "--n_samples=16", "--batch_unit=ray",
-             "--val_views=2", "--compile=false", "--video=false", "--wandb=disabled", "--chunk_points=8192"]
+             "--val_views=2", "--compile=false", "--video=false", "--wandb=disabled", "--chunk_points=8192",
+             "--occ_resolution=32"]
 
 
 def torchrun(script: str, args: list[str], log_path, nproc: int = 2, extra: tuple = ()) -> subprocess.Popen:

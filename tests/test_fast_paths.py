@@ -170,7 +170,7 @@ def test_skipping_changes_a_render_by_no_more_than_the_skipped_opacity():
 def test_grid_preset_trains_and_refuses_compile(tiny_cfg):
     with pytest.raises(ConfigError, match="compile=false"):
         from_cli(FAST, ["--compile=true"])
-    cfg = replace(tiny_cfg, model="grid", compile=False, grid_resolution=24, lr=0.1, weight_decay=0.0,
+    cfg = replace(tiny_cfg, model="grid", skip=False, compile=False, grid_resolution=24, lr=0.1, weight_decay=0.0,
                   steps=25, n_samples=32, batch_size=512)
     raw = assembly.build_renderer(cfg, torch.device("cpu"))
     views = split_views(load_views(cfg.data), cfg.val_views)[1]

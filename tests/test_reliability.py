@@ -34,8 +34,8 @@ CPU = torch.device("cpu")
 
 # --- helpers ----------------------------------------------------------------------------------------------------
 def cli_args(cfg) -> list[str]:
-    """`--key=value` for every field where cfg differs from exp1's preset."""
-    return [f"--{k}={v}" for k, v in cfg.to_dict().items() if v != getattr(EXP1, k)]
+    """`--key=value` for every field where cfg differs from exp1's preset (at the preset's own, paper, scale)."""
+    return ["--scale=paper"] + [f"--{k}={v}" for k, v in cfg.to_dict().items() if v != getattr(EXP1, k)]
 
 
 def start(args, **kwargs) -> subprocess.Popen:
@@ -433,6 +433,9 @@ def test_bitnerf_checkpoint_loads_weights_only_and_resumes_exactly(tiny_cfg, tmp
     assert a["step"] == b["step"] == 4
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(x, y) for x, y in zip(all_tensors(a["optimizer"]), all_tensors(b["optimizer"])))
+    # the occupancy grid (carved, then refreshed at steps 0, 3, 6) resumes exactly too
+    assert a["occupancy"]["updates"] == 3 and 0 < a["occupancy"]["occupied"].float().mean() < 1
+    assert all(torch.equal(a["occupancy"][k], b["occupancy"][k]) for k in a["occupancy"])
 
 
 def test_truncated_checkpoint_falls_back_to_the_newest_good_one(trained, tmp_path, capsys):
@@ -534,10 +537,10 @@ def test_ddp_experiment_without_torchrun_says_it_is_one_process(tiny_cfg, monkey
 def resume_cfg(tiny_scene_path, tmp_path_factory):
     base = tmp_path_factory.mktemp("resume")
     return replace(EXP1, name="tiny", data=tiny_scene_path, out_dir=str(base / "straight"), width=32, depth=2,
-                   skip_layer=1, n_freqs=4, n_samples=8, n_importance=8, steps=8, batch_unit="ray",
+                   skip_layer=1, n_freqs=4, n_samples=16, steps=8, batch_unit="ray",
                    batch_size=512, val_views=2, compile=False, video=False, wandb="disabled", log_every=3,
                    eval_every=4, ckpt_every=1, keep_ckpts=20, chunk_points=4096, lr_schedule="cosine",
-                   warmup_steps=3)
+                   warmup_steps=3, occ_resolution=32, occ_update_every=3)
 
 
 @pytest.fixture(scope="module")
@@ -571,6 +574,9 @@ def test_sigkill_then_resume_gives_bitwise_equal_weights(resume_cfg, straight_ru
     assert a["step"] == b["step"] == resume_cfg.steps
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(x, y) for x, y in zip(all_tensors(a["optimizer"]), all_tensors(b["optimizer"])))
+    # the occupancy grid (carved, then refreshed at steps 0, 3, 6) resumes exactly too
+    assert a["occupancy"]["updates"] == 3 and 0 < a["occupancy"]["occupied"].float().mean() < 1
+    assert all(torch.equal(a["occupancy"][k], b["occupancy"][k]) for k in a["occupancy"])
     sa = json.load(open(os.path.join(straight_run, "summary.json")))
     sb = json.load(open(os.path.join(killed_dir, "summary.json")))
     assert sa["val_psnr"] == sb["val_psnr"]
@@ -585,7 +591,7 @@ def test_cli_refuses_other_config_or_no_resume_without_writing(resume_cfg, strai
     procs = [start(args + ["--lr=0.002", "--n_samples=24"]), start(args + ["--resume=false"])]
     other, no_resume = (error_line(*finish(p)[::2]) for p in procs)
     ckpt = os.path.join(straight_run, "ckpt.pt")
-    assert other == (f"error: {ckpt} was trained with a different config (lr: 0.001 -> 0.002, n_samples: 8 -> 24); "
+    assert other == (f"error: {ckpt} was trained with a different config (lr: 0.001 -> 0.002, n_samples: 16 -> 24); "
                      f"use another --out_dir or the same settings")
     assert no_resume == (f"error: {straight_run} already holds a checkpoint; pass --resume=true to continue it, or "
                          f"choose another --out_dir (nothing was overwritten)")
