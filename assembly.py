@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bitnerf import BitNeRF, plain_state_dict, quantize_bitnet, ternary_field
-from bitnerf_format import is_bitnerf_file, read_bitnerf
+from bitnerf_format import OCCUPIED_KEY, is_bitnerf_file, read_bitnerf
 from configs import Config, ConfigError, config_from_dict
 from grid_field import GridField
 from nerf import NeRF
@@ -106,12 +106,19 @@ def load_trained(path: str, device: torch.device | str = "cpu") -> tuple[VolumeR
 def load_exported(path: str, device: torch.device | str = "cpu", mode: str = "int8"):
     """A .bitnerf file -> (VolumeRenderer around bitnerf.ternary_field in eval mode, Config)."""
     cfg, state, _ = read_bitnerf(path)
+    occupied = state.pop(OCCUPIED_KEY, None)
+    occupancy = build_occupancy(cfg, torch.device("cpu")) if occupied is not None else None
+    if occupancy is not None:
+        if occupied.shape != occupancy.occupied.shape:
+            raise UserError(f"{path}: its occupancy grid does not fit its config")
+        occupancy.occupied.copy_(occupied)
     field = ternary_field(cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer, mode)
     try:
         field.load_state_dict(state)
     except RuntimeError as err:
         raise UserError(f"{path}: tensors do not fit its config: {str(err).splitlines()[0]}") from None
-    renderer = VolumeRenderer(field, cfg.near, cfg.far, cfg.n_samples, cfg.n_importance)
+    renderer = VolumeRenderer(field, cfg.near, cfg.far, cfg.n_samples, cfg.n_importance, occupancy,
+                              cfg.chunk_points)
     return renderer.to(torch.device(device)).eval(), cfg
 
 
@@ -143,7 +150,7 @@ def _render_cli(argv: list[str] | None) -> int:
     radius = args.radius if args.radius is not None else cfg.video_radius
     elevation = args.elevation if args.elevation is not None else cfg.video_elevation
     focal = args.focal if args.focal is not None else TINY_NERF_FOCAL_PER_PIXEL * args.size
-    chunk = args.chunk if args.chunk is not None else max(1, cfg.chunk_points // (cfg.n_samples + cfg.n_importance))
+    chunk = args.chunk if args.chunk is not None else renderer.eval_chunk_rays()
     for name, value in (("frames", frames), ("fps", fps), ("size", args.size), ("chunk", chunk)):
         if value < 1:
             raise UserError(f"--{name} must be >= 1 (got {value})")

@@ -4,7 +4,9 @@ File layout (all integers little-endian):
     MAGIC (8 bytes) | format version (uint32) | header length H (uint32) | header: H bytes of UTF-8 JSON |
     payload: raw tensor bytes | SHA-256 of every byte before it (32 bytes)
 The header holds the training config and, per tensor, its encoding, shape and (offset, nbytes) in the payload.
-Encodings: "float16"/"float32" (little-endian IEEE) and "ternary-base3"/"ternary-2bit" (bitnerf.pack_ternary).
+Encodings: "float16"/"float32" (little-endian IEEE), "ternary-base3"/"ternary-2bit" (bitnerf.pack_ternary) and
+"bits" (numpy.packbits, big-endian within a byte: the occupancy grid `occupancy.occupied`, when the run skipped
+empty space).
 Hidden Linear weights are ternary (each with its fp32 absmean scale); everything else (input and output layers,
 biases, RMSNorm weights) stays float. export.py writes it; assembly.load_trained (or assembly.load_exported)
 loads it as a renderer around bitnerf.ternary_field.
@@ -25,6 +27,7 @@ from configs import Config, ConfigError, config_from_dict
 from utils import UserError, atomic_write
 
 MAGIC = b"BITNERF\x00"
+OCCUPIED_KEY = "occupancy.occupied"  # the occupancy grid's cells, stored beside the field's tensors
 VERSION = 1
 _PREFIX = struct.Struct("<8sII")  # magic, version, header length
 _DIGEST = 32
@@ -34,6 +37,8 @@ FLOAT_STORAGES = tuple(_FLOATS)  # how the float tensors may be stored
 
 # --- encoding tensors ----------------------------------------------------------------------------------------------
 def _encode(name: str, tensor: torch.Tensor, packing: str, floats: str) -> tuple[str, bytes]:
+    if tensor.dtype == torch.bool:  # the occupancy grid: one bit per cell
+        return "bits", np.packbits(tensor.cpu().numpy().reshape(-1)).tobytes()
     if tensor.dtype == torch.int8:
         return f"ternary-{packing}", pack_ternary(tensor, packing).numpy().tobytes()
     # the per-layer scales stay fp32: they multiply every output of their layer and cost 4 bytes each
@@ -46,6 +51,9 @@ def _decode(entry: dict, data: bytes) -> torch.Tensor:
     if kind in _FLOATS:
         array = np.frombuffer(data, dtype=_FLOATS[kind][0])
         return torch.from_numpy(array.astype(np.float32)).reshape(shape)
+    if kind == "bits":
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=int(np.prod(shape)))
+        return torch.from_numpy(bits.astype(bool)).reshape(shape)
     if kind.startswith("ternary-"):
         packed = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
         return unpack_ternary(packed, int(np.prod(shape)), kind.removeprefix("ternary-")).reshape(shape)

@@ -150,7 +150,7 @@ def _evaluate_cli(argv: list[str] | None) -> int:
     if split == "val":
         offset = len(views) - cfg.val_views
         views = split_views(views, cfg.val_views)[1]
-    chunk = args.chunk or max(1, cfg.chunk_points // (cfg.n_samples + cfg.n_importance))
+    chunk = args.chunk or renderer.eval_chunk_rays()
     autocast_dtype = amp_dtype(cfg, device)
     t0 = time.perf_counter()
     result = evaluate(renderer, views, chunk, autocast_dtype)

@@ -14,7 +14,7 @@ import sys
 
 from assembly import build_field
 from bitnerf import ternary_state_dict
-from bitnerf_format import FLOAT_STORAGES, read_bitnerf, write_bitnerf
+from bitnerf_format import FLOAT_STORAGES, OCCUPIED_KEY, read_bitnerf, write_bitnerf
 from configs import ConfigError, config_from_dict
 from utils import ArgParser, UserError, load_checkpoint, run_cli
 
@@ -36,6 +36,8 @@ def export_checkpoint(ckpt_path: str, out_path: str, packing: str = "base3", flo
     except RuntimeError as err:
         raise UserError(f"{ckpt_path}: weights do not fit its config: {str(err).splitlines()[0]}") from None
     state = ternary_state_dict({k: v.float() for k, v in field.state_dict().items()}, cfg.depth)
+    if cfg.skip and ckpt.get("occupancy"):  # inference skips the same empty space as training's renders
+        state[OCCUPIED_KEY] = ckpt["occupancy"]["occupied"]
     size = write_bitnerf(out_path, state, cfg, packing, floats)
     float_bytes = sum(v.numel() * v.element_size() for v in ckpt["model"].values())
     return {"file_bytes": size, "float_weight_bytes": float_bytes, "ratio": float_bytes / size}

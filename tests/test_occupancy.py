@@ -159,3 +159,21 @@ def test_compiled_field_with_skipping_has_no_graph_breaks(tiny_cfg, model):
     assert torch.isfinite(loss)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] >= 2  # the field went through dynamo, not around it
+
+
+@pytest.mark.slow
+def test_exported_bitnerf_keeps_the_grid_and_renders_as_the_checkpoint(tiny_cfg, tmp_path):
+    from export import export_checkpoint
+
+    cfg = replace(tiny_cfg, model="bitnerf", steps=20, lr=5e-3, occ_update_every=5)
+    train.train(cfg)
+    ckpt_path = os.path.join(cfg.run_dir, "ckpt.pt")
+    export_checkpoint(ckpt_path, str(tmp_path / "m.bitnerf"), floats="float32")
+    trained, _ = assembly.load_trained(ckpt_path)
+    exported, _ = assembly.load_trained(str(tmp_path / "m.bitnerf"))
+    assert torch.equal(exported.occupancy.occupied, trained.occupancy.occupied)
+    assert 0 < exported.occupancy.occupied_fraction() < 1
+    views = split_views(load_views(cfg.data), cfg.val_views)[1]
+    rays_o, rays_d = get_rays(views.height, views.width, views.focal, views.poses[0])
+    a, b = render_image(trained, rays_o, rays_d), render_image(exported, rays_o, rays_d)
+    assert torch.allclose(a.rgb, b.rgb, atol=1e-4) and torch.equal(a.acc == 0, b.acc == 0)
