@@ -21,6 +21,16 @@ Peak memory during the timed steps: CPU: the child process's peak resident set (
 /proc/self/clear_refs when the timed steps start; it includes Python, torch and the data, ~0.4 GB); GPU:
 torch.cuda.max_memory_allocated.
 
+BitNeRF/NeRF ratio mode (issue 10: BitNeRF's training step per point within 1.3x NeRF's at the same size):
+
+    python bench.py --ratio [--ratio-sizes small,exp4] [--compile both] [--amp off] [--repeats 9] [--threads 1]
+                    [--bitnerf-impl fused|torchao]
+
+builds NeRF and quantized BitNeRF fields of the same size in one process and times a field-only training step
+(micro-batches of --chunk-points, default 8192, times --ratio-chunks, forward + MSE backward, then AdamW) of each,
+alternately; the ratio is the median of the per-pair ratios (also reported: the ratio of process CPU times, steadier
+when other work shares the cores). Sizes: small = 4x64, L=6, skip 2 (the CPU scale); exp4 = 8x256, L=16, skip 4.
+
 Time-to-quality mode:
 
     python bench.py --quality --preset fast --data ../shared/data/lego100_train.npz --minutes 3

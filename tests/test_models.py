@@ -214,3 +214,20 @@ def test_fused_bitnerf_compiles_fullgraph_and_matches_eager():
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
     for name, param in fused.named_parameters():
         torch.testing.assert_close(grads[name], param.grad, rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16])
+def test_fused_bitnerf_matches_torchao_on_cuda(amp):
+    """CUDA: the int8 path (torch._int_mm) and torchao's autocast casts (input, weight, bias to the AMP dtype)."""
+    reference, fused = (m.cuda() for m in _twins(dict(n_freqs=3, width=64, depth=3, skip_layer=1)))
+    x = torch.randn(4096, 3, device="cuda")
+    outs = []
+    for model in (reference, fused):
+        with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(x)
+        out.float().square().mean().backward()
+        outs.append(out.float())
+    tol = 1e-5 if amp is None else 5e-2
+    torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol)
+    _assert_grads_close(reference, fused, rtol=1e-4 if amp is None else 5e-2)
