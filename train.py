@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from assembly import amp_dtype, build_renderer, field_state_dict
 from bitnerf_ddp import assert_replicas_agree
-from configs import EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli
+from configs import EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli, scale_line
 from dataset import RayBatcher, Views, load_views, split_views
 from render import VolumeRenderer, render_image, get_rays, render_orbit, write_orbit
 from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json, atomic_torch_save,
@@ -60,7 +60,7 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
 def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.AdamW:
     """AdamW, as one fused kernel where every parameter is a plain tensor on CPU or CUDA: the same update as the
     default for-each implementation (to float rounding) in ~1/6 of its time on the fast preset's 32 MB grid.
-    torchao's BitNet weights are a tensor subclass the fused kernel does not take: those keep for-each."""
+    A tensor subclass (torchao's own BitNet weights, if used) is not taken by the fused kernel: for-each then."""
     fused = device.type in ("cpu", "cuda") and all(type(p) is torch.nn.Parameter for p in params)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
@@ -488,7 +488,8 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
             window_points = int(all_reduce_sum(torch.tensor(float(window_points), device=device)))
             record = {"step": step, "loss": mean_loss, "psnr": mse_to_psnr(mean_loss),
                       "grad_norm": float(grad_norm), "lr": lr_at(cfg, step - 1, n_steps), "time_s": train_time,
-                      "points_per_s": window_points / max(window_time, 1e-9)}
+                      "points_per_s": window_points / max(window_time, 1e-9),
+                      "points_per_step": window_points / window_steps}  # field evaluations (all ranks)
             logger.log(record)
             bar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{record['psnr']:.2f}")
             window_loss.zero_()
@@ -545,7 +546,9 @@ def main(preset: Config = EXP1, argv: list[str] | None = None) -> int:
     """Parse overrides and train; user errors become one line on stderr and exit code 2 (utils.run_cli)."""
 
     def body() -> int:
-        cfg = from_cli(preset, sys.argv[1:] if argv is None else argv)
+        args = sys.argv[1:] if argv is None else argv
+        cfg = from_cli(preset, args)
+        print0(scale_line(cfg, args))  # first, so nobody is surprised by the sizes auto picked
         try:
             train(cfg)
         except Interrupted as stopped:

@@ -203,10 +203,10 @@ def test_fused_optimizer_for_plain_parameters_matches_for_each(tiny_cfg):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_bitnerf_keeps_the_for_each_optimizer(tiny_cfg):
+def test_bitnerf_latent_weights_are_plain_parameters_for_the_fused_optimizer(tiny_cfg):
     cfg = replace(tiny_cfg, model="bitnerf")
     raw = assembly.build_renderer(cfg, torch.device("cpu"))
-    assert not train.make_optimizer(cfg, list(raw.parameters()), torch.device("cpu")).defaults["fused"]
+    assert train.make_optimizer(cfg, list(raw.parameters()), torch.device("cpu")).defaults["fused"]
 
 
 # --- bench.py ----------------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def test_compiled_train_step_has_no_graph_breaks(tiny_cfg, model):
 
     torch._dynamo.reset()
     counters.clear()
-    cfg = replace(tiny_cfg, model=model, n_importance=8)
+    cfg = replace(tiny_cfg, model=model, n_importance=8, skip=False)  # the whole render as one graph
     raw = assembly.build_renderer(cfg, torch.device("cpu"))
     compiled = torch.compile(raw, fullgraph=True)  # fullgraph: any graph break raises
     gen = torch.Generator().manual_seed(0)
@@ -78,7 +78,7 @@ def test_trainer_step_runs_the_compiled_module(tiny_cfg):
 
     torch._dynamo.reset()
     counters.clear()
-    cfg = replace(tiny_cfg, compile=True)
+    cfg = replace(tiny_cfg, compile=True, skip=False)  # with skipping the field alone is compiled: test_occupancy
     trainer = train.Trainer(cfg, assembly.build_renderer(cfg, torch.device("cpu")), Dist(), torch.device("cpu"))
     assert isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule)
     batch = RayBatcher(split_views(load_views(cfg.data), 2)[0], "ray", 256, 0).batch(0)
