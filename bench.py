@@ -128,10 +128,13 @@ class PeakMemory:
 
 # --- one variant (runs in its own process) -------------------------------------------------------------------
 def variant_config(model: str, preset: str | None, compiled: bool, amp: bool, batch_rays: int,
-                   chunk_points: int | None) -> Config:
+                   chunk_points: int | None, skip: bool = True) -> Config:
     base = PRESETS[preset or DEFAULT_PRESET[model]]
+    # skip: the occupancy grid's packed path with every cell occupied (nothing is skipped on random rays of a
+    # fresh grid), so the two rows of a model compare the skipping machinery's cost, not its savings
     cfg = replace(base, model=model, compile=compiled, amp=amp, batch_unit="ray", batch_size=batch_rays,
-                  wandb="disabled", video=False)
+                  wandb="disabled", video=False, skip=skip and model != "grid", n_importance=0 if skip and
+                  model != "grid" else base.n_importance)
     return replace(cfg, chunk_points=chunk_points) if chunk_points else cfg
 
 
@@ -206,7 +209,7 @@ def bench_variant(spec: dict) -> dict:
 
     device = pick_device(spec["device"])
     cfg = variant_config(spec["model"], spec["preset"], spec["compile"], spec["amp"], spec["batch_rays"],
-                         spec["chunk_points"])
+                         spec["chunk_points"], spec["skip"])
     views = (load_views(spec["data"]) if spec["data"] else
              views_from_arrays(synthetic_scene(n_views=8, size=100), "synthetic")).to(device)
     result = measure(cfg, views, device, spec["repeats"], spec["warmup"])
@@ -235,21 +238,21 @@ def run_isolated(spec: dict) -> dict:
                 result = {"error": f"the benchmark process died (exit code {proc.exitcode})"}
                 break
     proc.join()
-    return {**{k: spec[k] for k in ("model", "compile", "amp")}, **result}
+    return {**{k: spec[k] for k in ("model", "compile", "amp", "skip")}, **result}
 
 
 def variant_specs(args) -> list[dict]:
     models = ("nerf", "bitnerf", "grid") if args.model == "all" else (args.model,)
     switch = {"both": (False, True), "on": (True,), "off": (False,)}
-    return [dict(model=m, preset=args.preset, compile=c, amp=a, batch_rays=args.batch_rays,
+    return [dict(model=m, preset=args.preset, compile=c, amp=a, skip=k, batch_rays=args.batch_rays,
                  chunk_points=args.chunk_points, repeats=args.repeats, warmup=args.warmup, device=args.device,
                  data=args.data)
-            for m in models for a in switch[args.amp] for c in switch[args.compile]
-            if not (m == "grid" and c)]  # the grid field runs eagerly (configs refuses compile=true for it)
+            for m in models for a in switch[args.amp] for c in switch[args.compile] for k in switch[args.skip]
+            if not (m == "grid" and (c or not k))]  # the grid field runs eagerly (configs refuses compile=true for it)
 
 
 # --- output --------------------------------------------------------------------------------------------------
-COLUMNS = [("model", "model", "{}"), ("compile", "compile", "{}"), ("amp", "amp", "{}"),
+COLUMNS = [("model", "model", "{}"), ("compile", "compile", "{}"), ("amp", "amp", "{}"), ("skip", "skip", "{}"),
            ("step_s", "step s", "{:.3f}"), ("points_per_s", "train pts/s", "{:,.0f}"),
            ("rays_per_s", "rays/s", "{:,.0f}"), ("mlp_gflops", "GFLOP/s", "{:.1f}"),
            ("fraction_of_peak", "of peak", "{:.0%}"), ("render_points_per_s", "render pts/s", "{:,.0f}"),
@@ -265,7 +268,7 @@ def table(rows: list[dict]) -> str:
     body = []
     for row in rows:
         if "error" in row:
-            body.append([str(row.get(k, "")) for k, _, _ in COLUMNS[:3]] + [row["error"]])
+            body.append([str(row.get(k, "")) for k, _, _ in COLUMNS[:4]] + [row["error"]])
             continue
         body.append([fmt.format(row[k]) if row["mlp_gflops"] or k not in FLOP_KEYS else "-"
                      for k, _, fmt in COLUMNS])
@@ -400,6 +403,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--chunk-points", type=int, default=None, help="micro-batch size (default: the preset's)")
     p.add_argument("--compile", choices=("both", "on", "off"), default="both")
     p.add_argument("--amp", choices=("both", "on", "off"), default="both")
+    p.add_argument("--skip", choices=("both", "on", "off"), default="on",
+                   help="the occupancy grid's packed path (on: as training runs; both: its cost against plain)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) one")
     p.add_argument("--data", default=None, help="a tiny-NeRF .npz (default: a procedural scene)")

@@ -31,10 +31,12 @@ from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json
 
 
 # --- schedule ----------------------------------------------------------------------------------------------------
-def lr_at(cfg: Config, step: int, total_steps: int) -> float:
+def lr_at(cfg: Config, step: int, total_steps: int, budget_used: float = 0.0) -> float:
+    """The learning rate of `step`. A cosine schedule runs to whichever end comes first: the last step, or the
+    time budget (`budget_used`: the fraction of max_time_s spent so far), so a time-limited run anneals too."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     if cfg.lr_schedule == "cosine":
-        progress = min(1.0, step / max(1, total_steps))
+        progress = min(1.0, max(step / max(1, total_steps), budget_used))
         return cfg.lr * warm * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
     return cfg.lr * warm
 
@@ -440,6 +442,7 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
     eval_chunk = trainer.raw.eval_chunk_rays()
     points, session_time, first_step = 0, 0.0, None
+    budget_used = train_time / cfg.max_time_s if cfg.max_time_s > 0 else 0.0  # a resumed run's spent share
     window_loss, window_steps, window_points, window_time = torch.zeros((), device=device), 0, 0, 0.0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     bar = tqdm(total=n_steps, initial=step, desc=cfg.name, disable=not dist_info.is_master, dynamic_ncols=True)
@@ -451,7 +454,8 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
                                          dist_info.world_size)
         rays_o, rays_d, target = batcher.batch(step)
         gen = step_generator(cfg.seed, dist_info.rank, step, device)
-        loss, grad_norm = trainer.step(rays_o, rays_d, target, gen, lr_at(cfg, step, n_steps))
+        lr = lr_at(cfg, step, n_steps, budget_used)
+        loss, grad_norm = trainer.step(rays_o, rays_d, target, gen, lr)
         if trainer.scaler is None:  # a scaler skips such steps; without one a NaN/inf gradient is already
             nonfinite |= ~(torch.isfinite(loss) & torch.isfinite(grad_norm))  # in the weights
         window_loss += loss
@@ -470,10 +474,11 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
         bar.update(1)
 
         out_of_time = cfg.max_time_s > 0 and train_time >= cfg.max_time_s
-        flags = torch.tensor([float(stop.signum), float(out_of_time)])
-        if dist_info.enabled:  # every rank must agree to stop at the same step
+        flags = torch.tensor([float(stop.signum), float(out_of_time), train_time / dist_info.world_size])
+        if dist_info.enabled:  # every rank must agree to stop at the same step (and on the schedule's time)
             flags = all_reduce_sum(flags.to(device)).cpu()
-        finishing = step == n_steps or bool(flags.any())
+        budget_used = float(flags[2]) / cfg.max_time_s if cfg.max_time_s > 0 else 0.0
+        finishing = step == n_steps or bool(flags[:2].any())
 
         saving = bool(cfg.ckpt_every and step % cfg.ckpt_every == 0) or finishing
         # a loss window also ends at each checkpoint, so a resumed run logs the same records as an uninterrupted one
@@ -487,7 +492,7 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
             mean_loss = all_reduce_mean(window_loss / window_steps).item()
             window_points = int(all_reduce_sum(torch.tensor(float(window_points), device=device)))
             record = {"step": step, "loss": mean_loss, "psnr": mse_to_psnr(mean_loss),
-                      "grad_norm": float(grad_norm), "lr": lr_at(cfg, step - 1, n_steps), "time_s": train_time,
+                      "grad_norm": float(grad_norm), "lr": lr, "time_s": train_time,
                       "points_per_s": window_points / max(window_time, 1e-9),
                       "points_per_step": window_points / window_steps}  # field evaluations (all ranks)
             logger.log(record)
