@@ -54,6 +54,10 @@ class Config:
     near: float = 2.0
     far: float = 6.0
     perturb: bool = True  # stratified jitter of the samples during training
+    # + weight * mean opacity of the batch's rays whose target pixel is pure black (background); 0 = off. lego,
+    # cpu scale, 1500 steps: 0 -> held-out PSNR 26.36 dB, background opacity 0.064; 1e-3 -> 26.31, 0.022;
+    # 1e-2 -> 26.15, 0.003 (with carving; without it the original's fields reached 0.40-0.50)
+    bg_opacity_weight: float = 1e-3
     # empty-space skipping (occupancy.py): the field is evaluated only at samples inside occupied cells of a
     # binary grid over [-occ_bound, occ_bound]^3, refreshed from the field's own density every occ_update_every
     # steps (EMA); occ_carve empties, before training, the cells that black training pixels see through
@@ -131,7 +135,7 @@ def _problems(c: Config):
         if getattr(c, key) < 1:
             yield f"{key} must be >= 1 (got {getattr(c, key)})"
     for key in ("steps", "max_time_s", "warmup_steps", "grad_clip", "weight_decay", "eval_every", "ckpt_every",
-                "n_importance", "val_views"):
+                "n_importance", "val_views", "bg_opacity_weight"):
         if getattr(c, key) < 0:
             yield f"{key} must be >= 0 (got {getattr(c, key)})"
     for f in fields(c):  # nan passes every comparison below and inf trains straight to NaN
@@ -190,6 +194,7 @@ FAST = replace(
     EXP1, name="fast", model="grid", compile=False, batch_unit="ray", batch_size=2048, chunk_points=1 << 20,
     n_samples=128, n_importance=0, near=2.5, far=5.5, lr=0.2, weight_decay=0.0, lr_schedule="cosine",
     warmup_steps=0, epochs=1, steps=2000, eval_every=200, ckpt_every=500, keep_ckpts=1, skip=False,
+    bg_opacity_weight=0.0,  # measured as it stands: its own skipping already leaves the background at ~0.01
 )
 PRESETS = {c.name: c for c in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, FAST)}
 
@@ -316,4 +321,4 @@ def config_from_dict(d: dict) -> Config:
     if unknown:
         raise ConfigError(f"saved config has unknown keys: {', '.join(sorted(unknown))}")
     # files from before empty-space skipping existed were trained (and must be rendered) without it
-    return Config(**{"skip": False, **d})
+    return Config(**{"skip": False, "bg_opacity_weight": 0.0, **d})

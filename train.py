@@ -23,6 +23,7 @@ from assembly import amp_dtype, build_renderer, field_state_dict
 from bitnerf_ddp import assert_replicas_agree
 from configs import EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli, scale_line
 from dataset import RayBatcher, Views, load_views, split_views
+from occupancy import BLACK
 from render import VolumeRenderer, render_image, get_rays, render_orbit, write_orbit
 from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json, atomic_torch_save,
                    colourise_depth, compute_cleanup, compute_init, gather_to_master, load_checkpoint_or_newest_good,
@@ -120,8 +121,9 @@ class Trainer:
                                      None if imp_u is None else imp_u[s])
                     # the batch's mean squared error, whatever the micro-batches' sizes
                     loss = torch.sum((out.rgb.float() - target[s]) ** 2) / (3 * n)
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum += loss.detach()
+                    total = loss + self.background_penalty(out.acc, target[s], n)
+                (self.scaler.scale(total) if self.scaler else total).backward()
+            loss_sum += loss.detach()  # logged: the photometric loss alone
         if self.scaler:
             self.scaler.unscale_(self.optimizer)  # true gradients before clipping and the logged norm
         params = [p for p in self.raw.parameters() if p.grad is not None]
@@ -136,6 +138,17 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm
+
+    def background_penalty(self, acc: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+        """bg_opacity_weight * (sum of the opacity [R] of rays whose target [R, 3] is pure black) / n.
+
+        A black pixel of a dataset rendered on black is background: nothing should be there, but black, opaque
+        density fits its colour as well as empty space does, and a NeRF happily builds it. Pure black only (as
+        occupancy's carving): an object's dark pixels are never exactly 0."""
+        if self.cfg.bg_opacity_weight == 0:
+            return acc.new_zeros(())
+        black = (target.amax(dim=-1) <= BLACK).to(acc.dtype)
+        return self.cfg.bg_opacity_weight * torch.sum(acc.float() * black) / n
 
     def micro_batches(self, rays_o, rays_d, jitter) -> tuple[list[slice], int]:
         """Consecutive ray slices, each holding at most chunk_points evaluated samples (memory, not maths), and

@@ -200,3 +200,14 @@ def test_wandb_offline_by_default(tiny_cfg, monkeypatch):
     train.train(cfg)
     wandb_dir = os.path.join(cfg.run_dir, "wandb")
     assert os.path.isdir(wandb_dir) and any(name.startswith("offline-run") for name in os.listdir(wandb_dir))
+
+
+def test_background_penalty_is_the_weighted_opacity_of_black_target_rays(tiny_cfg):
+    cfg = replace(tiny_cfg, bg_opacity_weight=0.3)
+    trainer = train.Trainer(cfg, assembly.build_renderer(cfg, torch.device("cpu")), Dist(), torch.device("cpu"))
+    acc = torch.tensor([0.5, 0.2, 1.0, 0.9])
+    target = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.1, 0.0]])
+    # black rays: the first two (the last has a green of 0.1): 0.3 * (0.5 + 0.2) / 4 rays in the whole batch
+    assert float(trainer.background_penalty(acc, target, 4)) == pytest.approx(0.3 * 0.7 / 4)
+    off = train.Trainer(tiny_cfg, trainer.raw, Dist(), torch.device("cpu"))
+    assert float(off.background_penalty(acc, target, 4)) == 0.0
