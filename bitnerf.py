@@ -276,6 +276,7 @@ def ternary_weight(weight: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tenso
 
     Same arithmetic as torchao's bitnet forward (scale = mean |W|; round(W / scale) clipped to [-1, 1]).
     """
+    _quiet_torchao_import()
     from torchao.prototype.quantized_training.bitnet import get_bitnet_scale, quantize_bitnet_weight
 
     data = getattr(weight, "_data", weight).detach()

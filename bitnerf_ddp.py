@@ -1,7 +1,7 @@
 """BitNeRF under DDP: a check that every rank holds the same model, and deliberately nothing else.
 
-BitNeRF needs no extra machinery under DistributedDataParallel. torchao's BitNet b1.58 training keeps no running
-statistics and no buffers: each forward derives the ternary weights and their per-tensor absmean scale from the
+BitNeRF needs no extra machinery under DistributedDataParallel. BitNet b1.58 training (bitnerf.BitLinear, the
+arithmetic of torchao's bitnet_training) keeps no running statistics: each forward derives the ternary weights and their per-tensor absmean scale from the
 float latent weights, and the int8 activation scales per row from the batch itself. DDP broadcasts rank 0's latent
 weights when it wraps the model and averages the gradients, and every rank runs the same AdamW update. So the
 latent weights, and with them every ternary scale, are bitwise identical on all ranks after each step. (The
@@ -10,8 +10,9 @@ needed or wanted: the checkpoint holds the float latent weights, as for exp4.)
 
 What does go wrong is a forward that bypasses the DDP wrapper (`model.module(...)`): DDP's gradient hooks then
 stay idle, each rank follows its own shard's gradient and the replicas drift apart without any error.
-`assert_replicas_agree` catches that: it all-gathers a small fingerprint per parameter (for a quantized weight,
-the ternary scale the forward uses) and compares it with rank 0's. The training loop calls it at every checkpoint.
+`assert_replicas_agree` catches that: it all-gathers a small fingerprint per parameter (for torchao's weight
+subclass, the ternary scale the forward uses) and per buffer (the occupancy grid, which every rank must hold
+alike) and compares it with rank 0's. The training loop calls it at every checkpoint.
 """
 
 from __future__ import annotations
@@ -25,12 +26,11 @@ def replica_fingerprint(model: nn.Module) -> tuple[list[str], torch.Tensor]:
     """(parameter names, fingerprints [P, 2] float64): per parameter, the float64 sum of its (latent) values and
     its scale: the ternary absmean scale for a BitNet weight, mean |value| for any other parameter."""
     from bitnerf import ternary_weight
-    from torchao.prototype.quantized_training.bitnet import BitNetTrainingLinearWeight
 
     names, rows = [], []
     for name, param in model.named_parameters():
         data = getattr(param, "_data", param).detach()
-        if isinstance(param, BitNetTrainingLinearWeight):
+        if type(param).__name__ == "BitNetTrainingLinearWeight":
             scale = ternary_weight(param)[1]  # exactly the scale the quantized forward multiplies by
         else:
             scale = data.float().abs().mean()
