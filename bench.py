@@ -190,7 +190,7 @@ def measure(cfg: Config, views, device: torch.device, repeats: int, warmup: int)
     peak32 = statistics.median(peaks)
     peak = peak_bf16 if trainer.autocast_dtype is not None else peak32
     return {
-        "model": cfg.model, "compile": cfg.compile,
+        "model": cfg.model, "compile": cfg.compile, "skip": cfg.skip,
         "amp": str(trainer.autocast_dtype).replace("torch.", "") if cfg.amp else "off", "device": str(device),
         "batch_rays": cfg.batch_size, "chunk_points": cfg.chunk_points, "points_per_ray": points_per_ray,
         "step_s": step_s, "step_s_all": step_times, "cpu_s_per_step": statistics.median(cpu_times),

@@ -31,7 +31,7 @@ def rays(n: int, seed: int = 0, dtype=torch.float32):
 @pytest.mark.slow
 def test_compiled_render_and_gradients_match_eager(tiny_cfg):
     n_importance = 8  # both passes: stratified and importance samples
-    cfg = replace(tiny_cfg, n_importance=n_importance)
+    cfg = replace(tiny_cfg, n_importance=n_importance, skip=False)  # the whole render compiled as one graph
     eager = assembly.build_renderer(cfg, torch.device("cpu"))
     twin = assembly.build_renderer(cfg, torch.device("cpu"))
     twin.load_state_dict(eager.state_dict())

@@ -175,7 +175,7 @@ def test_plan_commands_threads_and_confound_notes(monkeypatch):
     assert study.child_env(2, False)["OMP_NUM_THREADS"] == str(max(1, study.cpu_count() // 2))
     assert "OMP_NUM_THREADS" not in study.child_env(1, False)
     note = study.note("exp3", shared)  # cpu scale: equal epochs, so half the steps at the same lr
-    assert "1500 planned steps vs exp2's 3000 at the same lr" in note
+    assert "3750 planned steps vs exp2's 7500 at the same lr" in note
 
 
 def test_a_folder_of_another_config_stops_the_study_before_it_runs(tmp_path):

@@ -209,5 +209,5 @@ def test_background_penalty_is_the_weighted_opacity_of_black_target_rays(tiny_cf
     target = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.1, 0.0]])
     # black rays: the first two (the last has a green of 0.1): 0.3 * (0.5 + 0.2) / 4 rays in the whole batch
     assert float(trainer.background_penalty(acc, target, 4)) == pytest.approx(0.3 * 0.7 / 4)
-    off = train.Trainer(tiny_cfg, trainer.raw, Dist(), torch.device("cpu"))
+    off = train.Trainer(replace(tiny_cfg, bg_opacity_weight=0.0), trainer.raw, Dist(), torch.device("cpu"))
     assert float(off.background_penalty(acc, target, 4)) == 0.0
