@@ -128,9 +128,3 @@ class OccupancyGrid(nn.Module):
     def occupied_fraction(self) -> float:
         return float(self.occupied.float().mean())
 
-
-def occupied_samples(grid: OccupancyGrid | None, points: torch.Tensor) -> torch.Tensor:
-    """Which samples [N, S, 3] the field must be evaluated at: bool [N, S] (all of them without a grid)."""
-    if grid is None:
-        return torch.ones(points.shape[:-1], dtype=torch.bool, device=points.device)
-    return grid.is_occupied(points)

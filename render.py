@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nerf import colour, density
-from occupancy import OccupancyGrid, occupied_samples
+from occupancy import OccupancyGrid
 from utils import colourise_depth, to_uint8, write_video
 
 Field = Callable[[torch.Tensor], torch.Tensor]
@@ -176,9 +176,7 @@ class VolumeRenderer(nn.Module):
         if self.occupancy is None:
             return render_rays(self.field, rays_o, rays_d, self.near, self.far, self.n_samples, self.n_importance,
                                jitter, importance_u)
-        t, delta = stratified_samples(rays_o.shape[0], self.n_samples, self.near, self.far, jitter, rays_o.device)
-        points = rays_o[:, None, :] + t[..., None] * rays_d[:, None, :]  # [N, S, 3]
-        keep = occupied_samples(self.occupancy, points)  # [N, S]
+        t, delta, points, keep = self._samples(rays_o, rays_d, jitter)
         raw_kept = self.evaluate(points[keep])  # [P, 4]
         raw = EMPTY_RAW.to(raw_kept.device).repeat(*keep.shape, 1).index_put((keep,), raw_kept.float())
         return composite(raw, delta, t, rays_d)
@@ -204,9 +202,14 @@ class VolumeRenderer(nn.Module):
         """[N] int64: how many of each ray's samples the field is evaluated at (n_samples without a grid)."""
         if self.occupancy is None:
             return torch.full((rays_o.shape[0],), self.n_samples + self.n_importance, device=rays_o.device)
-        t, _ = stratified_samples(rays_o.shape[0], self.n_samples, self.near, self.far, jitter, rays_o.device)
         with torch.no_grad():
-            return self.occupancy.is_occupied(rays_o[:, None, :] + t[..., None] * rays_d[:, None, :]).sum(dim=1)
+            return self._samples(rays_o, rays_d, jitter)[3].sum(dim=1)
+
+    def _samples(self, rays_o, rays_d, jitter):
+        """Stratified t, delta [N, S], points [N, S, 3], and which of them lie in occupied cells [N, S]."""
+        t, delta = stratified_samples(rays_o.shape[0], self.n_samples, self.near, self.far, jitter, rays_o.device)
+        points = rays_o[:, None, :] + t[..., None] * rays_d[:, None, :]
+        return t, delta, points, self.occupancy.is_occupied(points)
 
     @torch.no_grad()
     def update_occupancy(self, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> None:
