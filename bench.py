@@ -281,7 +281,8 @@ def table(rows: list[dict]) -> str:
 
 
 # --- BitNeRF / NeRF ratio (both in one process, interleaved) -----------------------------------------------------
-RATIO_SIZES = {"small": dict(width=64, depth=4, skip_layer=2, n_freqs=6),   # the CPU scale
+RATIO_SIZES = {"small": dict(width=64, depth=4, skip_layer=2, n_freqs=6),   # the issue's hand-shrunk MLP
+               "cpu": dict(width=128, depth=4, skip_layer=2, n_freqs=8),   # configs.CPU_SCALE's field
                "exp4": dict(width=256, depth=8, skip_layer=4, n_freqs=16)}  # exp1/exp4's field
 
 
@@ -418,7 +419,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--out-dir", default=None, help="run folder (--quality)")
     p.add_argument("--ratio", action="store_true",
                    help="BitNeRF/NeRF training-step time ratio per point, both in this process, interleaved")
-    p.add_argument("--ratio-sizes", default="small,exp4", help="--ratio: small (4x64, L=6), exp4 (8x256, L=16)")
+    p.add_argument("--ratio-sizes", default="small,cpu,exp4",
+                   help="--ratio: small (4x64, L=6), cpu (4x128, L=8: the cpu scale), exp4 (8x256, L=16)")
     p.add_argument("--ratio-chunks", type=int, default=2, help="--ratio: micro-batches per step")
     p.add_argument("--threads", type=int, default=0, help="--ratio: torch threads (default: torch's)")
     p.add_argument("--bitnerf-impl", choices=("fused", "torchao"), default="fused",

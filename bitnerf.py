@@ -6,8 +6,7 @@ straight through to the float latent weights. Only the hidden layers are quantiz
 output (256 -> 4) layers stay in float, as BitNet keeps its embedding and head in full precision.
 
 Training does not use torchao's weight tensor subclass: `quantize_bitnet` makes each hidden layer one
-autograd.Function (RMSNorm + BitLinear, `rmsnorm_bitlinear`) on plain nn.Parameters, with the ternary weight
-cached per weight update (eager). Against torchao's subclass + nn.RMSNorm (`quantize_bitnet_torchao`, kept as
+autograd.Function (RMSNorm + BitLinear, `rmsnorm_bitlinear`) on plain nn.Parameters. Against torchao's subclass + nn.RMSNorm (`quantize_bitnet_torchao`, kept as
 the reference): the same forward bits in float32 eager, the same gradients to float tolerance
 (tests/test_models.py). Per training step (bench.py --ratio --threads 1, a shared 2-core CPU, one run each)
 BitNeRF/NeRF went from 2.7x to 1.6x eager at 4x64, L=6 and from 1.8x to 1.27x eager / 1.17x compiled at
@@ -17,6 +16,8 @@ NeRF; checkpoints are unchanged (the same state dict keys).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -40,13 +41,10 @@ class BitLinear(nn.Linear):
     forward and straight-through gradients as torchao's `bitnet_training`, on a plain float `weight` Parameter
     (DDP all-reduces its .grad, AdamW may be fused, checkpoints hold it as is).
 
-    Eager, the ternary weight and its scale are computed once per weight update, not once per call: they are
-    cached under the weight's version counter, which every in-place update (optimizer step, load_state_dict,
-    copy_ under no_grad) advances. (Writing through `weight.data` bypasses the counter: don't.) Compiled, they
-    are computed in the graph, where they fuse into one small kernel.
+    The ternary weight and its scale are recomputed at every call: a weight-sized pass, small next to the
+    activations. (They were once cached under the weight's version counter, but the fused AdamW step updates
+    weights without advancing it, so such a cache goes stale; tests/test_models.py checks this.)
     """
-
-    _ternary_cache: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rmsnorm_bitlinear(x, None, 0.0, self)
@@ -56,14 +54,7 @@ class BitLinear(nn.Linear):
         absmean scale [] in the weight's dtype, or `dtype` when the weight is cast to it as under CUDA autocast).
 
         As torchao: the scale is computed in float32 from the (cast) weight, then cast back to its dtype."""
-        weight = self.weight
-        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
-            return _ternary(weight, dtype)
-        key = (weight, weight._version, dtype)
-        cache = self._ternary_cache
-        if cache is None or cache[0] is not key[0] or cache[1:] != key[1:]:
-            cache = self._ternary_cache = key + _ternary(weight, dtype)
-        return cache[3], cache[4]
+        return _ternary(self.weight, dtype)
 
 
 @torch.no_grad()
@@ -78,20 +69,23 @@ def _ternary(weight: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Ten
 
 
 def rmsnorm_bitlinear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float | None,
-                      linear: nn.Linear) -> torch.Tensor:
+                      linear: nn.Linear, extra: torch.Tensor | None = None) -> torch.Tensor:
     """linear(rms_norm(x)) with `linear` a BitNet b1.58 QAT Linear (torchao bitnet_training's arithmetic):
     per-row absmax int8 activations (eps 1e-5) times the ternary weight, an exact integer product, scaled by the
     weight's absmean and the row scales, plus the bias. Gradients are the straight-through ones torchao computes:
     grad input = grad out @ ternary * scale (then through the RMSNorm), grad weight = grad out^T @ dequantized
     int8 activations. No RMSNorm when `norm_weight` is None.
 
-    Autocast: as torchao, under CUDA autocast input, weight and bias are cast to its dtype; the integer product
-    itself never runs in a low precision (a bf16 product of the integers would round)."""
+    `extra` [..., E] (no gradient; with an RMSNorm only): the layer's input is cat([x, extra], -1), never built
+    (a NeRF skip layer's encoding). Autocast: as torchao, under CUDA autocast input, weight and bias are cast to
+    its dtype; the integer product itself never runs in a low precision (a bf16 product would round)."""
+    if extra is not None and norm_weight is None:
+        x, extra = torch.cat([x, extra.to(x.dtype)], dim=-1), None
     dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else None
     ternary, scale = linear.ternary(dtype)
     if norm_eps is None:
         norm_eps = torch.finfo(x.dtype).eps
-    args = (x, norm_weight, linear.weight, linear.bias, ternary, scale, norm_eps, dtype)
+    args = (x, extra, norm_weight, linear.weight, linear.bias, ternary, scale, norm_eps, dtype)
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
             return _RMSNormBitLinear.apply(*args)
@@ -99,22 +93,32 @@ def rmsnorm_bitlinear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_ep
 
 
 class _RMSNormBitLinear(torch.autograd.Function):
-    """RMSNorm (optional) + BitNet b1.58 Linear, forward and backward in few passes over the activations."""
+    """RMSNorm (optional) + BitNet b1.58 Linear, forward and backward in few passes over the activations.
+
+    On a CPU a pass over an activation-sized tensor costs a fair part of this layer's matmul (the tensors
+    outgrow the cache), so: the forward fills one fresh [M, K] buffer with x^2, then x * r, y and y_q in turn; a
+    skip layer's concatenation is never built (each part is written straight into its columns); the backward
+    recomputes what it needs from the saved input, kept alive anyway (the previous ReLU saves it). Compiled, the
+    last two matter most: with the concatenation outside, inductor saved a bool ReLU mask for the skip layer
+    and its store of that mask made the layer's forward kernel ~10x slower than the others (bench.py --ratio).
+    """
 
     @staticmethod
-    def forward(ctx, x, norm_weight, weight, bias, ternary, scale, eps, dtype):
+    def forward(ctx, x, extra, norm_weight, weight, bias, ternary, scale, eps, dtype):
         lead, k = x.shape[:-1], x.shape[-1]
         x = x.reshape(-1, k)
-        # Eager, every fresh activation-sized tensor costs page faults on a CPU: temporaries are reused in place.
+        parts = (x,) if extra is None else (x, extra.reshape(x.shape[0], -1))
         eager = not torch.compiler.is_compiling()
         if norm_weight is not None:
-            # nn.RMSNorm's arithmetic (same bits): x * rsqrt(mean(x^2) + eps) * weight, in float32
-            xf = x.float()
-            square = xf * xf
-            r = torch.rsqrt(square.mean(-1, keepdim=True).add_(eps))  # [M, 1]
-            xhat = torch.mul(xf, r, out=square) if eager else xf * r
-            y = (xhat * norm_weight).to(x.dtype)
+            # nn.RMSNorm's arithmetic (same bits): y = (x * r) * g, r = rsqrt(mean(x^2) + eps) [M, 1], in float32,
+            # one [M, K] buffer holding x^2, then x * r, then y and y_q in turn
+            buffer = _cat_times(parts, parts, eager)
+            r = torch.rsqrt(buffer.mean(-1, keepdim=True).add_(eps))
+            y = _cat_times(parts, (r,) * len(parts), eager, out=buffer if eager else None)
+            y = y.mul_(norm_weight) if eager else y * norm_weight
+            y = y.to(functools.reduce(torch.promote_types, (p.dtype for p in parts)))
         else:
+            r = None
             y = x
         if dtype is not None:  # CUDA autocast: torchao casts the Linear's input
             y = y.to(dtype)
@@ -130,49 +134,83 @@ class _RMSNormBitLinear(torch.autograd.Function):
         if ternary.dtype == torch.int8:  # CUDA
             y_q = y_q.to(torch.int8)
         out = _integer_mm(y_q, ternary)  # exact: int32, or float32 holding the same integers
-        if out.dtype == torch.int32:  # torchao's scaled_int8_mm: * col scale, then * row scale
-            out = out * scale.view(-1) * row_scale
-        else:
-            out = out.mul_(scale).mul_(row_scale)
-        if bias is not None:
-            b = bias if dtype is None else bias.to(dtype)
-            out = out.add_(b) if out.dtype == torch.promote_types(out.dtype, b.dtype) else out + b
+        out = _scale_and_bias(out, scale, row_scale, bias, dtype)
+        # the weight gradient's operand: the dequantized activations (torchao: int8 activations * row scale),
+        # in y_q's own buffer when it is float32
+        deq = y_q.mul_(row_scale) if y_q.dtype == torch.float32 and eager \
+            else y_q.to(row_scale.dtype) * row_scale
         if norm_weight is not None:
-            ctx.save_for_backward(y_q, row_scale, ternary, scale, xhat, r, norm_weight)
+            ctx.save_for_backward(deq, ternary, scale, r, norm_weight, *parts)
         else:
-            ctx.save_for_backward(y_q, row_scale, ternary, scale)
+            ctx.save_for_backward(deq, ternary, scale)
         ctx.x_dtype, ctx.lead = x.dtype, lead
         ctx.weight_dtype = weight.dtype
         return out.view(*lead, -1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        y_q, row_scale, ternary, scale = ctx.saved_tensors[:4]
+        deq, ternary, scale = ctx.saved_tensors[:3]
         grad_out = grad_out.reshape(-1, ternary.shape[0])
         needs = ctx.needs_input_grad
         grad_x = grad_norm = grad_weight = grad_bias = None
-        if needs[3]:
+        if needs[4]:
             grad_bias = grad_out.sum(0)
-        if needs[2]:  # torchao: grad_out^T @ (int8 activations * row scale)
-            deq = y_q.to(grad_out.dtype) if y_q.dtype == torch.int8 else y_q
-            grad_weight = (grad_out.t() @ (deq * row_scale).to(grad_out.dtype)).to(ctx.weight_dtype)
-        if needs[0] or needs[1]:
-            # torchao: grad of the Linear's input = grad_out @ ternary * scale (straight through the rounding)
-            grad_y = (grad_out @ ternary.to(grad_out.dtype)).mul_(scale)
-            if len(ctx.saved_tensors) == 4:
+        if needs[3]:  # torchao: grad_out^T @ (int8 activations * row scale)
+            grad_weight = (grad_out.t() @ deq.to(grad_out.dtype)).to(ctx.weight_dtype)
+        if needs[0] or needs[2]:
+            # torchao: grad of the Linear's input = grad_out @ ternary * scale (straight through the rounding);
+            # the scale folded into the small weight saves a pass over the activations
+            grad_y = grad_out @ (ternary.to(grad_out.dtype) * scale.to(grad_out.dtype))
+            if len(ctx.saved_tensors) == 3:
                 grad_x = grad_y.to(ctx.x_dtype)
-            else:  # through y = xhat * g, xhat = x * r, r = rsqrt(mean(x^2) + eps):
-                # grad x = r * (grad_y * g - xhat * mean(grad_y * g * xhat)), grad g = sum over rows of grad_y * xhat
-                xhat, r, g = ctx.saved_tensors[4:]
+            else:  # through y = xhat * g, xhat = x * r, r = rsqrt(mean(x^2) + eps), with c = mean(grad_y * g * xhat):
+                # grad x = r * (grad_y * g - xhat * c) = (grad_y * g) * r - x * (r^2 c), grad g = sum over rows
+                # of grad_y * xhat (x: the whole input, the extra part included; only x's part needs its grad)
+                r, g, *parts = ctx.saved_tensors[3:]
                 grad_y = grad_y.float()
-                product = grad_y * xhat
-                if needs[1]:
-                    grad_norm = product.sum(0).to(g.dtype)
-                mean = (product @ g).div_(xhat.shape[1]).unsqueeze(-1)  # [M, 1]
-                grad_xhat = grad_y.mul_(g) if grad_y.dtype == torch.float32 else grad_y * g
-                grad_x = grad_xhat.addcmul_(xhat, mean, value=-1).mul_(r).to(ctx.x_dtype)
+                eager, k = not torch.compiler.is_compiling(), parts[0].shape[1]
+                columns = (grad_y,) if len(parts) == 1 else (grad_y[:, :k], grad_y[:, k:])
+                product = _cat_times(parts, columns, eager)  # grad_y * xhat / r
+                if needs[2]:
+                    grad_norm = (product.t() @ r.view(-1)).to(g.dtype)
+                c = (product @ g).mul_(r.view(-1)).div_(product.shape[1]).unsqueeze(-1)  # [M, 1]
+                grad_x = (grad_y if k == grad_y.shape[1] else grad_y[:, :k]) * g[:k]
+                grad_x = grad_x.mul_(r).addcmul_(parts[0].float(), r.square().mul_(c), value=-1).to(ctx.x_dtype)
             grad_x = grad_x.view(*ctx.lead, -1)
-        return grad_x, grad_norm, grad_weight, grad_bias, None, None, None, None
+        return grad_x, None, grad_norm, grad_weight, grad_bias, None, None, None, None
+
+
+def _cat_times(parts: tuple[torch.Tensor, ...], factors: tuple[torch.Tensor, ...], eager: bool,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """cat([p.float() * f for p, f in zip(parts, factors)], -1) [M, sum K_i] without building the concatenation
+    first: eager, each product goes straight into its columns of `out` (a fresh buffer when None). parts:
+    [M, K_i]; factors: each broadcastable to its part ([M, K_i], [M, 1], ...)."""
+    if len(parts) == 1:
+        return torch.mul(parts[0].float(), factors[0], out=out) if out is not None else parts[0].float() * factors[0]
+    if not eager:  # compiled: one fused kernel either way
+        return torch.cat([p.float() * f for p, f in zip(parts, factors)], dim=-1)
+    if out is None:
+        out = torch.empty(parts[0].shape[0], sum(p.shape[1] for p in parts), device=parts[0].device)
+    start = 0
+    for p, f in zip(parts, factors):
+        end = start + p.shape[1]
+        torch.mul(p.float(), f, out=out[:, start:end])
+        start = end
+    return out
+
+
+def _scale_and_bias(out: torch.Tensor, scale: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
+                    dtype: torch.dtype | None) -> torch.Tensor:
+    """The integer product [M, N] * weight scale * row scale [M, 1] + bias, as torchao's scaled_int8_mm (same
+    roundings); in place where the product is float32."""
+    if out.dtype == torch.int32:
+        out = out * scale.view(-1) * row_scale
+    else:
+        out = out.mul_(scale).mul_(row_scale)
+    if bias is None:
+        return out
+    b = bias if dtype is None else bias.to(dtype)
+    return out.add_(b) if out.dtype == torch.promote_types(out.dtype, b.dtype) else out + b
 
 
 def _integer_mm(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
@@ -188,9 +226,12 @@ def _integer_mm(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
 class BitRMSNormLinear(nn.Sequential):
     """RMSNormLinear after `quantize_bitnet`: RMSNorm and BitLinear in one autograd.Function (fewer passes)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    takes_skip_input = True  # NeRF's skip layer calls it with (h, encoding), not their concatenation
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [..., K] (and extra: [..., E], no gradient) -> [..., N]: the layer of cat([x, extra], -1)."""
         norm = self[0]
-        return rmsnorm_bitlinear(x, norm.weight, norm.eps, self[1])
+        return rmsnorm_bitlinear(x, norm.weight, norm.eps, self[1], extra)
 
     @property
     def linear(self) -> nn.Linear:
