@@ -207,22 +207,32 @@ def trial_state(trial: Trial) -> str:
 
 
 # --- running one experiment, with its peak memory -------------------------------------------------------------------
-class WorkerPeaks(threading.Thread):
-    """Polls the peak resident set (VmHWM) of a process's direct children (torchrun's workers) every second."""
+class TrainingPeaks(threading.Thread):
+    """Polls the peak resident set (VmHWM, Linux /proc) of the training processes every half second: the launched
+    process itself, or (torchrun) its direct children, the workers.
 
-    def __init__(self, pid: int):
+    Not wait4's ru_maxrss: on Linux a child's ru_maxrss also takes the high-water mark of the memory it replaced
+    at exec, which is the launching process's (this study's own memory, ~1.15 GB after some runs, was once
+    reported as exp3-exp6's peak)."""
+
+    def __init__(self, pid: int, workers: bool):
         super().__init__(daemon=True)
-        self.pid, self.peaks_kb, self.done = pid, {}, threading.Event()
+        self.pid, self.workers, self.peaks_kb, self.done = pid, workers, {}, threading.Event()
 
     def run(self):
-        while not self.done.wait(1.0):
-            for child in children(self.pid):
-                kb = vm_hwm_kb(child)
+        while True:
+            for pid in children(self.pid) if self.workers else [self.pid]:
+                kb = vm_hwm_kb(pid)
                 if kb:
-                    self.peaks_kb[child] = max(kb, self.peaks_kb.get(child, 0))
+                    self.peaks_kb[pid] = max(kb, self.peaks_kb.get(pid, 0))
+            if self.done.wait(0.5):
+                return
+
+    def max_mb(self) -> float | None:
+        return max(self.peaks_kb.values()) / 1024 if self.peaks_kb else None
 
     def sum_mb(self) -> float | None:
-        return sum(self.peaks_kb.values()) / 1024 if self.peaks_kb else None
+        return sum(self.peaks_kb.values()) / 1024 if self.peaks_kb and self.workers else None
 
 
 def children(pid: int) -> list[int]:
@@ -255,38 +265,27 @@ def vm_hwm_kb(pid: int) -> int | None:
     return None
 
 
-def launch(cmd: list[str], env: dict, log_path: str, watch_workers: bool) -> dict:
+def launch(cmd: list[str], env: dict, log_path: str, torchrun: bool) -> dict:
     """Run `cmd` with its output appended to `log_path`; returns {"returncode", "peak_rss_mb" (the largest peak
-    resident set of the process and of the children it waited for: wait4's ru_maxrss), "workers_rss_sum_mb"}.
+    resident set of a training process: see TrainingPeaks), "workers_rss_sum_mb" (torchrun: over its workers)}.
     Ctrl-C: the child gets it too (it checkpoints and exits); we wait for it, then stop."""
     with open(log_path, "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    peaks = WorkerPeaks(proc.pid) if watch_workers else None
-    if peaks:
-        peaks.start()
+    peaks = TrainingPeaks(proc.pid, workers=torchrun)
+    peaks.start()
     try:
-        code, maxrss = wait_with_usage(proc)
+        code = proc.wait()
     except KeyboardInterrupt:
         print("stopping: waiting for the experiment to save its checkpoint (rerun the study to resume)",
               file=sys.stderr, flush=True)
-        wait_with_usage(proc)
+        proc.wait()
         raise
     finally:
-        if peaks:
-            peaks.done.set()
-    return {"returncode": code, "peak_rss_mb": maxrss, "workers_rss_sum_mb": peaks.sum_mb() if peaks else None}
-
-
-def wait_with_usage(proc: subprocess.Popen) -> tuple[int, float | None]:
-    """(exit code, peak RSS in MB of the process and its reaped descendants, None where wait4 is missing)."""
-    if not hasattr(os, "wait4"):
-        return proc.wait(), None
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kB on Linux
-    return proc.returncode, usage.ru_maxrss * unit / 2 ** 20
+        peaks.done.set()
+        peaks.join()
+    return {"returncode": code, "peak_rss_mb": peaks.max_mb(), "workers_rss_sum_mb": peaks.sum_mb()}
 
 
 def run_trial(trial: Trial) -> dict:
@@ -765,9 +764,9 @@ def column_notes(groups: dict) -> list[str]:
         f"standard deviation over seeds.",
         "- train (s): training time without validation; points/s: sample points per second of training, over all "
         "processes, from summary.json; steps: done, 'of N' where the time budget stopped the schedule.",
-        "- peak RSS: the largest peak resident set among the run's processes (wait4's ru_maxrss: for torchrun "
-        "rows the max over its agent and workers, i.e. per process); torchrun rows add the workers' sum (polled "
-        "/proc VmHWM).",
+        "- peak RSS: the largest peak resident set (VmHWM, polled from /proc) of the training process; for "
+        "torchrun rows the largest of its workers, then their sum. Not wait4's ru_maxrss, which on Linux also "
+        "counts the launching process's memory.",
         "- ckpt: ckpt.pt (float weights + optimizer state); .bitnerf: export.py's packed ternary file.",
     ]
 

@@ -196,3 +196,20 @@ def test_overrides_the_study_sets_or_configs_refuse_exit_2(capsys):
     assert study.main(["--only=exp7"]) == 2
     err = capsys.readouterr().err
     assert "--seed is set by the study" in err and "--width expects int" in err and "exp7" in err
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="VmHWM needs Linux /proc")
+def test_peak_memory_is_the_training_process_own_not_the_launcher(tmp_path):
+    """A small child launched by a process holding ~400 MB: its peak must be its own (~10-30 MB). wait4's
+    ru_maxrss, used before, reported the launcher's memory here (Linux keeps the replaced memory's high-water
+    mark at exec), which made the study's table show ~1.15 GB for runs whose training used ~0.5 GB."""
+    import sys
+
+    import numpy as np
+
+    held = np.ones(50_000_000)  # 400 MB, resident
+    child = [sys.executable, "-c", "import time; time.sleep(1.5)"]
+    record = study.launch(child, dict(os.environ), str(tmp_path / "log"), torchrun=False)
+    assert record["returncode"] == 0 and held[-1] == 1
+    assert 1 < record["peak_rss_mb"] < 200
+    assert record["workers_rss_sum_mb"] is None
