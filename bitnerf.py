@@ -6,13 +6,12 @@ straight through to the float latent weights. Only the hidden layers are quantiz
 output (256 -> 4) layers stay in float, as BitNet keeps its embedding and head in full precision.
 
 Training does not use torchao's weight tensor subclass: `quantize_bitnet` makes each hidden layer one
-autograd.Function (RMSNorm + BitLinear, `rmsnorm_bitlinear`) on plain nn.Parameters. Against torchao's subclass + nn.RMSNorm (`quantize_bitnet_torchao`, kept as
-the reference): the same forward bits in float32 eager, the same gradients to float tolerance
-(tests/test_models.py). Per training step (bench.py --ratio --threads 1, a shared 2-core CPU, one run each)
-BitNeRF/NeRF went from 2.7x to 1.6x eager at 4x64, L=6 and from 1.8x to 1.27x eager / 1.17x compiled at
-8x256, L=16; compiled at 4x64 it is still ~1.7-1.9x (inductor's kernels for the norm and quantization cost
-more there than these eager ones). Plain parameters also let AdamW be fused and DDP all-reduce .grad as for
-NeRF; checkpoints are unchanged (the same state dict keys).
+autograd.Function (RMSNorm + BitLinear, `rmsnorm_bitlinear`) on plain nn.Parameters. Against torchao's subclass +
+nn.RMSNorm (`quantize_bitnet_torchao`, kept as the reference): the same forward bits in float32 eager, the same
+gradients to float tolerance (tests/test_models.py). BitNeRF/NeRF time per training step (bench.py --ratio
+--threads 1, a shared 2-core CPU): 1.17x compiled / 1.18x eager at 8x256, L=16; 1.23x compiled / 1.35x eager at
+the cpu scale's 4x128, L=8 (torchao's subclass: ~1.8x). Plain parameters also let AdamW be fused and DDP
+all-reduce .grad as for NeRF; checkpoints hold the same state dict keys.
 """
 
 from __future__ import annotations
