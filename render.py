@@ -149,8 +149,8 @@ class VolumeRenderer(nn.Module):
 
     Training calls *this* module's forward, so under DDP the call goes through the DDP wrapper (whose hooks
     synchronise gradients). Without a grid, torch.compile compiles the whole render as one graph; with one, the
-    number of occupied samples changes from batch to batch, so the field alone is compiled (`compile_field`)
-    and always sees `chunk_points` points (the last chunk padded): one static shape.
+    number of occupied samples changes from batch to batch, so the field alone is compiled (`compile_field`),
+    with a dynamic number of points: one graph for every chunk size, and no padding.
     """
 
     def __init__(self, field: nn.Module, near: float, far: float, n_samples: int, n_importance: int = 0,
@@ -169,7 +169,11 @@ class VolumeRenderer(nn.Module):
         """torch.compile the field (fullgraph: a graph break is an error). A plain function, not a submodule,
         so the state dict keeps its keys."""
         field = self.field
-        self.compiled_field = torch.compile(lambda points: field(points), fullgraph=True)
+        # dynamic: the chunks' sizes vary; padding them to one static size instead cost the cpu-scale runs ~1/3
+        # of their field evaluations (about 11 k occupied samples a step filled two chunks of 8192), while the
+        # dynamic graph runs as fast per point as the static one (field-only, 8192 points: 57 vs 58 ms NeRF,
+        # 76 vs 77 ms BitNeRF a step)
+        self.compiled_field = torch.compile(lambda points: field(points), fullgraph=True, dynamic=True)
 
     def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, jitter: torch.Tensor | None = None,
                 importance_u: torch.Tensor | None = None) -> Rendered:
@@ -182,11 +186,11 @@ class VolumeRenderer(nn.Module):
         return composite(raw, delta, t, rays_d)
 
     def evaluate(self, points: torch.Tensor) -> torch.Tensor:
-        """raw [P, 4] of the field at points [P, 3], in chunks of at most `chunk_points` (memory). Compiled, every
-        chunk has exactly that size (the last one padded): one static shape, one graph. At least one point is
-        evaluated, so that every parameter takes part in every step, as DDP requires."""
+        """raw [P, 4] of the field at points [P, 3], in chunks of at most `chunk_points` (memory). At least one
+        point is evaluated, so that every parameter takes part in every step, as DDP requires; compiled, at least
+        two (dynamic shapes specialise sizes 0 and 1: a second graph)."""
         n, chunk = points.shape[0], self.chunk_points
-        size = max(chunk, -(-n // chunk) * chunk) if self.compiled_field is not None else max(n, 1)
+        size = max(n, 2 if self.compiled_field is not None else 1)
         padded = F.pad(points, (0, 0, 0, size - n))
         field = self.compiled_field or self.field
         return torch.cat([field(part) for part in padded.split(chunk)])[:n]
