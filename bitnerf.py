@@ -9,8 +9,8 @@ Training does not use torchao's weight tensor subclass: `quantize_bitnet` makes 
 autograd.Function (RMSNorm + BitLinear, `rmsnorm_bitlinear`) on plain nn.Parameters. Against torchao's subclass +
 nn.RMSNorm (`quantize_bitnet_torchao`, kept as the reference): the same forward bits in float32 eager, the same
 gradients to float tolerance (tests/test_models.py). BitNeRF/NeRF time per training step (bench.py --ratio
---threads 1, a shared 2-core CPU): 1.17x compiled / 1.18x eager at 8x256, L=16; 1.23x compiled / 1.35x eager at
-the cpu scale's 4x128, L=8 (torchao's subclass: ~1.8x). Plain parameters also let AdamW be fused and DDP
+--threads 1, a shared 2-core CPU): 1.11x compiled / 1.24x eager at 8x256, L=16; 1.23x compiled / 1.35x eager at
+the cpu scale's 4x128, L=8 (torchao's subclass there: 1.66x compiled). Plain parameters also let AdamW be fused and DDP
 all-reduce .grad as for NeRF; checkpoints hold the same state dict keys.
 """
 
