@@ -20,7 +20,8 @@ from grid_field import GridField
 from nerf import NeRF
 from occupancy import OccupancyGrid
 from render import TINY_NERF_FOCAL_PER_PIXEL, VolumeRenderer, render_orbit, write_orbit
-from utils import ArgParser, UserError, load_checkpoint, pick_device, run_cli
+from hardware import amp_policy, pick_device
+from utils import ArgParser, UserError, load_checkpoint, run_cli
 
 
 # --- building --------------------------------------------------------------------------------------------------
@@ -78,14 +79,8 @@ def field_state_dict(renderer: VolumeRenderer) -> dict:
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """None when AMP is off. auto: bf16 on CPU and on GPUs that support it (no scaler needed), else fp16."""
-    if not cfg.amp:
-        return None
-    if cfg.amp_dtype != "auto":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp_dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device.type == "mps" else torch.bfloat16
+    """The autocast dtype a run of `cfg` uses on `device` (None: AMP off); the rule is hardware.amp_policy."""
+    return amp_policy(cfg.amp, cfg.amp_dtype, device).dtype
 
 
 # --- loading -----------------------------------------------------------------------------------------------------

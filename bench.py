@@ -21,19 +21,20 @@ Peak memory during the timed steps: CPU: the child process's peak resident set (
 /proc/self/clear_refs when the timed steps start; it includes Python, torch and the data, ~0.4 GB); GPU:
 torch.cuda.max_memory_allocated.
 
-BitNeRF/NeRF ratio mode (issue 10: BitNeRF's training step per point within 1.3x NeRF's at the same size):
+BitNeRF/NeRF ratio mode (BitNeRF's training-step time per point over NeRF's, at the same size):
 
-    python bench.py --ratio [--ratio-sizes small,exp4] [--compile both] [--amp off] [--repeats 9] [--threads 1]
+    python bench.py --ratio [--ratio-sizes small,cpu,exp4] [--compile both] [--amp off] [--repeats 9] [--threads 1]
                     [--bitnerf-impl fused|torchao]
 
 builds NeRF and quantized BitNeRF fields of the same size in one process and times a field-only training step
 (micro-batches of --chunk-points, default 8192, times --ratio-chunks, forward + MSE backward, then AdamW) of each,
 alternately; the ratio is the median of the per-pair ratios (also reported: the ratio of process CPU times, steadier
-when other work shares the cores). Sizes: small = 4x64, L=6, skip 2 (the CPU scale); exp4 = 8x256, L=16, skip 4.
+when other work shares the cores). Sizes: small = 4x64, L=6, skip 2; cpu = 4x128, L=8, skip 2 (the cpu scale's field);
+exp4 = 8x256, L=16, skip 4 (the paper scale's).
 
 Time-to-quality mode:
 
-    python bench.py --quality --preset fast --data ../shared/data/lego100_train.npz --minutes 3
+    python bench.py --quality --preset fast --data data/lego100.npz --val-views 10 --minutes 3
 
 trains the preset for that much training time (evaluation excluded) with held-out evaluations along the way
 and prints held-out PSNR against training time (read back from the run's metrics.jsonl).
@@ -54,7 +55,8 @@ from queue import Empty
 import torch
 
 from configs import PRESETS, Config
-from utils import ArgParser, Dist, UserError, pick_device, run_cli
+from hardware import amp_policy, pick_device
+from utils import ArgParser, Dist, UserError, run_cli
 
 DEFAULT_PRESET = {"nerf": "exp1", "bitnerf": "exp4", "grid": "fast"}
 
@@ -281,7 +283,7 @@ def table(rows: list[dict]) -> str:
 
 
 # --- BitNeRF / NeRF ratio (both in one process, interleaved) -----------------------------------------------------
-RATIO_SIZES = {"small": dict(width=64, depth=4, skip_layer=2, n_freqs=6),   # the issue's hand-shrunk MLP
+RATIO_SIZES = {"small": dict(width=64, depth=4, skip_layer=2, n_freqs=6),   # a narrower MLP
                "cpu": dict(width=128, depth=4, skip_layer=2, n_freqs=8),   # configs.CPU_SCALE's field
                "exp4": dict(width=256, depth=8, skip_layer=4, n_freqs=16)}  # exp1/exp4's field
 
@@ -305,8 +307,8 @@ def bitnerf_ratio(size: str, compiled: bool, chunk: int, chunks: int, repeats: i
     """Seconds per training step of NeRF and of (quantized) BitNeRF of the same size on the same random points,
     timed alternately (NeRF, BitNeRF, NeRF, ...) so both see the same machine load; the ratio is the median of
     the per-pair ratios. AdamW as train.make_optimizer builds it (fused where every parameter is plain).
-    impl "torchao": BitNeRF on torchao's BitNet weight subclass and nn.RMSNorm (the reference, and what
-    BitNeRF trained with before the fused layer)."""
+    impl "torchao": BitNeRF on torchao's BitNet weight subclass and nn.RMSNorm (the reference the fused layer
+    is tested against)."""
     from bitnerf import BitNeRF, quantize_bitnet, quantize_bitnet_torchao
     from nerf import NeRF
 
@@ -315,8 +317,7 @@ def bitnerf_ratio(size: str, compiled: bool, chunk: int, chunks: int, repeats: i
     n = chunk * chunks
     points = (torch.rand(n, 3, device=device) * 3 - 1.5)
     target = torch.randn(n, 4, device=device)
-    dtype = (torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16) \
-        if amp else None
+    dtype = amp_policy(amp, "auto", device).dtype
     steps, first = {}, {}
     quantize = quantize_bitnet_torchao if impl == "torchao" else quantize_bitnet
     for name, field in (("nerf", NeRF(**arch)), ("bitnerf", quantize(BitNeRF(**arch)))):

@@ -21,6 +21,7 @@ import functools
 import torch
 from torch import nn
 
+from hardware import int_mm_available
 from nerf import NeRF
 
 
@@ -41,15 +42,16 @@ class BitLinear(nn.Linear):
     (DDP all-reduces its .grad, AdamW may be fused, checkpoints hold it as is).
 
     The ternary weight and its scale are recomputed at every call: a weight-sized pass, small next to the
-    activations. (They were once cached under the weight's version counter, but the fused AdamW step updates
-    weights without advancing it, so such a cache goes stale; tests/test_models.py checks this.)
+    activations. They are not cached: the fused AdamW step updates a weight without advancing its version
+    counter, so a cache keyed on that counter would serve stale weights (tests/test_models.py checks this).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rmsnorm_bitlinear(x, None, 0.0, self)
 
     def ternary(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ternary weight [out, in] for the integer matmul: int8 on CUDA, else float32 holding -1, 0, 1;
+        """(ternary weight [out, in] for the integer matmul: int8 where _int_mm runs (hardware.int_mm_available),
+        else float32 holding -1, 0, 1;
         absmean scale [] in the weight's dtype, or `dtype` when the weight is cast to it as under CUDA autocast).
 
         As torchao: the scale is computed in float32 from the (cast) weight, then cast back to its dtype."""
@@ -63,7 +65,7 @@ def _ternary(weight: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Ten
         w = w.to(dtype)
     scale = w.float().abs().mean()  # torchao's get_bitnet_scale
     ternary = (w.float() / scale.clip(1e-5)).round_().clip_(-1, 1)  # torchao's quantize_bitnet_weight
-    ternary = ternary.to(torch.int8) if w.is_cuda else ternary
+    ternary = ternary.to(torch.int8) if int_mm_available(w.device) else ternary
     return ternary, scale.to(w.dtype)
 
 
@@ -98,8 +100,8 @@ class _RMSNormBitLinear(torch.autograd.Function):
     outgrow the cache), so: the forward fills one fresh [M, K] buffer with x^2, then x * r, y and y_q in turn; a
     skip layer's concatenation is never built (each part is written straight into its columns); the backward
     recomputes what it needs from the saved input, kept alive anyway (the previous ReLU saves it). Compiled, the
-    last two matter most: with the concatenation outside, inductor saved a bool ReLU mask for the skip layer
-    and its store of that mask made the layer's forward kernel ~10x slower than the others (bench.py --ratio).
+    last two matter most: with the concatenation built outside, inductor saves a bool ReLU mask for the skip
+    layer, and storing that mask makes the layer's forward kernel ~10x slower than the others (bench.py --ratio).
     """
 
     @staticmethod
@@ -130,7 +132,7 @@ class _RMSNormBitLinear(torch.autograd.Function):
         y_q = y_q.round_()
         if y.dtype != torch.float32:
             y_q = y_q.clip_(-128, 127)
-        if ternary.dtype == torch.int8:  # CUDA
+        if ternary.dtype == torch.int8:  # _int_mm's operands
             y_q = y_q.to(torch.int8)
         out = _integer_mm(y_q, ternary)  # exact: int32, or float32 holding the same integers
         out = _scale_and_bias(out, scale, row_scale, bias, dtype)
@@ -200,12 +202,15 @@ def _cat_times(parts: tuple[torch.Tensor, ...], factors: tuple[torch.Tensor, ...
 
 def _scale_and_bias(out: torch.Tensor, scale: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
                     dtype: torch.dtype | None) -> torch.Tensor:
-    """The integer product [M, N] * weight scale * row scale [M, 1] + bias, as torchao's scaled_int8_mm (same
-    roundings); in place where the product is float32."""
-    if out.dtype == torch.int32:
-        out = out * scale.view(-1) * row_scale
-    else:
-        out = out.mul_(scale).mul_(row_scale)
+    """The integer product [M, N] (int32, or float32 holding the same integers) * row scale [M, 1] * weight scale
+    + bias, with the roundings of torchao's CUDA kernel (scaled_int8_mm): the product in float32, times the row
+    scale, times the weight scale, then one rounding to the autocast dtype `dtype` (if any), then the bias. Both
+    kinds of product therefore give the same bits. (Multiplying the int32 tensor by a bf16 scale directly would
+    round the accumulator to bf16's 8-bit mantissa first.) In place where the product is float32."""
+    out = out.float() if out.dtype == torch.int32 else out
+    out = out.mul_(row_scale).mul_(scale)
+    if dtype is not None:
+        out = out.to(dtype)
     if bias is None:
         return out
     b = bias if dtype is None else bias.to(dtype)
@@ -213,8 +218,9 @@ def _scale_and_bias(out: torch.Tensor, scale: torch.Tensor, row_scale: torch.Ten
 
 
 def _integer_mm(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
-    """x_q [M, K] @ ternary.T, both holding integers: torch._int_mm (int32) where CUDA takes the shapes, else a
-    float32 matmul, which is exact (see ternary_matmul)."""
+    """x_q [M, K] @ ternary.T, both holding integers: torch._int_mm (int32) for an int8 ternary (where the device
+    runs it, see hardware.int_mm_available) and shapes it takes, else a float32 matmul, which is exact (see
+    ternary_matmul)."""
     if ternary.dtype == torch.int8:
         if x_q.shape[0] > 16 and x_q.shape[1] % 8 == 0 and ternary.shape[0] % 8 == 0:
             return torch._int_mm(x_q, ternary.t())
@@ -283,11 +289,9 @@ def _quiet_torchao_import() -> None:
 
 
 def _use_exact_float_int8_mm_off_cuda() -> None:
-    """Route torchao's BitNet int8 matmul through `ternary_matmul` off CUDA.
-
-    torchao's fallback (no Triton) is torch._int_mm, which on this CPU measured ~20x slower than a float32
-    matmul; the float32 product of the same int8 values is exact (see ternary_matmul), so training computes the
-    same numbers, only faster. CUDA keeps torchao's own kernel.
+    """Route torchao's BitNet int8 matmul through `ternary_matmul` off CUDA, with the scaling arithmetic of its
+    CUDA kernel, so that the reference computes on a CPU what torchao computes on a GPU (its CPU fallback
+    scales in another order, which changes the last bit). CUDA keeps torchao's own kernel.
     """
     import torchao.prototype.quantized_training.bitnet as torchao_bitnet
 
@@ -298,7 +302,9 @@ def _use_exact_float_int8_mm_off_cuda() -> None:
     def scaled_int8_mm(a, b, row_scale, col_scale):
         if a.is_cuda:
             return original(a, b, row_scale, col_scale)
-        return ternary_matmul(a, b.T) * col_scale.view(-1) * row_scale.view(-1, 1)
+        # the arithmetic of torchao's CUDA kernel: float32 product * row scale * column scale, one rounding
+        product = ternary_matmul(a, b.T).float()
+        return (product * row_scale.view(-1, 1).float() * col_scale.view(-1).float()).to(row_scale.dtype)
 
     scaled_int8_mm.exact_off_cuda = True
     torchao_bitnet.scaled_int8_mm = scaled_int8_mm
@@ -363,14 +369,14 @@ def unpack_ternary(packed: torch.Tensor, n: int, packing: str = "base3") -> torc
 def ternary_matmul(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
     """Exact integer product x_q [M, K] @ ternary.T (ternary: int8 [N, K]) -> [M, N], int32 or float32.
 
-    x_q holds integers in [-128, 127] (any dtype). CUDA: torch._int_mm when its shape rules hold (M > 16, K and N
-    multiples of 8). Elsewhere a float32 matmul of the same integers: every partial sum is an integer of magnitude
-    <= 128 K < 2^24, which float32 holds exactly, so the result equals _int_mm's bit for bit (and on this CPU it
-    is ~20x faster than _int_mm).
+    x_q holds integers in [-128, 127] (any dtype). torch._int_mm where the device runs it (hardware.int_mm_available)
+    and its shape rules hold (M > 16, K and N multiples of 8). Elsewhere a float32 matmul of the same integers:
+    every partial sum is an integer of magnitude <= 128 K < 2^24, which float32 holds exactly, so the result
+    equals _int_mm's bit for bit.
     """
     m, k = x_q.shape
     n = ternary.shape[0]
-    if (x_q.is_cuda and m > 16 and k % 8 == 0 and n % 8 == 0) or 128 * k >= 2**24:
+    if (int_mm_available(x_q.device) and m > 16 and k % 8 == 0 and n % 8 == 0) or 128 * k >= 2**24:
         return torch._int_mm(x_q.to(torch.int8), ternary.T)
     return x_q.float() @ ternary.T.float()
 
@@ -400,10 +406,10 @@ class TernaryLinear(nn.Module):
         return self._int8_forward(x)
 
     def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale, bias = self.scale, self.bias
+        scale, dtype = self.scale, None
         if torch.is_autocast_enabled("cuda"):  # torchao casts input, weight and bias to the autocast dtype
             dtype = torch.get_autocast_dtype("cuda")
-            x, scale, bias = x.to(dtype), scale.to(dtype), bias.to(dtype)
+            x, scale = x.to(dtype), scale.to(dtype)
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         # torchao's quantize_int8_rowwise(eps=1e-5) in fewer passes with the same roundings (equal bits): max |x|
@@ -412,8 +418,7 @@ class TernaryLinear(nn.Module):
         row_scale = torch.maximum(x.amax(dim=1), -x.amin(dim=1)) / 127  # [M], x's dtype
         x_q = (x.float() * (1.0 / row_scale.float().clip(1e-5)).view(-1, 1)).round_()
         out = ternary_matmul(x_q, self.ternary)
-        out = out * scale if out.dtype == torch.int32 else out.mul_(scale)
-        return out.mul_(row_scale.view(-1, 1)).add_(bias).view(*lead, -1)
+        return _scale_and_bias(out, scale, row_scale.view(-1, 1), self.bias, dtype).view(*lead, -1)
 
 
 def ternary_field(n_freqs: int, width: int, depth: int, skip_layer: int, mode: str = "int8") -> BitNeRF:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, fields, replace
 
 
@@ -65,7 +66,8 @@ class Config:
     occ_resolution: int = 128
     occ_bound: float = 1.5
     occ_update_every: int = 16
-    occ_threshold: float = 0.01  # a cell stays occupied while its opacity over one cell width exceeds this
+    # a cell stays occupied while one render step there ((far - near) / n_samples) would be more than this opaque
+    occ_threshold: float = 0.01
     occ_carve: bool = True
     # --- optimisation --------------------------------------------------------------------------------------
     lr: float = 1e-3
@@ -74,7 +76,12 @@ class Config:
     warmup_steps: int = 0
     grad_clip: float = 0.0  # 0 = no clipping (the grad norm is still logged)
     amp: bool = False
-    amp_dtype: str = "auto"  # auto (bf16 where supported, else fp16) | bf16 | fp16
+    # auto: bf16 where the hardware has bf16 units (CUDA capability >= 8.0, CPUs with avx512_bf16/AMX; an
+    # emulating CPU is warned about), else fp16 with a GradScaler (T4, V100, Apple GPUs) | bf16 | fp16
+    amp_dtype: str = "auto"
+    # CUDA: fp32 matmuls on TF32 tensor cores (inputs rounded to a 10-bit mantissa, fp32 accumulation; several
+    # times the plain fp32 rate on A100/H100). No effect on CPU or MPS
+    tf32: bool = True
     compile: bool = True
     # --- logging / outputs ---------------------------------------------------------------------------------
     log_every: int = 10
@@ -110,7 +117,7 @@ class Config:
 RESUME_INDEPENDENT = frozenset(
     {"out_dir", "device", "max_time_s", "resume", "wandb", "wandb_project", "log_every", "eval_every",
      "ckpt_every", "keep_ckpts", "video", "video_frames", "video_fps", "video_radius", "video_elevation",
-     "chunk_points", "compile"}
+     "chunk_points", "compile", "tf32"}
 )
 
 _CHOICES = {
@@ -226,13 +233,42 @@ def apply_scale(cfg: Config, scale: str) -> Config:
 
 def auto_scale(device: str) -> str:
     """paper where the run will use CUDA, cpu elsewhere (a CPU or an Apple GPU)."""
-    if device == "cpu" or device == "mps":
-        return "cpu"
-    if device.startswith("cuda"):
-        return "paper"
+    return "paper" if device_kind(device) == "cuda" else "cpu"
+
+
+def device_kind(requested: str, distributed: bool | None = None) -> str:
+    """'cuda', 'mps' or 'cpu': the kind of device a run with --device=`requested` uses (availability is checked
+    by hardware.pick_device). auto: CUDA, else MPS, else the CPU; under torchrun (WORLD_SIZE > 1) never MPS, whose
+    tensors gloo cannot send."""
+    if requested != "auto":
+        return requested.partition(":")[0]
     import torch
 
-    return "paper" if torch.cuda.is_available() else "cpu"
+    if distributed is None:
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available() and not distributed:
+        return "mps"
+    return "cpu"
+
+
+# --- device defaults: what a run on each kind of device uses unless the preset or command line says more --------
+# cuda: micro-batches of at least 2^17 sample points. 8192 fits a CPU's L3 cache, but would cut exp1's paper-scale
+# step (40,000 rays x 32 samples) into ~160 bursts of small kernels with a host sync each: launch-bound on a GPU.
+# 2^17 points make each 256-wide layer a 131072 x 256 x 256 matmul (enough to fill an A100) and keep the 8-layer
+# field's saved activations near 3 GB (a 16 GB T4 holds them). Chosen by reasoning, not yet measured on a GPU.
+# mps: eager (inductor on MPS has failed to lower ops BitNeRF uses).
+GPU_MIN_CHUNK_POINTS = 1 << 17
+
+
+def apply_device_defaults(cfg: Config, kind: str) -> Config:
+    """`cfg` with the defaults of a `kind` ('cuda', 'mps', 'cpu') device; the command line's overrides come after."""
+    if kind == "cuda":
+        return replace(cfg, chunk_points=max(cfg.chunk_points, GPU_MIN_CHUNK_POINTS))
+    if kind == "mps":
+        return replace(cfg, compile=False)
+    return cfg
 
 
 # --- command line --------------------------------------------------------------------------------------------
@@ -287,10 +323,11 @@ def from_cli(preset: Config, argv: list[str]) -> Config:
             else:
                 raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
         overrides[key] = parse_value(key, raw, types[key])
-    scale = overrides.pop("scale", None) or auto_scale(overrides.get("device", preset.device))
+    device = overrides.get("device", preset.device)
+    scale = overrides.pop("scale", None) or auto_scale(device)
     if scale not in _CHOICES["scale"]:
         raise ConfigError(f"scale={scale!r} is not one of auto, {', '.join(_CHOICES['scale'])}")
-    return replace(apply_scale(preset, scale), **overrides)
+    return replace(apply_device_defaults(apply_scale(preset, scale), device_kind(device)), **overrides)
 
 
 def scale_line(cfg: Config, argv: list[str]) -> str:
@@ -299,7 +336,8 @@ def scale_line(cfg: Config, argv: list[str]) -> str:
         "CUDA available)" if cfg.scale == "paper" else "no CUDA device; --scale=paper for the original sizes)")
     return (f"scale {cfg.scale}{chosen}: {cfg.model} {cfg.depth}x{cfg.width}, L={cfg.n_freqs}, "
             f"{cfg.n_samples} samples/ray, {cfg.batch_size} {cfg.batch_unit}s/step, lr {cfg.lr:g}, "
-            f"skip {'on' if cfg.skip else 'off'}")
+            f"skip {'on' if cfg.skip else 'off'}, {cfg.chunk_points} points per micro-batch, "
+            f"compile {'on' if cfg.compile else 'off'}")
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -320,5 +358,5 @@ def config_from_dict(d: dict) -> Config:
     unknown = set(d) - known
     if unknown:
         raise ConfigError(f"saved config has unknown keys: {', '.join(sorted(unknown))}")
-    # files from before empty-space skipping existed were trained (and must be rendered) without it
+    # a saved config without `skip` / `bg_opacity_weight` was trained (and must be rendered) without them
     return Config(**{"skip": False, "bg_opacity_weight": 0.0, **d})

@@ -20,7 +20,8 @@ import torch
 from assembly import amp_dtype, load_trained
 from dataset import Views, load_views, split_views
 from render import Rendered, get_rays, render_image
-from utils import ArgParser, UserError, atomic_json, pick_device, psnr, run_cli
+from hardware import pick_device
+from utils import ArgParser, UserError, atomic_json, psnr, run_cli
 
 
 SSIM_MIN_SIDE = 6  # torchmetrics pads by the half window (5 px) in reflect mode, which needs a side > 5

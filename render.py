@@ -173,10 +173,9 @@ class VolumeRenderer(nn.Module):
         """torch.compile the field (fullgraph: a graph break is an error). A plain function, not a submodule,
         so the state dict keeps its keys."""
         field = self.field
-        # dynamic: the chunks' sizes vary; padding them to one static size (8192) instead cost the cpu-scale runs ~1/3
-        # of their field evaluations (about 11 k occupied samples a step filled two chunks of 8192), while the
-        # dynamic graph runs as fast per point as the static one (field-only, 8192 points: 57 vs 58 ms NeRF,
-        # 76 vs 77 ms BitNeRF a step)
+        # dynamic: the chunks' sizes vary with the occupied samples. Padding them to one static size (8192) would
+        # waste about 1/3 of a cpu-scale step's field evaluations (~11 k occupied samples fill two 8192-point
+        # chunks), and the dynamic graph runs as fast per point as a static one
         self.compiled_field = torch.compile(lambda points: field(points), fullgraph=True, dynamic=True)
 
     def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, jitter: torch.Tensor | None = None,
@@ -186,14 +185,14 @@ class VolumeRenderer(nn.Module):
                                jitter, importance_u)
         t, delta, points, keep = self._samples(rays_o, rays_d, jitter)
         raw_kept = self.evaluate(points[keep])  # [P, 4]
-        raw = EMPTY_RAW.to(raw_kept.device).repeat(*keep.shape, 1).index_put((keep,), raw_kept.float())
+        raw = empty_raw(keep.shape, raw_kept.device).index_put((keep,), raw_kept.float())
         return composite(raw, delta, t, rays_d)
 
     def evaluate(self, points: torch.Tensor) -> torch.Tensor:
         """raw [P, 4] of the field at points [P, 3], in chunks of at most `chunk_points` (memory). At least one
         point is evaluated, so that every parameter takes part in every step, as DDP requires. Compiled, the
         points are padded to a multiple of COMPILED_SIZE_STEP: few distinct sizes, because oneDNN (CPU bf16
-        matmuls under AMP) keeps a primitive per shape: with every size distinct, exp2 grew to 1.4 GB (0.5 GB
+        matmuls under AMP) keeps a primitive per shape: with every size distinct an exp2 run grows to 1.4 GB (0.5 GB
         this way)."""
         n, chunk = points.shape[0], self.chunk_points
         step = COMPILED_SIZE_STEP if self.compiled_field is not None else 1
@@ -230,8 +229,12 @@ class VolumeRenderer(nn.Module):
                               world_size)
 
 
-# raw output of empty space: RGB logits 0, density pre-activation with softplus(-30) ~ 1e-13
-EMPTY_RAW = torch.tensor([0.0, 0.0, 0.0, -30.0])
+def empty_raw(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """[*shape, 4] raw output of empty space: RGB logits 0, density pre-activation -30 (softplus(-30) ~ 1e-13).
+    Filled on the device (no host-to-device copy in the step)."""
+    raw = torch.zeros(*shape, 4, device=device)
+    raw[..., 3] = -30.0
+    return raw
 
 
 @torch.no_grad()

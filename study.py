@@ -337,7 +337,7 @@ def evaluate_run(run_dir: str) -> dict:
     the checkpoint is newer). Views are numbered among the held-out ones, as in RUN/val/viewNNN.png."""
     from assembly import amp_dtype, load_trained
     from evaluate import evaluate
-    from utils import pick_device
+    from hardware import pick_device
 
     ckpt, path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "eval.json")
     if newer(path, ckpt):

@@ -19,16 +19,17 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from assembly import amp_dtype, build_renderer, field_state_dict
+from assembly import build_renderer, field_state_dict
 from bitnerf_ddp import assert_replicas_agree
 from configs import EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli, scale_line
 from dataset import RayBatcher, Views, load_views, split_views
 from occupancy import BLACK
 from render import VolumeRenderer, render_image, get_rays, render_orbit, write_orbit
+from hardware import (amp_policy, compute_cleanup, compute_init, configure_backends, device_line,
+                      integer_matmul_line, make_grad_scaler)
 from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json, atomic_torch_save,
-                   colourise_depth, compute_cleanup, compute_init, gather_to_master, load_checkpoint_or_newest_good,
-                   master_decides,
-                   mse_to_psnr, print0, run_cli, seed_everything, to_uint8)
+                   colourise_depth, gather_to_master, load_checkpoint_or_newest_good, master_decides, mse_to_psnr,
+                   print0, run_cli, seed_everything, to_uint8)
 
 
 # --- schedule ----------------------------------------------------------------------------------------------------
@@ -90,14 +91,18 @@ class Trainer:
             raw.compile_field()
         if dist_info.enabled:
             # DDP wraps the compiled module (nanoGPT's order); the loss's forward goes through it below. Buffers
-            # are not broadcast: the occupancy grid is the same on every rank by construction (occupancy.py)
+            # are not broadcast: the occupancy grid is the same on every rank by construction (occupancy.py).
+            # No DDPOptimizer: splitting the compiled graph at gradient-bucket boundaries buys overlap for large
+            # models, but the fields' ~2 MB of gradients fill one bucket, and with dynamic shapes that path is
+            # where compiled DDP has crashed and recompiled
+            torch._dynamo.config.optimize_ddp = False
             model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                         **_no_buffer_broadcast())
         self.model = model
         self.optimizer = make_optimizer(cfg, list(raw.parameters()), device)
-        self.autocast_dtype = amp_dtype(cfg, device)
-        # a scaler only for fp16: bf16 has fp32's exponent range, so its gradients do not underflow
-        self.scaler = torch.amp.GradScaler(device.type) if self.autocast_dtype == torch.float16 else None
+        self.amp = amp_policy(cfg.amp, cfg.amp_dtype, device)
+        self.autocast_dtype = self.amp.dtype
+        self.scaler = make_grad_scaler(self.amp, device)  # fp16 only: bf16 has fp32's exponent range
         self.points_per_ray = cfg.n_samples + cfg.n_importance
 
     def step(self, rays_o, rays_d, target, gen: torch.Generator, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,10 +168,15 @@ class Trainer:
             parts = even_chunks(n, max(1, chunk // self.points_per_ray))
             return [slice(k * (n // parts), (k + 1) * (n // parts)) for k in range(parts)], n * self.points_per_ray
         counts = self.raw.occupied_counts(rays_o, rays_d, jitter)
-        part = (torch.cumsum(counts, 0) - 1).clamp_min(0) // chunk  # [N], non-decreasing
-        ends = torch.searchsorted(part, torch.arange(int(part[-1]) + 1, device=part.device), right=True).tolist()
+        cumulative = torch.cumsum(counts, 0)
+        part = (cumulative - 1).clamp_min(0) // chunk  # [N], non-decreasing
+        # at most one slice per chunk of the whole batch's samples, so the bound needs no sync; one .tolist() of
+        # the ends and the total is the step's only host sync here (a GPU would idle at each one)
+        most = max(1, n * self.points_per_ray // chunk + 1)
+        ends = torch.searchsorted(part, torch.arange(most, device=part.device), right=True)
+        *ends, total = torch.cat([ends, cumulative[-1:]]).tolist()
         starts = [0] + ends[:-1]
-        return [slice(a, b) for a, b in zip(starts, ends) if b > a], int(counts.sum())
+        return [slice(a, b) for a, b in zip(starts, ends) if b > a], total
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
@@ -189,7 +199,7 @@ def evaluate_views(renderer: VolumeRenderer, views: Views, dist_info: Dist, chun
         if keep:
             kept[i] = out
     renderer.train(was_training)
-    total = all_reduce_sum(total.to(views.images.device)).cpu()  # NCCL reduces device tensors only
+    total = all_reduce_sum(total)  # float64 stays on the CPU (an Apple GPU has no float64)
     return float(total[0] / total[1]), kept
 
 
@@ -376,6 +386,7 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
     # rank 0 reads the checkpoint and hands it out: on several nodes only rank 0 need see run_dir
     ckpt = master_decides(lambda: resume_state(cfg, run_dir))
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights (DDP also broadcasts)
+    configure_backends(device, cfg.tf32)
 
     views = load_views(cfg.data)
     train_views, val_views = split_views(views, cfg.val_views)
@@ -389,6 +400,9 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
         print0(f"occupancy: {raw.occupancy.occupied_fraction():.1%} of {cfg.occ_resolution}^3 cells left after "
                f"carving the space black training pixels see through")
     trainer = Trainer(cfg, raw, dist_info, device)
+    print0(device_line(device, trainer.amp, cfg.tf32))
+    if cfg.model == "bitnerf":
+        print0(integer_matmul_line(device))
     start_step, train_time = 0, 0.0
     if ckpt:
         trainer.optimizer.load_state_dict(ckpt["optimizer"])
@@ -401,7 +415,7 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             f.write(cfg.to_json() + "\n")
-    earlier = ckpt or {}  # what earlier sessions left (a checkpoint from before wall_time_s: its train time)
+    earlier = ckpt or {}  # what earlier sessions left (a checkpoint without wall_time_s: its train time)
     logger = RunLogger(cfg, run_dir, master, start_step if ckpt else None, earlier.get("wandb_run_id"),
                        earlier.get("wall_time_s", earlier.get("train_time_s", 0.0)), started=t_start)
     n_params = sum(p.numel() for p in raw.parameters())
@@ -458,6 +472,8 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
     budget_used = train_time / cfg.max_time_s if cfg.max_time_s > 0 else 0.0  # a resumed run's spent share
     window_loss, window_steps, window_points, window_time = torch.zeros((), device=device), 0, 0, 0.0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    # fp16 steps the GradScaler skipped (inf/NaN gradients): since the last checkpoint, and in all
+    skipped, skipped_total, steps_since_save = torch.zeros((), device=device), 0, 0
     bar = tqdm(total=n_steps, initial=step, desc=cfg.name, disable=not dist_info.is_master, dynamic_ncols=True)
     while step < n_steps:
         t0 = time.perf_counter()
@@ -469,8 +485,14 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
         gen = step_generator(cfg.seed, dist_info.rank, step, device)
         lr = lr_at(cfg, step, n_steps, budget_used)
         loss, grad_norm = trainer.step(rays_o, rays_d, target, gen, lr)
-        if trainer.scaler is None:  # a scaler skips such steps; without one a NaN/inf gradient is already
-            nonfinite |= ~(torch.isfinite(loss) & torch.isfinite(grad_norm))  # in the weights
+        # a non-finite loss is a broken forward at any precision. A non-finite gradient is already in the weights
+        # without a scaler; with one (fp16) the scaler skipped the step, which is counted below
+        nonfinite |= ~torch.isfinite(loss)
+        if trainer.scaler is None:
+            nonfinite |= ~torch.isfinite(grad_norm)
+        else:
+            skipped += ~torch.isfinite(grad_norm)
+        steps_since_save += 1
         window_loss += loss
         step += 1
         window_steps += 1
@@ -489,7 +511,7 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
         out_of_time = cfg.max_time_s > 0 and train_time >= cfg.max_time_s
         flags = torch.tensor([float(stop.signum), float(out_of_time), train_time / dist_info.world_size])
         if dist_info.enabled:  # every rank must agree to stop at the same step (and on the schedule's time)
-            flags = all_reduce_sum(flags.to(device)).cpu()
+            flags = all_reduce_sum(flags)
         budget_used = float(flags[2]) / cfg.max_time_s if cfg.max_time_s > 0 else 0.0
         finishing = step == n_steps or bool(flags[:2].any())
 
@@ -502,12 +524,20 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
                 raise UserError(f"loss or gradients became NaN/inf by step {step}; stopped without saving (the last "
                                 f"good checkpoint, if any, is {ckpt_path}). Try a lower --lr, --grad_clip or "
                                 f"--amp=false")
+            n_skipped = int(skipped) if trainer.scaler is not None else 0  # the same on every rank (DDP's grads)
+            if saving and n_skipped == steps_since_save:
+                bar.close()
+                raise UserError(f"fp16 overflow: the GradScaler skipped all {n_skipped} steps up to step {step} "
+                                f"(inf/NaN gradients at every loss scale), so nothing was trained; stopped without "
+                                f"saving. Try --amp_dtype=bf16 (where native), --amp=false or a lower --lr")
             mean_loss = all_reduce_mean(window_loss / window_steps).item()
             window_points = int(all_reduce_sum(torch.tensor(float(window_points), device=device)))
             record = {"step": step, "loss": mean_loss, "psnr": mse_to_psnr(mean_loss),
                       "grad_norm": float(grad_norm), "lr": lr, "time_s": train_time,
                       "points_per_s": window_points / max(window_time, 1e-9),
                       "points_per_step": window_points / window_steps}  # field evaluations (all ranks)
+            if trainer.scaler is not None:
+                record["skipped_steps"] = skipped_total + n_skipped  # by the GradScaler, so far
             logger.log(record)
             bar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{record['psnr']:.2f}")
             window_loss.zero_()
@@ -518,6 +548,9 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
             if dist_info.is_master:  # tqdm.write prints even when the bar is disabled
                 bar.write(f"step {step}: val PSNR {val_psnr:.2f} dB")
         if saving:  # also at the end, before the final evaluation and videos: a signal there loses nothing
+            skipped_total += int(skipped) if trainer.scaler is not None else 0
+            skipped.zero_()
+            steps_since_save = 0
             if dist_info.enabled:  # a few numbers per parameter: never checkpoint replicas that drifted apart
                 assert_replicas_agree(trainer.raw)
             if dist_info.is_master:
@@ -528,6 +561,8 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
         if finishing:
             break
     bar.close()
+    if skipped_total:
+        print0(f"the GradScaler skipped {skipped_total} of this session's fp16 steps (inf/NaN gradients)")
     warm_points, warm_time = first_step if first_step and points > first_step[0] else (0, 0.0)
     rate_points = all_reduce_sum(torch.tensor(float(points - warm_points), device=device)).item()  # all ranks'
     return step, train_time, rate_points, session_time - warm_time

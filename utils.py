@@ -64,92 +64,27 @@ class Dist:
         return self.world_size > 1
 
 
-def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    """auto -> cuda:LOCAL_RANK, else mps, else cpu. An explicit request that is unavailable is an error."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={requested} requested but CUDA is not available (use --device=auto or cpu)")
-    if requested == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device=mps requested but MPS is not available (use --device=auto or cpu)")
-    if requested == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(requested)
-
-
-def compute_init(device_request: str) -> tuple[Dist, torch.device]:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); start the process group if world > 1.
-
-    gloo on CPU, nccl on CUDA. A plain `python expN.py` is world size 1 with no process group.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    info = Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
-    device = pick_device(device_request, info.local_rank)
-    if info.enabled and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        # bounded timeout: if a rank dies the others fail their next collective instead of hanging forever
-        from datetime import timedelta
-
-        timeout = timedelta(seconds=float(os.environ.get("NERF_DIST_TIMEOUT_S", "300")))
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        store = _restart_safe_store(timeout)
-        if store is None:
-            dist.init_process_group(backend, timeout=timeout)
-        else:
-            dist.init_process_group(backend, store=store, rank=info.rank, world_size=world, timeout=timeout)
-    return info, device
-
-
-def _restart_safe_store(timeout) -> "dist.Store | None":
-    """A per-restart namespace in torchrun's shared store, or None for the default env:// rendezvous.
-
-    torchrun (torch 2.13) keeps one TCPStore for the whole job when TORCHELASTIC_USE_AGENT_STORE=True, so after a
-    `--max-restarts` restart the new workers' init_process_group finds the dead attempt's gloo/NCCL addresses
-    under the same keys and hangs until the timeout. Prefixing the keys with the restart count fixes that. The
-    count is the same for every worker only when one agent started them all (one node); on several nodes torchrun
-    must be told not to share the store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), which this warns about.
-    """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
-        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
-            print0("warning: --max-restarts on several nodes needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
-                   "torchrun's environment, or restarted workers may hang until the process-group timeout")
-        return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=timeout)
-    return dist.PrefixStore(f"nerf_attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
-
-
-def compute_cleanup() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def print0(*args, **kwargs) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(*args, **kwargs, flush=True)
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (identity when not distributed)."""
+    """Mean over ranks (identity when not distributed), on `values`' device."""
     if dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= dist.get_world_size()
+        return all_reduce_sum(values) / dist.get_world_size()
     return values
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+    """Sum over ranks (identity when not distributed), on `values`' device: a CPU tensor is reduced on the GPU
+    under NCCL (which reduces CUDA tensors only), so callers keep float64 and counters on the CPU."""
+    if not dist.is_initialized():
+        return values
+    on_nccl = dist.get_backend() == "nccl" and not values.is_cuda
+    reduced = values.to(torch.device("cuda", torch.cuda.current_device())) if on_nccl else values.clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.to(values.device) if on_nccl else reduced
 
 
 def master_decides(fn: Callable[[], object]):

@@ -12,12 +12,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # lowest first; a module may import modules of its own layer or below, and the whole graph must be acyclic
 LAYERS = [
-    ("base", ["configs", "utils"]),
+    ("base", ["configs", "utils", "hardware"]),
     ("parts", ["nerf", "bitnerf", "grid_field", "render", "occupancy", "dataset", "bitnerf_format", "bitnerf_ddp"]),
     ("assembly", ["assembly"]),
     ("loop", ["train"]),
     ("entry", ["exp1", "exp2", "exp3", "exp4", "exp5", "exp6", "study", "evaluate", "export", "report", "bench",
-               "data_setup"]),
+               "data_setup", "gpu_check"]),
 ]
 ENTRY = len(LAYERS) - 1
 

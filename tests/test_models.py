@@ -90,7 +90,8 @@ def test_density_gradient_alive_at_init_for_many_seeds():
 
 
 def test_exact_float_int8_matmul_equals_torchao_int_mm():
-    # the torchao reference routes torchao's CPU int8 matmul through an exact float32 product: same bits, faster
+    # the torchao reference routes torchao's CPU int8 matmul through an exact float32 product scaled as torchao's
+    # CUDA kernel scales (int32 accumulator -> float32, * row scale, * column scale): same bits as _int_mm there
     import torchao.prototype.quantized_training.bitnet as torchao_bitnet
 
     torch.manual_seed(0)
@@ -100,7 +101,8 @@ def test_exact_float_int8_matmul_equals_torchao_int_mm():
     x = torch.randn(300, 3)
     fast = model(x)
     try:
-        torchao_bitnet.scaled_int8_mm = lambda a, b, rs, cs: torch._int_mm(a, b) * cs.view(-1) * rs.view(-1, 1)
+        torchao_bitnet.scaled_int8_mm = lambda a, b, rs, cs: (
+            torch._int_mm(a, b).float() * rs.view(-1, 1).float() * cs.view(-1).float()).to(rs.dtype)
         reference = model(x)
     finally:
         torchao_bitnet.scaled_int8_mm = patched

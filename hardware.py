@@ -1,0 +1,240 @@
+"""What the machine can do, decided in one place: device choice, AMP dtype and scaler, integer matmul, backends.
+
+Every rule here is a fact about hardware or about a PyTorch version, so each is stated with its reason:
+
+- **Device.** auto -> cuda:LOCAL_RANK, else mps, else cpu. Under torchrun (world size > 1) a process group needs
+  NCCL (CUDA tensors) or gloo (CPU tensors); gloo has no MPS tensors, so auto picks the CPU there and an explicit
+  mps is refused. `cuda:N` under torchrun would put every rank on GPU N (NCCL refuses a duplicate GPU): refused,
+  each rank takes cuda:LOCAL_RANK (choose the GPUs with CUDA_VISIBLE_DEVICES).
+- **AMP dtype** (`amp_policy`). bf16 only where the hardware computes it natively: CUDA capability >= 8.0
+  (A100, H100, RTX 30xx+) and CPUs with bf16 units (avx512_bf16 or AMX; on Arm the bf16 feature).
+  `torch.cuda.is_bf16_supported()` is not that test: on a T4 (sm_75) it returns True by emulation, and Triton
+  then refuses bf16 below sm_80. Elsewhere on CUDA/MPS: fp16 with a GradScaler (fp16's 5-bit exponent lets small
+  gradients underflow without one). On a CPU without bf16 units bf16 is still what `auto` picks (fp16 is emulated
+  there too) but the run's first lines say it will be slow.
+- **Integer matmul** (`int_mm_available`). BitNeRF's ternary product is exact either as `torch._int_mm` (int8
+  inputs, int32 accumulator) or as a float32 matmul of the same integers (every partial sum is an integer below
+  2^24). CUDA uses `_int_mm` (int8 tensor cores) when a one-off probe on that device runs it and gets the exact
+  answer: cuBLASLt's int8 path on sm_75 depends on the CUDA build. Elsewhere the float path.
+- **Backends** (`configure_backends`). CUDA fp32 matmuls on TF32 tensor cores unless `--tf32=false`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from datetime import timedelta
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from configs import device_kind
+from utils import Dist, UserError, print0
+
+# --- device ------------------------------------------------------------------------------------------------------
+def pick_device(requested: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
+    """The device of --device=`requested` for this process; an impossible request is a UserError."""
+    if distributed and requested.startswith("cuda:"):
+        raise UserError(f"--device={requested} under torchrun would put every rank on one GPU; use --device=cuda "
+                        f"(rank r takes cuda:LOCAL_RANK) and choose GPUs with CUDA_VISIBLE_DEVICES")
+    if distributed and requested == "mps":
+        raise UserError("torchrun needs CUDA (NCCL) or CPU (gloo) tensors and gloo has none on MPS; use "
+                        "--device=cpu, or run on one process without torchrun")
+    kind = device_kind(requested, distributed)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={requested} requested but CUDA is not available (use --device=auto or cpu)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device=mps requested but MPS is not available (use --device=auto or cpu)")
+    if requested in ("auto", "cuda") and kind == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(kind if requested == "auto" else requested)
+
+
+def compute_init(device_request: str) -> tuple[Dist, torch.device]:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); start the process group if world > 1.
+
+    gloo on CPU, nccl on CUDA. A plain `python expN.py` is world size 1 with no process group.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    info = Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
+    device = pick_device(device_request, info.local_rank, info.enabled)
+    if info.enabled and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # bounded timeout: if a rank dies the others fail their next collective instead of hanging forever
+        timeout = timedelta(seconds=dist_timeout_s())
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = _restart_safe_store(timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=info.rank, world_size=world, timeout=timeout)
+    return info, device
+
+
+def _restart_safe_store(timeout) -> "dist.Store | None":
+    """A per-restart namespace in torchrun's shared store, or None for the default env:// rendezvous.
+
+    torchrun (torch 2.13) keeps one TCPStore for the whole job when TORCHELASTIC_USE_AGENT_STORE=True, so after a
+    `--max-restarts` restart the new workers' init_process_group finds the dead attempt's gloo/NCCL addresses
+    under the same keys and hangs until the timeout. Prefixing the keys with the restart count fixes that. The
+    count is the same for every worker only when one agent started them all (one node); on several nodes torchrun
+    must be told not to share the store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), which this warns about.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            print0("warning: --max-restarts on several nodes needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
+                   "torchrun's environment, or restarted workers may hang until the process-group timeout")
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"nerf_attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+
+
+def compute_cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --- mixed precision ---------------------------------------------------------------------------------------------
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux; lower case), or an empty set where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 | Arm
+            return set(value.split())
+    return set()
+
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512 BF16, x86 AMX, Arm FEAT_BF16
+
+
+def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
+    """Whether this CPU has bf16 arithmetic units (an Apple M2+ reports none here: it is not Linux)."""
+    flags = cpu_flags() if flags is None else flags
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """bf16 tensor cores: compute capability 8.0 or newer (A100, H100, RTX 30xx); a T4 (7.5) emulates it."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def torch_at_least(major: int, minor: int) -> bool:
+    version = torch.__version__.split("+")[0].split(".")
+    return (int(version[0]), int(version[1])) >= (major, minor)
+
+
+class AmpPolicy(NamedTuple):
+    dtype: torch.dtype | None  # autocast dtype; None = AMP off
+    scaler: bool  # training needs a GradScaler (fp16)
+    reason: str  # one line for the run's first lines
+
+
+def amp_policy(amp: bool, requested: str, device: torch.device) -> AmpPolicy:
+    """The autocast dtype for `--amp`, `--amp_dtype=auto|bf16|fp16` on `device`, and whether to scale losses."""
+    if not amp:
+        return AmpPolicy(None, False, "amp off (fp32)")
+    native = _native_bf16(device)
+    if requested == "bf16" and device.type == "cuda" and not native:
+        capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise UserError(f"--amp_dtype=bf16 on a GPU of compute capability {capability}: bf16 needs 8.0+ (Triton "
+                        f"refuses it below); use --amp_dtype=fp16 or auto")
+    if requested == "fp16" or (requested == "auto" and device.type != "cpu" and not native):
+        where = {"cuda": "this GPU has no native bf16 (capability < 8.0)", "mps": "Apple GPU"}.get(device.type, "")
+        return AmpPolicy(torch.float16, True, "amp fp16 + GradScaler" + (f" ({where})" if requested == "auto"
+                                                                      else " (--amp_dtype=fp16)"))
+    if device.type == "cpu" and not native:
+        return AmpPolicy(torch.bfloat16, False, "amp bf16, EMULATED: this CPU has no bf16 units (avx512_bf16/AMX), "
+                                               "so bf16 autocast may run several times slower than --amp=false")
+    return AmpPolicy(torch.bfloat16, False, "amp bf16 (native on this device; fp32's exponent range: no scaler)")
+
+
+def _native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return cuda_has_native_bf16(device)
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return False  # MPS: fp16 is the Apple GPU's fast half type
+
+
+def make_grad_scaler(policy: AmpPolicy, device: torch.device) -> torch.amp.GradScaler | None:
+    """A GradScaler when the policy needs one. On MPS before torch 2.8 GradScaler.unscale_ calls .double(),
+    which MPS cannot hold: refused with one line instead of a crash mid-step."""
+    if not policy.scaler:
+        return None
+    if device.type == "mps" and not torch_at_least(2, 8):
+        raise UserError(f"fp16 AMP on MPS needs torch >= 2.8 for its GradScaler (this is {torch.__version__}); "
+                        f"use --amp=false or upgrade torch")
+    return torch.amp.GradScaler(device.type)
+
+
+# --- integer matmul ----------------------------------------------------------------------------------------------
+INT_MM_DEVICE_TYPES = ("cuda",)  # where _int_mm is worth probing; CPUs take the float32 product of the integers
+
+
+def int_mm_available(device: torch.device) -> bool:
+    """Whether BitNeRF's ternary product runs as torch._int_mm on `device` (see the module docstring)."""
+    return device.type in INT_MM_DEVICE_TYPES and probe_int_mm(str(device))
+
+
+@functools.lru_cache(maxsize=None)
+def probe_int_mm(device: str) -> bool:
+    """Run torch._int_mm once on `device` on a shape BitNeRF uses and compare it with the exact float product;
+    False (the float path is used) when the kernel raises or differs."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (32, 64), generator=gen, dtype=torch.int8)
+    b = torch.randint(-1, 2, (64, 32), generator=gen, dtype=torch.int8)
+    try:
+        got = torch._int_mm(a.to(device), b.to(device)).cpu()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return bool(torch.equal(got.double(), a.double() @ b.double()))
+
+
+def integer_matmul_line(device: torch.device) -> str:
+    if int_mm_available(device):
+        return "BitNeRF integer product: torch._int_mm (int8 -> int32)"
+    why = "probe failed on this GPU" if device.type in INT_MM_DEVICE_TYPES else "no int8 kernel chosen here"
+    return f"BitNeRF integer product: float32 matmul of the integers, exact ({why})"
+
+
+# --- backends ----------------------------------------------------------------------------------------------------
+
+
+def configure_backends(device: torch.device, tf32: bool) -> None:
+    """Process-wide settings for `device`: CUDA fp32 matmuls on TF32 tensor cores ("high": inputs rounded to a
+    10-bit mantissa, fp32 accumulation) unless tf32 is False. The CPU is left as it is."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
+def device_line(device: torch.device, policy: AmpPolicy, tf32: bool) -> str:
+    """One line: the device, its AMP choice and matmul precision, for the run's first lines."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        what = f"{name} (capability {capability}), fp32 matmuls {'TF32' if tf32 else 'full fp32'}"
+    elif device.type == "cpu":
+        what = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, bf16 units " \
+               f"{'yes' if cpu_has_native_bf16() else 'no'}"
+    else:
+        what = "Apple GPU"
+    return f"device {device}: {what}; {policy.reason}"
+
+
+def dist_timeout_s() -> float:
+    """Seconds a collective may wait for another rank. Generous by default: a cold torch.compile on a slow
+    notebook CPU can take minutes on one rank while the others wait at the next collective."""
+    return float(os.environ.get("NERF_DIST_TIMEOUT_S", "1800"))

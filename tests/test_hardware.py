@@ -1,0 +1,289 @@
+"""The device policy (hardware.py) on GPUs this CPU-only machine fakes: a T4, an A100, an Apple GPU; and what
+the step must not do on any GPU (host syncs per micro-batch, float64 on the device, silent fp16 skips)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import hardware
+from assembly import amp_dtype, build_renderer
+from bitnerf import BitNeRF, TernaryLinear, _scale_and_bias, quantize_bitnet
+from configs import EXP1, EXP2, apply_device_defaults, device_kind, from_cli
+from dataset import RayBatcher, load_views, split_views
+from hardware import amp_policy, configure_backends, make_grad_scaler, pick_device, probe_int_mm
+from train import Trainer, evaluate_views, step_generator, train
+from utils import Dist, UserError
+
+CUDA0 = torch.device("cuda", 0)
+
+
+def fake_gpu(monkeypatch, capability: tuple[int, int]) -> None:
+    """What torch reports on a GPU of this compute capability; is_bf16_supported says True even on a T4 (sm_75),
+    where bf16 is only emulated."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+def fake_mac(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+
+
+# --- AMP dtype and scaler ------------------------------------------------------------------------------------------
+def test_t4_gets_fp16_and_a_scaler_not_emulated_bf16(monkeypatch):
+    fake_gpu(monkeypatch, (7, 5))
+    policy = amp_policy(True, "auto", CUDA0)
+    assert policy.dtype == torch.float16 and policy.scaler
+    assert amp_dtype(EXP2, CUDA0) == torch.float16  # evaluate/render autocast the same way
+    with pytest.raises(UserError, match="bf16 needs 8.0"):  # an explicit bf16 is refused, not emulated
+        amp_policy(True, "bf16", CUDA0)
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
+def test_a100_and_h100_get_bf16_without_a_scaler(monkeypatch, capability):
+    fake_gpu(monkeypatch, capability)
+    policy = amp_policy(True, "auto", CUDA0)
+    assert policy.dtype == torch.bfloat16 and not policy.scaler and "native" in policy.reason
+
+
+def test_cpu_bf16_is_native_only_with_bf16_units(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma"})  # an AVX2-only CPU
+    emulated = amp_policy(True, "auto", torch.device("cpu"))
+    assert emulated.dtype == torch.bfloat16 and not emulated.scaler and "EMULATED" in emulated.reason
+    for flag in ("avx512_bf16", "amx_bf16"):
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flag=flag: {"avx2", flag})
+        assert "native" in amp_policy(True, "auto", torch.device("cpu")).reason
+    assert amp_policy(True, "fp16", torch.device("cpu")) == (torch.float16, True, "amp fp16 + GradScaler "
+                                                                                  "(--amp_dtype=fp16)")
+    assert amp_policy(False, "auto", torch.device("cpu")).dtype is None
+
+
+def test_apple_gpu_fp16_scaler_needs_torch_2_8(monkeypatch):
+    mps = torch.device("mps")
+    policy = amp_policy(True, "auto", mps)
+    assert policy.dtype == torch.float16 and policy.scaler
+    monkeypatch.setattr(torch, "__version__", "2.7.1")
+    with pytest.raises(UserError, match="needs torch >= 2.8"):  # GradScaler.unscale_ calls .double() on MPS
+        make_grad_scaler(policy, mps)
+    assert make_grad_scaler(amp_policy(True, "auto", torch.device("cpu")), torch.device("cpu")) is None  # bf16
+
+
+# --- device choice and defaults ------------------------------------------------------------------------------------
+def test_apple_gpu_runs_eagerly_and_torchrun_there_uses_the_cpu(monkeypatch):
+    fake_mac(monkeypatch)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = from_cli(EXP1, [])
+    assert device_kind("auto") == "mps" and cfg.compile is False and cfg.scale == "cpu"
+    assert from_cli(EXP1, ["--compile=true"]).compile is True  # the command line still wins
+    assert device_kind("auto", distributed=True) == "cpu"  # gloo has no MPS tensors
+    assert pick_device("auto", 0, distributed=True) == torch.device("cpu")
+    with pytest.raises(UserError, match="gloo has none on MPS"):
+        pick_device("mps", 0, distributed=True)
+
+
+def test_cuda_index_under_torchrun_is_refused_before_any_process_group(monkeypatch):
+    fake_gpu(monkeypatch, (7, 5))
+    with pytest.raises(UserError, match="every rank on one GPU"):
+        pick_device("cuda:1", local_rank=1, distributed=True)
+    assert pick_device("cuda", local_rank=1, distributed=True) == torch.device("cuda", 1)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)  # one process: any GPU
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match="every rank on one GPU"):
+        hardware.compute_init("cuda:0")
+    assert not torch.distributed.is_initialized()
+
+
+def test_gpu_micro_batches_are_large_and_presets_keep_larger_ones():
+    assert apply_device_defaults(EXP1, "cuda").chunk_points == 1 << 17
+    assert apply_device_defaults(replace(EXP1, chunk_points=1 << 20), "cuda").chunk_points == 1 << 20
+    assert apply_device_defaults(EXP1, "cpu") == EXP1
+    assert from_cli(EXP1, ["--device=cuda", "--chunk_points=4096"]).chunk_points == 4096
+
+
+def test_tf32_on_cuda_only_and_switchable():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        configure_backends(torch.device("cpu"), tf32=True)
+        assert torch.get_float32_matmul_precision() == "highest"  # the CPU is left as it is
+        configure_backends(CUDA0, tf32=True)
+        assert torch.get_float32_matmul_precision() == "high"
+        configure_backends(CUDA0, tf32=False)
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert from_cli(EXP1, ["--tf32=false"]).tf32 is False
+
+
+def test_collective_timeout_outlasts_a_cold_compile(monkeypatch):
+    monkeypatch.delenv("NERF_DIST_TIMEOUT_S", raising=False)
+    assert hardware.dist_timeout_s() >= 1800
+    monkeypatch.setenv("NERF_DIST_TIMEOUT_S", "60")
+    assert hardware.dist_timeout_s() == 60
+
+
+# --- BitNeRF's integer product: the probe, the fallback, and one arithmetic for every path -----------------------
+def test_int_mm_probe_falls_back_when_the_kernel_raises(monkeypatch):
+    probe_int_mm.cache_clear()
+    try:
+        assert probe_int_mm("cpu")  # the real kernel runs here and is exact
+
+        def broken(a, b):
+            raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")  # what an old CUDA build says on sm_75
+
+        probe_int_mm.cache_clear()
+        monkeypatch.setattr(torch, "_int_mm", broken)
+        assert not probe_int_mm("cpu")
+        # a device where _int_mm would be used: the probe fails, so BitNeRF takes the float path and still runs
+        monkeypatch.setattr(hardware, "INT_MM_DEVICE_TYPES", ("cuda", "cpu"))
+        field = quantize_bitnet(BitNeRF(n_freqs=3, width=64, depth=3, skip_layer=1))
+        field(torch.randn(64, 3)).sum().backward()
+    finally:
+        probe_int_mm.cache_clear()
+
+
+def _forward_and_grads(field: torch.nn.Module, x: torch.Tensor):
+    field.zero_grad()
+    out = field(x)
+    out.square().sum().backward()
+    return out.detach(), {k: p.grad.clone() for k, p in field.named_parameters()}
+
+
+def test_int_mm_and_float_products_give_the_same_bits(monkeypatch):
+    """The choice of kernel changes speed, never a result: forward and gradients bit for bit."""
+    torch.manual_seed(0)
+    field = quantize_bitnet(BitNeRF(n_freqs=3, width=64, depth=3, skip_layer=1))
+    x = torch.randn(512, 3)
+    float_path = _forward_and_grads(field, x)
+    probe_int_mm.cache_clear()
+    monkeypatch.setattr(hardware, "INT_MM_DEVICE_TYPES", ("cuda", "cpu"))
+    try:
+        assert hardware.int_mm_available(torch.device("cpu"))
+        assert field.hidden[0].linear.ternary()[0].dtype == torch.int8  # the int8 path is really taken
+        int_path = _forward_and_grads(field, x)
+    finally:
+        probe_int_mm.cache_clear()
+    assert torch.equal(float_path[0], int_path[0])
+    for name in float_path[1]:
+        assert torch.equal(float_path[1][name], int_path[1][name]), name
+
+
+def test_ternary_inference_layer_same_bits_on_either_product(monkeypatch):
+    torch.manual_seed(1)
+    layer = TernaryLinear(64, 32)
+    layer.ternary.copy_(torch.randint(-1, 2, (32, 64), dtype=torch.int8))
+    layer.scale.fill_(0.037)
+    layer.bias.normal_()
+    x = torch.randn(100, 64)
+    expected = layer(x)
+    monkeypatch.setattr(hardware, "INT_MM_DEVICE_TYPES", ("cuda", "cpu"))
+    probe_int_mm.cache_clear()
+    try:
+        assert torch.equal(layer(x), expected)
+    finally:
+        probe_int_mm.cache_clear()
+
+
+def test_scaling_under_bf16_autocast_is_float32_as_torchao_kernel():
+    """torchao's scaled_int8_mm (CUDA): int32 accumulator -> fp32, * row scale, * column scale, one rounding to
+    the output dtype (then + bias). Here 12345 is not a bf16 number (8-bit mantissa: 12352): scaling the int32
+    tensor by a bf16 scale directly rounds it first and lands on another bf16 value."""
+    acc = torch.tensor([[12345, -771, 3]], dtype=torch.int32)
+    row = torch.tensor([[0.0123]], dtype=torch.bfloat16)
+    scale = torch.tensor(0.713, dtype=torch.bfloat16)
+    bias = torch.tensor([0.5, -0.25, 0.125])
+    torchao_kernel = (acc.float() * row.float() * scale.float()).to(torch.bfloat16) + bias.to(torch.bfloat16)
+    got = _scale_and_bias(acc.clone(), scale, row, bias, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, torchao_kernel)
+    rounded_first = acc * scale.view(-1) * row + bias.to(torch.bfloat16)  # the accumulator in bf16
+    assert not torch.equal(rounded_first, torchao_kernel)
+    # the float product of the same integers gives the same bits
+    assert torch.equal(_scale_and_bias(acc.float(), scale, row, bias, torch.bfloat16), torchao_kernel)
+
+
+# --- the step on a GPU: no host sync per micro-batch, no float64 on the device ---------------------------------------
+class SyncCounter:
+    """Counts the calls that make a GPU wait for the host: .item(), .tolist(), int()/float()/bool() of a tensor."""
+
+    NAMES = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(name, original))
+
+    def _counting(self, name, original):
+        def wrapper(tensor, *args, **kwargs):
+            self.calls.append(name)
+            return original(tensor, *args, **kwargs)
+
+        return wrapper
+
+
+def test_a_skipping_step_syncs_with_the_host_once_however_many_micro_batches(tiny_cfg, monkeypatch):
+    cfg = replace(tiny_cfg, chunk_points=512, batch_size=512)
+    train_views, _ = split_views(load_views(cfg.data), cfg.val_views)
+    raw = build_renderer(cfg, torch.device("cpu"))
+    trainer = Trainer(cfg, raw, Dist(), torch.device("cpu"))
+    rays_o, rays_d, target = RayBatcher(train_views, cfg.batch_unit, cfg.batch_size, cfg.seed).batch(0)
+    trainer.step(rays_o, rays_d, target, step_generator(cfg.seed, 0, 0, torch.device("cpu")), cfg.lr)  # warm up
+    counter = SyncCounter(monkeypatch)
+    slices, _ = trainer.micro_batches(rays_o, rays_d, None)
+    assert len(slices) >= 4  # 512 rays x 16 samples in chunks of 512 points
+    counter.calls.clear()
+    trainer.step(rays_o, rays_d, target, step_generator(cfg.seed, 0, 1, torch.device("cpu")), cfg.lr)
+    assert counter.calls == ["tolist"], counter.calls
+
+
+class Float64Moves(TorchFunctionMode):
+    """Records every Tensor.to() of a float64 tensor that names a device: an Apple GPU has no float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.moves = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and args[0].dtype == torch.float64:
+            targets = list(args[1:]) + list(kwargs.values())
+            if any(isinstance(t, (torch.device, str)) and str(t) not in ("torch.float32",) for t in targets):
+                self.moves.append(targets)
+        return func(*args, **kwargs)
+
+
+def test_validation_keeps_float64_off_the_device(tiny_cfg):
+    views, val = split_views(load_views(tiny_cfg.data), tiny_cfg.val_views)
+    raw = build_renderer(tiny_cfg, torch.device("cpu"))
+    with Float64Moves() as mode:
+        psnr, _ = evaluate_views(raw, val, Dist(), chunk_rays=4096)
+    assert mode.moves == [] and psnr > 0
+
+
+# --- fp16: steps the GradScaler skips are counted; a run that skips them all is never saved -----------------------
+def test_fp16_run_whose_every_step_overflows_is_refused_not_checkpointed(tiny_cfg, monkeypatch):
+    cfg = replace(tiny_cfg, amp=True, amp_dtype="fp16", steps=6, ckpt_every=3)
+    # an overflow in the loss's graph: inf gradients at every loss scale, so the scaler skips every step
+    monkeypatch.setattr(Trainer, "background_penalty", lambda self, acc, target, n: acc.float().sum() * 1e38 * 1e38)
+    with pytest.raises(UserError, match="fp16 overflow: the GradScaler skipped all 3 steps up to step 3"):
+        train(cfg)
+    assert not os.path.exists(os.path.join(cfg.run_dir, "ckpt.pt"))
+
+
+def test_fp16_run_logs_its_skipped_steps(tiny_cfg):
+    import json
+
+    cfg = replace(tiny_cfg, amp=True, amp_dtype="fp16", steps=4)
+    summary = train(cfg)
+    with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if '"loss"' in line]
+    assert summary["amp"] == "float16" and all("skipped_steps" in r for r in records)
+    assert all(0 <= r["skipped_steps"] < r["step"] for r in records)  # some steps trained
