@@ -55,7 +55,7 @@ from queue import Empty
 import torch
 
 from configs import PRESETS, Config
-from hardware import amp_policy, pick_device
+from hardware import amp_policy, configure_backends, pick_device
 from utils import ArgParser, Dist, UserError, run_cli
 
 DEFAULT_PRESET = {"nerf": "exp1", "bitnerf": "exp4", "grid": "fast"}
@@ -154,6 +154,7 @@ def measure(cfg: Config, views, device: torch.device, repeats: int, warmup: int)
     torch.manual_seed(cfg.seed)
     batcher = RayBatcher(views, "ray", cfg.batch_size, cfg.seed)
     renderer = build_renderer(cfg, device)
+    configure_backends(device, cfg.tf32)
     trainer = Trainer(cfg, renderer, Dist(), device)
     step = [0]
 

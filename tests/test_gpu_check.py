@@ -7,7 +7,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHECKS = ("environment", "tests", "int_mm", "exp1", "exp2", "exp4", "resume", "export", "ddp")
+CHECKS = ("environment", "tests", "int_mm", "exp1", "exp2", "exp4", "resume", "export", "syncs", "ddp")
 
 
 @pytest.mark.slow
