@@ -20,7 +20,7 @@ from grid_field import GridField
 from nerf import NeRF
 from occupancy import OccupancyGrid
 from render import TINY_NERF_FOCAL_PER_PIXEL, VolumeRenderer, render_orbit, write_orbit
-from hardware import amp_policy, pick_device
+from hardware import amp_policy, int_mm_available, pick_device
 from utils import ArgParser, UserError, load_checkpoint, run_cli
 
 
@@ -55,6 +55,7 @@ def build_renderer(cfg: Config, device: torch.device, field_state: dict | None =
                             f"{str(err).splitlines()[0]}") from None
     field.to(device)
     if cfg.model == "bitnerf":
+        int_mm_available(device)  # decided now, eagerly: under torch.compile it is a constant
         quantize_bitnet(field)
     return VolumeRenderer(field, cfg.near, cfg.far, cfg.n_samples, cfg.n_importance,
                           build_occupancy(cfg, device, occupancy_state), cfg.chunk_points)
@@ -114,6 +115,7 @@ def load_exported(path: str, device: torch.device | str = "cpu", mode: str = "in
         raise UserError(f"{path}: tensors do not fit its config: {str(err).splitlines()[0]}") from None
     renderer = VolumeRenderer(field, cfg.near, cfg.far, cfg.n_samples, cfg.n_importance, occupancy,
                               cfg.chunk_points)
+    int_mm_available(torch.device(device))  # decided now, eagerly (see build_renderer)
     return renderer.to(torch.device(device)).eval(), cfg
 
 

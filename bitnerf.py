@@ -132,9 +132,8 @@ class _RMSNormBitLinear(torch.autograd.Function):
         y_q = y_q.round_()
         if y.dtype != torch.float32:
             y_q = y_q.clip_(-128, 127)
-        if ternary.dtype == torch.int8:  # _int_mm's operands
-            y_q = y_q.to(torch.int8)
-        out = _integer_mm(y_q, ternary)  # exact: int32, or float32 holding the same integers
+        # exact: int32 from int8 operands, or float32 holding the same integers
+        out = _integer_mm(y_q.to(torch.int8) if ternary.dtype == torch.int8 else y_q, ternary)
         out = _scale_and_bias(out, scale, row_scale, bias, dtype)
         # the weight gradient's operand: the dequantized activations (torchao: int8 activations * row scale),
         # in y_q's own buffer when it is float32
@@ -207,8 +206,9 @@ def _scale_and_bias(out: torch.Tensor, scale: torch.Tensor, row_scale: torch.Ten
     scale, times the weight scale, then one rounding to the autocast dtype `dtype` (if any), then the bias. Both
     kinds of product therefore give the same bits. (Multiplying the int32 tensor by a bf16 scale directly would
     round the accumulator to bf16's 8-bit mantissa first.) In place where the product is float32."""
-    out = out.float() if out.dtype == torch.int32 else out
-    out = out.mul_(row_scale).mul_(scale)
+    # int32 times a float32 row scale: converted and scaled in one pass (int32 -> float32 is exact below 2^24)
+    out = out * row_scale.float() if out.dtype == torch.int32 else out.mul_(row_scale)
+    out = out.mul_(scale)
     if dtype is not None:
         out = out.to(dtype)
     if bias is None:
@@ -217,13 +217,26 @@ def _scale_and_bias(out: torch.Tensor, scale: torch.Tensor, row_scale: torch.Ten
     return out.add_(b) if out.dtype == torch.promote_types(out.dtype, b.dtype) else out + b
 
 
+@torch.library.custom_op("nerf_experiments::int8_mm", mutates_args=())
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch._int_mm (a [M, K] int8 @ b [K, N] int8 -> int32) as one opaque operator: torch.compile calls the
+    library kernel (oneDNN's VNNI/AMX code, cuBLASLt) instead of lowering the product itself, which on a CPU ran
+    at about half the library's speed. No graph break: the fake implementation gives inductor the shape."""
+    return torch._int_mm(a, b)
+
+
+@int8_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
+
+
 def _integer_mm(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
     """x_q [M, K] @ ternary.T, both holding integers: torch._int_mm (int32) for an int8 ternary (where the device
     runs it, see hardware.int_mm_available) and shapes it takes, else a float32 matmul, which is exact (see
     ternary_matmul)."""
     if ternary.dtype == torch.int8:
         if x_q.shape[0] > 16 and x_q.shape[1] % 8 == 0 and ternary.shape[0] % 8 == 0:
-            return torch._int_mm(x_q, ternary.t())
+            return int8_mm(x_q, ternary.t())
         x_q, ternary = x_q.float(), ternary.float()
     return x_q @ ternary.t()
 
@@ -377,7 +390,7 @@ def ternary_matmul(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
     m, k = x_q.shape
     n = ternary.shape[0]
     if (int_mm_available(x_q.device) and m > 16 and k % 8 == 0 and n % 8 == 0) or 128 * k >= 2**24:
-        return torch._int_mm(x_q.to(torch.int8), ternary.T)
+        return int8_mm(x_q.to(torch.int8), ternary.T)
     return x_q.float() @ ternary.T.float()
 
 

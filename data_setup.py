@@ -1,9 +1,18 @@
-"""Fetch the tiny NeRF data (106 lego views at 100x100), or write the procedural scene instead.
+"""Data files in the tiny-NeRF format: fetch the tiny NeRF data, convert a NeRF-synthetic (Blender) scene, or
+write the procedural scene.
 
     python data_setup.py                              # -> data/tiny_nerf_data.npz (skipped if already valid)
     python data_setup.py --out PATH.npz               # elsewhere
-    python data_setup.py --synthetic data/synth.npz   # the built-in procedural scene, no network
     python data_setup.py --force                      # fetch again even if a valid file is there
+    python data_setup.py --synthetic data/synth.npz   # the built-in procedural scene, no network
+    python data_setup.py --blender nerf_synthetic/lego --size 100 --leave-out 10:5 --out data/lego100.npz
+
+`--blender` reads a scene folder of the NeRF-synthetic dataset (transforms_<split>.json and its RGBA PNGs),
+composites every view on black (colour x alpha, PNG alpha being straight) and shrinks it to `--size` pixels wide
+with an area filter (the mean of each k x k block, k = source width / size; computed exactly from the 8-bit
+values, then stored as float32). Poses are the JSON's transform_matrix as float32; focal = size / 2 /
+tan(camera_angle_x / 2). `--leave-out STEP:START` drops the frames START, START + STEP, ... (0-based, in the
+JSON's order). The command above rebuilds the 90-view lego file behind the README's lego results.
 
 The download streams to a temporary file beside the target, is checked (exact byte size, then loaded and
 validated by `dataset.load_npz` with the expected shapes) and only then renamed over the target, so a failed or
@@ -15,6 +24,8 @@ Every failure ends with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
 import time
@@ -22,7 +33,7 @@ import time
 import numpy as np
 import requests
 
-from dataset import DataError, Views, load_npz, synthetic_scene
+from dataset import DataError, Views, load_npz, synthetic_scene, views_from_arrays
 from utils import ArgParser, UserError, atomic_write, run_cli
 
 URL = "http://cseweb.ucsd.edu/~viscomp/projects/LF/papers/ECCV20/nerf/tiny_nerf_data.npz"
@@ -125,20 +136,119 @@ def download(url: str, out: str, retries: int = 4, timeout_s: float = 30.0, back
 # --- the procedural scene ---------------------------------------------------------------------------------------
 def write_synthetic(out: str, n_views: int = 106, size: int = 100, seed: int = 0) -> None:
     """The procedural scene in the tiny NeRF format (plus ground-truth depth), written atomically."""
-    arrays = synthetic_scene(n_views=n_views, size=size, seed=seed)
+    write_npz(out, synthetic_scene(n_views=n_views, size=size, seed=seed))
+
+
+# --- NeRF-synthetic (Blender) scenes ----------------------------------------------------------------------------
+def parse_leave_out(text: str) -> tuple[int, int]:
+    """`STEP:START` -> (step, start); raises UserError."""
+    step, colon, start = text.partition(":")
+    try:
+        step_i, start_i = int(step), int(start or 0)
+    except ValueError:
+        step_i = start_i = -1
+    if step_i < 1 or start_i < 0 or (colon and not start):
+        raise UserError(f"--leave-out expects STEP:START with STEP >= 1 and START >= 0, got {text!r}")
+    return step_i, start_i
+
+
+def read_png(path: str) -> np.ndarray:
+    """An 8-bit image as uint8 [H, W, 4] RGBA (opaque when the file has no alpha)."""
+    from PIL import Image  # a dependency of imageio and matplotlib
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGBA"))
+    except OSError as err:  # missing, unreadable or not an image
+        raise DataError(f"cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+
+
+def composite_and_shrink(rgba: np.ndarray, factor: int) -> np.ndarray:
+    """uint8 RGBA [H, W, 4] -> float32 RGB [H/factor, W/factor, 3]: composited on black, then the mean of each
+    factor x factor block. The block sums of colour x alpha are exact integers; one division by
+    255^2 factor^2 in float64, then float32."""
+    h, w = rgba.shape[0] // factor, rgba.shape[1] // factor
+    premultiplied = rgba[..., :3].astype(np.int64) * rgba[..., 3:].astype(np.int64)
+    sums = premultiplied.reshape(h, factor, w, factor, 3).sum(axis=(1, 3))
+    return (sums / float(255 * 255 * factor * factor)).astype(np.float32)
+
+
+def read_blender(folder: str, split: str = "train", size: int = 100,
+                 leave_out: tuple[int, int] | None = None) -> tuple[dict, list[str]]:
+    """A NeRF-synthetic scene folder as tiny-NeRF arrays (images, poses, focal), and the frames' file paths.
+    Raises DataError naming the problem."""
+    meta_path = os.path.join(folder, f"transforms_{split}.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        angle = float(meta["camera_angle_x"])
+        frames = list(meta["frames"])
+    except FileNotFoundError:
+        raise DataError(f"{meta_path} not found: --blender takes a NeRF-synthetic scene folder "
+                        f"(e.g. nerf_synthetic/lego) holding transforms_{split}.json") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{meta_path} is not a NeRF-synthetic transforms file ({type(err).__name__}: {err})") \
+            from None
+    if leave_out:
+        step, start = leave_out
+        frames = [f for i, f in enumerate(frames) if i < start or (i - start) % step]
+    if not frames:
+        raise DataError(f"{meta_path}: no frames left to convert")
+    images, poses, names, shape = [], [], [], None
+    for i, frame in enumerate(frames):
+        try:
+            name = os.path.normpath(os.path.join(folder, frame["file_path"]))
+            pose = np.asarray(frame["transform_matrix"], dtype=np.float32)
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{meta_path}: frame {i} lacks a usable file_path or transform_matrix "
+                            f"({type(err).__name__}: {err})") from None
+        if pose.shape != (4, 4):
+            raise DataError(f"{meta_path}: frame {i}'s transform_matrix is {list(pose.shape)}, not 4x4")
+        if not os.path.splitext(name)[1]:
+            name += ".png"  # the dataset's file_path values have no extension
+        rgba = read_png(name)
+        if shape is not None and rgba.shape[:2] != shape:
+            raise DataError(f"{name} is {rgba.shape[1]}x{rgba.shape[0]}, the frames before it {shape[1]}x{shape[0]}")
+        shape = rgba.shape[:2]
+        factor = shape[1] // size
+        if factor < 1 or shape[1] % size or shape[0] % factor:
+            raise DataError(f"{name} is {shape[1]}x{shape[0]}: --size {size} must divide its width, and the "
+                            f"factor (width / size) its height")
+        images.append(composite_and_shrink(rgba, factor))
+        poses.append(pose)
+        names.append(name)
+    focal = np.float32(0.5 * size / math.tan(0.5 * angle))
+    arrays = {"images": np.stack(images), "poses": np.stack(poses), "focal": focal}
+    views_from_arrays(arrays, meta_path)  # the loader's checks (rigid poses, values in [0, 1]) before writing
+    return arrays, names
+
+
+def write_npz(out: str, arrays: dict, compressed: bool = False) -> None:
+    """`arrays` as an .npz at exactly `out`, written atomically."""
+    save = np.savez_compressed if compressed else np.savez
 
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare path
-            np.savez(f, **arrays)
+            save(f, **arrays)
 
     atomic_write(out, write)
 
 
 # --- command line -----------------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = ArgParser(description="Download tiny_nerf_data.npz, or write the procedural scene.")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"where to put the download (default {DEFAULT_OUT})")
+    parser = ArgParser(prog="data_setup.py",
+                       description="Download tiny_nerf_data.npz, convert a NeRF-synthetic scene, or write the "
+                                   "procedural scene.")
+    parser.add_argument("--out", help=f"the file to write (default: {DEFAULT_OUT} for the download, "
+                                      f"data/<scene><size>.npz for --blender)")
     parser.add_argument("--synthetic", metavar="OUT.npz", help="write the procedural scene here instead")
+    parser.add_argument("--blender", metavar="DIR",
+                        help="convert this NeRF-synthetic scene folder (e.g. nerf_synthetic/lego) instead")
+    parser.add_argument("--split", default="train", help="--blender: which transforms_<split>.json (default train)")
+    parser.add_argument("--size", type=int, default=100,
+                        help="--blender: output width in pixels; must divide the images' width (default 100)")
+    parser.add_argument("--leave-out", metavar="STEP:START",
+                        help="--blender: drop frames START, START+STEP, ... (0-based, in the JSON's order)")
     parser.add_argument("--force", action="store_true",
                         help="download again even if a valid file is there (it is replaced only by a good one)")
     parser.add_argument("--url", default=URL, help="download from this address instead (a mirror)")
@@ -147,6 +257,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.retries < 0 or not args.timeout > 0:
         parser.error("--retries must be >= 0 and --timeout > 0")
+    if args.synthetic and args.blender:
+        parser.error("--synthetic and --blender each write a file: give one of them")
+    if args.size < 1:
+        parser.error(f"--size must be >= 1 (got {args.size})")
+    args.leave_out = parse_leave_out(args.leave_out) if args.leave_out else None
+    if args.out is None:
+        scene = os.path.basename(os.path.normpath(args.blender)) if args.blender else ""
+        args.out = os.path.join("data", f"{scene}{args.size}.npz") if args.blender else DEFAULT_OUT
     return args
 
 
@@ -156,6 +274,12 @@ def run(args: argparse.Namespace) -> str:
         write_synthetic(args.synthetic)
         views = load_npz(args.synthetic)
         return f"wrote the procedural scene to {args.synthetic} ({len(views)} views, {views.height}x{views.width})"
+    if args.blender:
+        arrays, names = read_blender(args.blender, args.split, args.size, args.leave_out)
+        write_npz(args.out, arrays, compressed=True)
+        n, height, width = arrays["images"].shape[:3]
+        return (f"wrote {args.out}: {n} views of {args.blender} ({args.split}, from {os.path.basename(names[0])} "
+                f"to {os.path.basename(names[-1])}) at {width}x{height} on black, focal {float(arrays['focal']):.3f}")
     if os.path.exists(args.out) and not args.force:
         if is_valid(args.out):
             return f"{args.out} is already present and valid; nothing to do"

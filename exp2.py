@@ -1,4 +1,5 @@
-"""exp2: NeRF with automatic mixed precision (bf16, or fp16 with a GradScaler). Overrides: --key=value (see --help)."""
+"""exp2: NeRF with automatic mixed precision (amp_dtype=auto: bf16 where the hardware has it, else fp16 with a
+GradScaler). Overrides: --key=value (see --help)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""exp4: BitNeRF: RMSNorm + BitNet b1.58 quantization-aware training (torchao). Overrides: --key=value (see --help)."""
+"""exp4: BitNeRF: RMSNorm + BitNet b1.58 quantization-aware training (bitnerf.py). Overrides: --key=value
+(see --help)."""
 
 import sys
 

@@ -14,8 +14,9 @@ Every rule here is a fact about hardware or about a PyTorch version, so each is 
   there too) but the run's first lines say it will be slow.
 - **Integer matmul** (`int_mm_available`). BitNeRF's ternary product is exact either as `torch._int_mm` (int8
   inputs, int32 accumulator) or as a float32 matmul of the same integers (every partial sum is an integer below
-  2^24). CUDA uses `_int_mm` (int8 tensor cores) when a one-off probe on that device runs it and gets the exact
-  answer: cuBLASLt's int8 path on sm_75 depends on the CUDA build. Elsewhere the float path.
+  2^24), so the choice changes speed, never a result. `_int_mm` where the hardware has int8 units (CUDA tensor
+  cores; VNNI/AMX on x86 CPUs) and a one-off probe on that device runs it and gets the exact answer (cuBLASLt's
+  int8 path on sm_75 depends on the CUDA build); elsewhere the float path.
 - **Backends** (`configure_backends`). CUDA fp32 matmuls on TF32 tensor cores unless `--tf32=false`.
 """
 
@@ -103,7 +104,8 @@ def compute_cleanup() -> None:
 # --- mixed precision ---------------------------------------------------------------------------------------------
 
 
-def cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (Linux; lower case), or an empty set where unknown."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -113,8 +115,8 @@ def cpu_flags() -> set[str]:
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):  # x86 | Arm
-            return set(value.split())
-    return set()
+            return frozenset(value.split())
+    return frozenset()
 
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512 BF16, x86 AMX, Arm FEAT_BF16
@@ -181,12 +183,41 @@ def make_grad_scaler(policy: AmpPolicy, device: torch.device) -> torch.amp.GradS
 
 
 # --- integer matmul ----------------------------------------------------------------------------------------------
-INT_MM_DEVICE_TYPES = ("cuda",)  # where _int_mm is worth probing; CPUs take the float32 product of the integers
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86 int8 dot-product units (VNNI, AMX)
+_INT_MM: dict[str, bool] = {}  # device type -> whether BitNeRF's ternary product uses torch._int_mm
 
 
 def int_mm_available(device: torch.device) -> bool:
-    """Whether BitNeRF's ternary product runs as torch._int_mm on `device` (see the module docstring)."""
-    return device.type in INT_MM_DEVICE_TYPES and probe_int_mm(str(device))
+    """Whether BitNeRF's ternary product runs as torch._int_mm on `device`: decided once per process and device
+    type (decide_int_mm), then a dictionary look-up that torch.compile reads as a constant."""
+    choice = _INT_MM.get(device.type)
+    if choice is None:
+        choice = _INT_MM[device.type] = decide_int_mm(device)[0]
+    return choice
+
+
+def decide_int_mm(device: torch.device) -> tuple[bool, str]:
+    """(use torch._int_mm, why). Both products are exact and give the same bits; this only chooses the faster:
+    int8 tensor cores on CUDA, VNNI/AMX int8 units on x86 CPUs; elsewhere (an AVX2-only CPU, Arm, MPS) the float32
+    product of the integers. NERF_INT_MM=on|off overrides the choice (off: to compare, or to rule the kernel
+    out); a kernel that fails the probe is never used."""
+    mode = os.environ.get("NERF_INT_MM", "auto")
+    if mode not in ("auto", "on", "off"):
+        raise UserError(f"NERF_INT_MM={mode!r} is not auto, on or off")
+    if mode == "off":
+        return False, "float32 matmul of the integers (NERF_INT_MM=off)"
+    if device.type == "cuda":
+        wanted, why = True, "int8 tensor cores"
+    elif device.type == "cpu":
+        units = [flag for flag in INT8_DOT_FLAGS if flag in cpu_flags()]
+        wanted, why = bool(units), f"int8 units: {', '.join(units)}" if units else "no VNNI/AMX int8 units"
+    else:
+        wanted, why = False, f"no int8 matmul kernel on {device.type}"
+    if mode == "on":
+        wanted, why = True, "NERF_INT_MM=on"
+    if wanted and not probe_int_mm(str(device)):
+        return False, f"float32 matmul of the integers (torch._int_mm failed its probe on {device})"
+    return wanted, ("torch._int_mm, int8 -> int32" if wanted else "float32 matmul of the integers") + f" ({why})"
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,10 +235,7 @@ def probe_int_mm(device: str) -> bool:
 
 
 def integer_matmul_line(device: torch.device) -> str:
-    if int_mm_available(device):
-        return "BitNeRF integer product: torch._int_mm (int8 -> int32)"
-    why = "probe failed on this GPU" if device.type in INT_MM_DEVICE_TYPES else "no int8 kernel chosen here"
-    return f"BitNeRF integer product: float32 matmul of the integers, exact ({why})"
+    return f"BitNeRF integer product: {decide_int_mm(device)[1]}"
 
 
 # --- backends ----------------------------------------------------------------------------------------------------

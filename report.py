@@ -2,6 +2,10 @@
 
     python report.py runs/* [--out report.md] [--plots DIR]
 
+The markdown goes to stdout (and to --out). The two plots, report_step.png and report_time.png, go to --plots,
+else beside --out, else into the folder that holds the runs (runs/ for `runs/*`), never into the current folder
+by default.
+
 A run directory holds config.json (written when training starts), metrics.jsonl and, once finished,
 summary.json and ckpt.pt; anything else given is skipped with a one-line warning. SSIM comes from an
 evaluate.py JSON saved in the run directory (eval.json, else the newest eval*.json).
@@ -248,11 +252,20 @@ def build_report(runs: list[Run], plot_paths: list[str], md_dir: str) -> str:
     return "\n".join(parts)
 
 
+def runs_folder(runs: list[Run]) -> str:
+    """The folder that holds the runs: their parents' common folder, or the first run's parent where that is the
+    filesystem's root (runs from unrelated places)."""
+    parents = [os.path.dirname(os.path.abspath(r.path)) for r in runs]
+    common = os.path.commonpath(parents)
+    return parents[0] if os.path.dirname(common) == common else common
+
+
 def _parse(argv: list[str] | None):
     p = ArgParser(prog="report.py", description="Markdown table and plots comparing training runs.")
     p.add_argument("runs", nargs="+", help="run directories (e.g. runs/*)")
     p.add_argument("--out", help="also write the markdown here (e.g. report.md)")
-    p.add_argument("--plots", help="folder for the PNG plots (default: beside --out, else the current folder)")
+    p.add_argument("--plots", help="folder for the PNG plots (default: beside --out, else the folder holding the "
+                                   "runs)")
     return p.parse_args(argv)
 
 
@@ -266,7 +279,7 @@ def _report_cli(argv: list[str] | None) -> int:
         if labels.count(run.label) > 1:  # same folder name under different parents
             run.label = os.path.normpath(run.path)
     md_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd()
-    plot_paths = write_plots(runs, args.plots or md_dir)
+    plot_paths = write_plots(runs, args.plots or (md_dir if args.out else runs_folder(runs)))
     text = build_report(runs, plot_paths, md_dir)
     print(text)
     if args.out:

@@ -1,10 +1,13 @@
-"""data_setup.py: the download with `requests` replaced by fakes (no network), and the procedural-scene writer.
+"""data_setup.py: the download with `requests` replaced by fakes (no network), the NeRF-synthetic (Blender)
+conversion on a tiny scene folder written here, and the procedural-scene writer.
 
 Every failure must: exit 2 with one `error:` line naming the problem, retry exactly when retrying can help (with
 exponential backoff), leave no temporary file, and leave a pre-existing good file byte-for-byte untouched.
 """
 
 import io
+import json
+import math
 import os
 import subprocess
 import sys
@@ -141,7 +144,7 @@ def test_valid_file_present_skips_download(good_file, monkeypatch, capsys, sleep
 
 def test_invalid_file_present_is_replaced_by_a_good_download(tmp_path, monkeypatch, capsys, sleeps):
     out = tmp_path / "tiny.npz"
-    out.write_bytes(GOOD[: len(GOOD) // 2])  # e.g. what an old, non-atomic downloader left behind
+    out.write_bytes(GOOD[: len(GOOD) // 2])  # e.g. a copy cut short by a full disk
     code, _, err = run_cli(["--out", str(out)], monkeypatch, FakeGet(FakeResponse(GOOD)), capsys)
     assert code == 0 and "not the tiny NeRF file" in err
     assert out.read_bytes() == GOOD
@@ -264,3 +267,123 @@ def test_synthetic_writes_exactly_the_named_file(tmp_path, capsys):
     views = data_setup.load_npz(str(out))
     assert tuple(views.images.shape) == (106, 100, 100, 3) and views.depth is not None
     assert "106 views, 100x100" in capsys.readouterr().out
+
+
+# --- NeRF-synthetic (Blender) scenes -------------------------------------------------------------------------------
+ANGLE_X = 0.6911112070083618  # the lego scene's camera_angle_x
+
+
+def rigid_pose(rng) -> list:
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    q *= np.sign(np.linalg.det(q))  # a rotation (det +1)
+    pose = np.eye(4)
+    pose[:3, :3], pose[:3, 3] = q, rng.normal(size=3) * 4
+    return pose.tolist()  # float64 values, as json.dump writes them
+
+
+@pytest.fixture
+def blender_scene(tmp_path):
+    """A NeRF-synthetic-shaped folder: transforms_train.json and 5 RGBA PNGs of 8x4 pixels, in train/."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "toy"
+    (folder / "train").mkdir(parents=True)
+    frames, images = [], []
+    for i in range(5):
+        rgba = rng.integers(0, 256, size=(4, 8, 4), dtype=np.uint8)
+        rgba[:, :4, 3] = rng.choice([0, 255], size=(4, 4))  # fully transparent and opaque pixels too
+        if i == 1:
+            rgba[:, :4] = (255, 255, 255, 0)  # a white but fully transparent block must come out black
+        Image.fromarray(rgba, "RGBA").save(folder / "train" / f"r_{i}.png")
+        images.append(rgba)
+        # the dataset's paths have no extension; one with it must work too
+        frames.append({"file_path": f"./train/r_{i}" + (".png" if i == 4 else ""), "rotation": 0.0126,
+                       "transform_matrix": rigid_pose(rng)})
+    (folder / "transforms_train.json").write_text(json.dumps({"camera_angle_x": ANGLE_X, "frames": frames}))
+    return folder, frames, images
+
+
+def reference_view(rgba: np.ndarray, k: int) -> np.ndarray:
+    """Composited on black, then the mean of each k x k block: written out pixel by pixel in Python floats."""
+    h, w = rgba.shape[0] // k, rgba.shape[1] // k
+    out = np.zeros((h, w, 3))
+    for y in range(h):
+        for x in range(w):
+            for c in range(3):
+                block = [rgba[y * k + dy, x * k + dx] for dy in range(k) for dx in range(k)]
+                out[y, x, c] = sum(float(p[c]) / 255 * float(p[3]) / 255 for p in block) / (k * k)
+    return out
+
+
+def test_blender_scene_is_composited_on_black_shrunk_by_area_and_thinned(blender_scene, tmp_path, capsys):
+    folder, frames, images = blender_scene
+    out = tmp_path / "toy2.npz"
+    argv = ["--blender", str(folder), "--size", "2", "--leave-out", "2:1", "--out", str(out)]
+    assert data_setup.main(argv) == 0
+    assert "3 views" in capsys.readouterr().out
+    with np.load(out) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    kept = [0, 2, 4]  # frames 1 and 3 left out
+    assert arrays["images"].dtype == np.float32 and arrays["images"].shape == (3, 1, 2, 3)
+    for image, i in zip(arrays["images"], kept):
+        np.testing.assert_allclose(image, reference_view(images[i], 4), rtol=0, atol=1e-7)
+        # exactly the float32 of an integer block sum of 8-bit colour x alpha over 255^2 * 16
+        sums = np.round(image.astype(np.float64) * 255 * 255 * 16)
+        assert np.array_equal(image, (sums / (255 * 255 * 16)).astype(np.float32))
+    expected_poses = np.array([frames[i]["transform_matrix"] for i in kept], dtype=np.float32)
+    assert arrays["poses"].dtype == np.float32 and np.array_equal(arrays["poses"], expected_poses)
+    assert arrays["focal"].dtype == np.float32 and arrays["focal"] == np.float32(1 / math.tan(ANGLE_X / 2))
+    views = data_setup.load_npz(str(out))  # the loader takes it as it is
+    assert len(views) == 3 and (views.height, views.width) == (1, 2)
+
+
+def test_blender_transparent_pixels_come_out_black_and_all_frames_by_default(blender_scene, tmp_path):
+    folder, _, images = blender_scene
+    out = tmp_path / "toy.npz"
+    assert data_setup.main(["--blender", str(folder), "--size", "4", "--out", str(out)]) == 0
+    with np.load(out) as npz:
+        got = npz["images"]
+    assert got.shape == (5, 2, 4, 3)  # every frame, 2x2 blocks
+    assert np.all(got[1, :, :2] == 0)  # white at alpha 0 is background: black
+    np.testing.assert_allclose(got[3], reference_view(images[3], 2), rtol=0, atol=1e-7)
+
+
+def test_blender_default_output_is_named_after_the_scene_and_size(blender_scene, tmp_path, monkeypatch):
+    folder, _, _ = blender_scene
+    monkeypatch.chdir(tmp_path)
+    assert data_setup.main(["--blender", str(folder), "--size", "4"]) == 0
+    assert os.path.isfile(tmp_path / "data" / "toy4.npz")
+
+
+@pytest.mark.parametrize("change, argv_extra, problem", [
+    (None, ["--size", "3"], "--size 3 must divide its width"),
+    (None, ["--split", "val"], "transforms_val.json not found"),
+    (None, ["--leave-out", "0:1"], "--leave-out expects STEP:START"),
+    (None, ["--leave-out", "1:0"], "no frames left"),
+    ("missing-image", ["--size", "4"], "cannot read"),
+    ("bad-pose", ["--size", "4"], "is not a rigid camera-to-world matrix"),
+    ("no-angle", ["--size", "4"], "is not a NeRF-synthetic transforms file"),
+], ids=["size", "split", "leave-out", "nothing-left", "missing-image", "bad-pose", "no-angle"])
+def test_blender_problems_are_one_line_and_write_nothing(blender_scene, tmp_path, capsys, change, argv_extra,
+                                                         problem):
+    folder, frames, _ = blender_scene
+    meta = folder / "transforms_train.json"
+    if change == "missing-image":
+        os.remove(folder / "train" / "r_2.png")
+    elif change == "bad-pose":
+        frames[2]["transform_matrix"][0][0] *= 2
+        meta.write_text(json.dumps({"camera_angle_x": ANGLE_X, "frames": frames}))
+    elif change == "no-angle":
+        meta.write_text(json.dumps({"frames": frames}))
+    out = tmp_path / "out" / "x.npz"
+    assert data_setup.main(["--blender", str(folder), "--out", str(out), *argv_extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and problem in err[0], err
+    assert not out.exists()
+
+
+def test_blender_and_synthetic_together_are_refused(blender_scene, tmp_path, capsys):
+    folder, _, _ = blender_scene
+    assert data_setup.main(["--blender", str(folder), "--synthetic", str(tmp_path / "s.npz")]) == 2
+    assert "give one of them" in capsys.readouterr().err

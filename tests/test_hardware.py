@@ -132,6 +132,8 @@ def test_collective_timeout_outlasts_a_cold_compile(monkeypatch):
 
 # --- BitNeRF's integer product: the probe, the fallback, and one arithmetic for every path -----------------------
 def test_int_mm_probe_falls_back_when_the_kernel_raises(monkeypatch):
+    monkeypatch.setattr(hardware, "_INT_MM", {})
+    monkeypatch.setenv("NERF_INT_MM", "on")
     probe_int_mm.cache_clear()
     try:
         assert probe_int_mm("cpu")  # the real kernel runs here and is exact
@@ -141,13 +143,27 @@ def test_int_mm_probe_falls_back_when_the_kernel_raises(monkeypatch):
 
         probe_int_mm.cache_clear()
         monkeypatch.setattr(torch, "_int_mm", broken)
-        assert not probe_int_mm("cpu")
-        # a device where _int_mm would be used: the probe fails, so BitNeRF takes the float path and still runs
-        monkeypatch.setattr(hardware, "INT_MM_DEVICE_TYPES", ("cuda", "cpu"))
+        use, why = hardware.decide_int_mm(torch.device("cpu"))
+        assert not use and "failed its probe" in why
+        # BitNeRF then takes the float path and still trains
         field = quantize_bitnet(BitNeRF(n_freqs=3, width=64, depth=3, skip_layer=1))
         field(torch.randn(64, 3)).sum().backward()
+        assert field.hidden[0].linear.ternary()[0].dtype == torch.float32
     finally:
         probe_int_mm.cache_clear()
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx2", "fma"}, False), ({"avx2", "avx512_vnni"}, True),
+                                             ({"avx2", "amx_int8"}, True), ({"avx_vnni"}, True)])
+def test_cpu_int8_kernel_only_where_the_cpu_has_int8_units(monkeypatch, flags, expected):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.delenv("NERF_INT_MM", raising=False)
+    assert hardware.decide_int_mm(torch.device("cpu"))[0] is expected
+    monkeypatch.setenv("NERF_INT_MM", "off")  # forced fallback, to compare
+    assert hardware.decide_int_mm(torch.device("cpu"))[0] is False
+    monkeypatch.setenv("NERF_INT_MM", "maybe")
+    with pytest.raises(UserError, match="not auto, on or off"):
+        hardware.decide_int_mm(torch.device("cpu"))
 
 
 def _forward_and_grads(field: torch.nn.Module, x: torch.Tensor):
@@ -157,23 +173,21 @@ def _forward_and_grads(field: torch.nn.Module, x: torch.Tensor):
     return out.detach(), {k: p.grad.clone() for k, p in field.named_parameters()}
 
 
-def test_int_mm_and_float_products_give_the_same_bits(monkeypatch):
+@pytest.mark.parametrize("size", [dict(n_freqs=3, width=64, depth=3, skip_layer=1),
+                                  dict(n_freqs=4, width=40, depth=2, skip_layer=1)])  # K, N not multiples of 8
+def test_int_mm_and_float_products_give_the_same_bits(monkeypatch, size):
     """The choice of kernel changes speed, never a result: forward and gradients bit for bit."""
     torch.manual_seed(0)
-    field = quantize_bitnet(BitNeRF(n_freqs=3, width=64, depth=3, skip_layer=1))
+    field = quantize_bitnet(BitNeRF(**size))
     x = torch.randn(512, 3)
-    float_path = _forward_and_grads(field, x)
-    probe_int_mm.cache_clear()
-    monkeypatch.setattr(hardware, "INT_MM_DEVICE_TYPES", ("cuda", "cpu"))
-    try:
-        assert hardware.int_mm_available(torch.device("cpu"))
-        assert field.hidden[0].linear.ternary()[0].dtype == torch.int8  # the int8 path is really taken
-        int_path = _forward_and_grads(field, x)
-    finally:
-        probe_int_mm.cache_clear()
-    assert torch.equal(float_path[0], int_path[0])
-    for name in float_path[1]:
-        assert torch.equal(float_path[1][name], int_path[1][name]), name
+    results = {}
+    for use in (False, True):
+        monkeypatch.setattr(hardware, "_INT_MM", {"cpu": use})
+        assert (field.hidden[0].linear.ternary()[0].dtype == torch.int8) is use  # the path really taken
+        results[use] = _forward_and_grads(field, x)
+    assert torch.equal(results[False][0], results[True][0])
+    for name in results[False][1]:
+        assert torch.equal(results[False][1][name], results[True][1][name]), name
 
 
 def test_ternary_inference_layer_same_bits_on_either_product(monkeypatch):
@@ -183,13 +197,11 @@ def test_ternary_inference_layer_same_bits_on_either_product(monkeypatch):
     layer.scale.fill_(0.037)
     layer.bias.normal_()
     x = torch.randn(100, 64)
-    expected = layer(x)
-    monkeypatch.setattr(hardware, "INT_MM_DEVICE_TYPES", ("cuda", "cpu"))
-    probe_int_mm.cache_clear()
-    try:
-        assert torch.equal(layer(x), expected)
-    finally:
-        probe_int_mm.cache_clear()
+    outputs = []
+    for use in (False, True):
+        monkeypatch.setattr(hardware, "_INT_MM", {"cpu": use})
+        outputs.append(layer(x))
+    assert torch.equal(*outputs)
 
 
 def test_scaling_under_bf16_autocast_is_float32_as_torchao_kernel():
