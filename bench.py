@@ -346,6 +346,46 @@ def bitnerf_ratio(size: str, compiled: bool, chunk: int, chunks: int, repeats: i
             "threads": torch.get_num_threads()}
 
 
+def render_ratio(size: str, compiled: bool, chunk: int, chunks: int, repeats: int, device: torch.device) -> dict:
+    """Points/s of a no-grad forward (what evaluation and videos run) of the packed ternary BitNeRF
+    (bitnerf.ternary_field, as loaded from a .bitnerf file) over the float NeRF of the same size, timed
+    alternately on the same random points; the ratio (> 1: the packed model is faster) is the median of the
+    per-pair ratios."""
+    from bitnerf import (BitNeRF, plain_state_dict, quantize_bitnet, ternary_field, ternary_state_dict)
+    from hardware import int_mm_available
+    from nerf import NeRF
+
+    arch = RATIO_SIZES[size]
+    torch.manual_seed(0)
+    int_mm_available(device)
+    points = torch.rand(chunk * chunks, 3, device=device) * 3 - 1.5
+    packed = ternary_field(**arch)
+    packed.load_state_dict(ternary_state_dict(plain_state_dict(quantize_bitnet(BitNeRF(**arch))), arch["depth"]))
+    forwards = {}
+    for name, field in (("nerf", NeRF(**arch).requires_grad_(False)), ("bitnerf", packed)):
+        field = field.to(device).eval()
+        module = torch.compile(field, fullgraph=True, dynamic=True) if compiled else field
+
+        def forward(module=module):
+            with torch.no_grad():
+                for part in points.split(chunk):
+                    module(part)
+
+        forwards[name] = forward
+        timed(forward, device, 1, warmup=1)  # compiles when compiling
+    times = {"nerf": [], "bitnerf": []}
+    for _ in range(repeats):
+        for name in ("nerf", "bitnerf"):
+            times[name] += timed(forwards[name], device, 1, warmup=0)
+    ratios = [a / b for a, b in zip(times["nerf"], times["bitnerf"])]
+    n = points.shape[0]
+    return {"size": size, **arch, "compile": compiled, "points": n, "chunk_points": chunk,
+            "nerf_points_per_s": n / statistics.median(times["nerf"]),
+            "bitnerf_points_per_s": n / statistics.median(times["bitnerf"]),
+            "speedup": statistics.median(ratios), "speedup_all": ratios, "int_mm": int_mm_available(device),
+            "threads": torch.get_num_threads()}
+
+
 def ratio_main(args) -> list[dict]:
     device = pick_device(args.device)
     if args.threads:
@@ -355,6 +395,15 @@ def ratio_main(args) -> list[dict]:
     for size in args.ratio_sizes.split(","):
         if size not in RATIO_SIZES:
             raise UserError(f"--ratio-sizes: unknown size {size!r} (choose from {', '.join(RATIO_SIZES)})")
+        if args.render:
+            for compiled in switch[args.compile]:
+                row = render_ratio(size, compiled, args.chunk_points or 8192, args.ratio_chunks, args.repeats, device)
+                rows.append(row)
+                print(f"{size:6s} {'compiled' if compiled else 'eager':8s} render  nerf "
+                      f"{row['nerf_points_per_s'] / 1e6:6.2f} M points/s  packed bitnerf "
+                      f"{row['bitnerf_points_per_s'] / 1e6:6.2f} M points/s  speed-up {row['speedup']:.2f} "
+                      f"(pairs: {' '.join(f'{r:.2f}' for r in row['speedup_all'])})", flush=True)
+            continue
         for compiled in switch[args.compile]:
             for amp in switch[args.amp]:
                 row = bitnerf_ratio(size, compiled, args.chunk_points or 8192, args.ratio_chunks, args.repeats,
@@ -424,6 +473,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--ratio-sizes", default="small,cpu,exp4",
                    help="--ratio: small (4x64, L=6), cpu (4x128, L=8: the cpu scale), exp4 (8x256, L=16)")
     p.add_argument("--ratio-chunks", type=int, default=2, help="--ratio: micro-batches per step")
+    p.add_argument("--render", action="store_true",
+                   help="with --ratio: the packed BitNeRF's no-grad forward (rendering) against the float NeRF's")
     p.add_argument("--threads", type=int, default=0, help="--ratio: torch threads (default: torch's)")
     p.add_argument("--bitnerf-impl", choices=("fused", "torchao"), default="fused",
                    help="--ratio: BitNeRF's layers: bitnerf's fused RMSNorm+BitLinear, or torchao's BitNet weights")

@@ -6,7 +6,8 @@
 Checks, in order (each one a row of OUT/gpu_check.md, default OUT = runs/gpu_check):
   environment   torch, CUDA, the GPU and its capability, native bf16?, TF32, the AMP dtype auto picks, _int_mm
   tests         the test files with CUDA tests (GPU only: CI runs the whole suite on CPU)
-  int_mm        torch._int_mm under torch.compile equals the exact float product (and its time vs eager)
+  int_mm        BitNeRF's int8 product (torch._int_mm as a custom op) under torch.compile equals the exact
+                float product (and its time against eager torch._int_mm)
   exp1/exp2/exp4  short training runs (paper scale on a GPU, toy on a CPU; compiled on a GPU) on the procedural
                 scene: held-out PSNR, points/s, fraction of the measured matmul peak, peak memory, graphs
                 compiled and graph breaks (a graph break or recompile storm shows here first)
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from bench import PeakMemory, linear_macs, matmul_peak, timed
+from bitnerf import int8_mm
 from configs import EXP1, EXP2, EXP4, apply_device_defaults, apply_scale
 from dataset import synthetic_scene
 from hardware import (amp_policy, configure_backends, cpu_has_native_bf16, int_mm_available, pick_device,
@@ -80,7 +82,7 @@ def check_int_mm_compiled(device: torch.device) -> tuple[bool, dict]:
     if not probe_int_mm(str(device)):
         return device.type != "cuda", {"int_mm": "not available here: the exact float product is used"}
     exact = a.cpu().double() @ b.cpu().double()  # on the CPU: an Apple GPU has no float64
-    compiled = torch.compile(lambda x, y: torch._int_mm(x, y), fullgraph=True, dynamic=True)
+    compiled = torch.compile(lambda x, y: int8_mm(x, y), fullgraph=True, dynamic=True)  # as BitNeRF calls it
     got = compiled(a, b)
     eager_ms = statistics.median(timed(lambda: torch._int_mm(a, b), device, 10)) * 1e3
     compiled_ms = statistics.median(timed(lambda: compiled(a, b), device, 10)) * 1e3

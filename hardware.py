@@ -192,6 +192,8 @@ def int_mm_available(device: torch.device) -> bool:
     type (decide_int_mm), then a dictionary look-up that torch.compile reads as a constant."""
     choice = _INT_MM.get(device.type)
     if choice is None:
+        if torch.compiler.is_compiling():  # no probe inside a graph: the float product, same bits
+            return False
         choice = _INT_MM[device.type] = decide_int_mm(device)[0]
     return choice
 
