@@ -34,6 +34,7 @@ import torch.distributed as dist
 from configs import device_kind
 from utils import Dist, UserError, print0
 
+
 # --- device ------------------------------------------------------------------------------------------------------
 def pick_device(requested: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
     """The device of --device=`requested` for this process; an impossible request is a UserError."""
@@ -102,8 +103,6 @@ def compute_cleanup() -> None:
 
 
 # --- mixed precision ---------------------------------------------------------------------------------------------
-
-
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (Linux; lower case), or an empty set where unknown."""
