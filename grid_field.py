@@ -4,7 +4,7 @@ In the spirit of Plenoxels / DVGO (without view dependence: the fields here see 
 at a point is the trilinear interpolation of the values stored at the 8 grid vertices around it, so one point
 costs a few dozen multiply-adds instead of an MLP's ~0.5 MFLOP. Used by the `fast` preset only.
 
-Two things make it fast on a CPU (measured in bench.py's notes and the README):
+Two things make it fast on a CPU:
 - interpolation is `F.embedding_bag` (8 vertex rows per point, weighted sum: one fused, threaded kernel), and its
   backward is a plain scatter-add (`index_put_(accumulate=True)`) instead of embedding_bag's sorting backward;
 - empty-space skipping: a first, gradient-free pass interpolates every point; points whose density is below

@@ -201,8 +201,8 @@ def test_overrides_the_study_sets_or_configs_refuse_exit_2(capsys):
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="VmHWM needs Linux /proc")
 def test_peak_memory_is_the_training_process_own_not_the_launcher(tmp_path):
     """A small child launched by a process holding ~400 MB: its peak must be its own (~10-30 MB). wait4's
-    ru_maxrss, used before, reported the launcher's memory here (Linux keeps the replaced memory's high-water
-    mark at exec), which made the study's table show ~1.15 GB for runs whose training used ~0.5 GB."""
+    ru_maxrss would report the launcher's memory here (Linux keeps the replaced memory's high-water mark at exec),
+    about 1.15 GB for a study's runs whose training uses ~0.5 GB."""
     import sys
 
     import numpy as np
