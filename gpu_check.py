@@ -98,6 +98,7 @@ def train_run(name: str, cfg, device: torch.device) -> tuple[bool, dict]:
 
     torch._dynamo.reset()
     counters.clear()
+    torch._logging.set_logs(recompiles=True, graph_breaks=True)  # their reasons, in the log
     with PeakMemory(device) as mem:
         start = time.perf_counter()
         summary = train(cfg)
@@ -271,6 +272,8 @@ def _parse(argv):
     p = ArgParser(prog="gpu_check.py", description="Check the device policy, CUDA tests and short runs here.")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--out", default="runs/gpu_check", help="folder for the runs and gpu_check.md")
+    p.add_argument("--data", help="views to train on (default: a procedural scene written to OUT; on a GPU "
+                                  "real data such as data/tiny_nerf_data.npz is the better test, see README)")
     return p.parse_args(argv)
 
 
@@ -279,9 +282,11 @@ def _check(argv) -> int:
     device = pick_device(args.device)
     configure_backends(device, tf32=True)
     os.makedirs(args.out, exist_ok=True)
-    data = os.path.join(args.out, "scene.npz")
-    size = 100 if device.type == "cuda" else 32
-    np.savez(data, **synthetic_scene(n_views=40 if device.type == "cuda" else 16, size=size, seed=3))
+    data = args.data
+    if data is None:
+        data = os.path.join(args.out, "scene.npz")
+        size = 100 if device.type == "cuda" else 32
+        np.savez(data, **synthetic_scene(n_views=40 if device.type == "cuda" else 16, size=size, seed=3))
     cfgs = configs_for(device, args.out, data)
     for cfg in cfgs.values():  # a fresh check each time: never resume an earlier check's runs
         if os.path.isdir(cfg.run_dir):
