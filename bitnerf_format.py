@@ -5,8 +5,9 @@ File layout (all integers little-endian):
     payload: raw tensor bytes | SHA-256 of every byte before it (32 bytes)
 The header holds the training config and, per tensor, its encoding, shape and (offset, nbytes) in the payload.
 Encodings: "float16"/"float32" (little-endian IEEE), "ternary-base3"/"ternary-2bit" (bitnerf.pack_ternary) and
-"bits" (numpy.packbits, big-endian within a byte: the occupancy grid `occupancy.occupied`, when the run skipped
-empty space).
+"bits-zlib" (the occupancy grid `occupancy.occupied`, when the run skipped empty space: numpy.packbits, big-endian
+within a byte, then zlib-compressed; a grid is mostly empty space in large runs, so a 128^3 grid of 256 KiB of bits
+takes ~10 KB) and "bits" (the same without compression, read for files that hold it).
 Hidden Linear weights are ternary (each with its fp32 absmean scale); everything else (input and output layers,
 biases, RMSNorm weights) stays float. export.py writes it; assembly.load_trained (or assembly.load_exported)
 loads it as a renderer around bitnerf.ternary_field.
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import struct
+import zlib
 
 import numpy as np
 import torch
@@ -37,8 +39,8 @@ FLOAT_STORAGES = tuple(_FLOATS)  # how the float tensors may be stored
 
 # --- encoding tensors ----------------------------------------------------------------------------------------------
 def _encode(name: str, tensor: torch.Tensor, packing: str, floats: str) -> tuple[str, bytes]:
-    if tensor.dtype == torch.bool:  # the occupancy grid: one bit per cell
-        return "bits", np.packbits(tensor.cpu().numpy().reshape(-1)).tobytes()
+    if tensor.dtype == torch.bool:  # the occupancy grid: one bit per cell, compressed
+        return "bits-zlib", zlib.compress(np.packbits(tensor.cpu().numpy().reshape(-1)).tobytes(), 9)
     if tensor.dtype == torch.int8:
         return f"ternary-{packing}", pack_ternary(tensor, packing).numpy().tobytes()
     # the per-layer scales stay fp32: they multiply every output of their layer and cost 4 bytes each
@@ -51,7 +53,8 @@ def _decode(entry: dict, data: bytes) -> torch.Tensor:
     if kind in _FLOATS:
         array = np.frombuffer(data, dtype=_FLOATS[kind][0])
         return torch.from_numpy(array.astype(np.float32)).reshape(shape)
-    if kind == "bits":
+    if kind in ("bits", "bits-zlib"):
+        data = zlib.decompress(data) if kind == "bits-zlib" else data
         bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=int(np.prod(shape)))
         return torch.from_numpy(bits.astype(bool)).reshape(shape)
     if kind.startswith("ternary-"):
@@ -103,7 +106,7 @@ def read_bitnerf(path: str) -> tuple[Config, dict[str, torch.Tensor], dict]:
         state = {name: _decode(e, payload[e["offset"]:e["offset"] + e["nbytes"]])
                  for name, e in header["tensors"].items()}
     # past the checksum only a writer bug (or a hand-made file) can be malformed
-    except (ValueError, KeyError, TypeError, RuntimeError, ConfigError) as err:
+    except (ValueError, KeyError, TypeError, RuntimeError, ConfigError, zlib.error) as err:
         raise UserError(f"{path}: malformed .bitnerf contents ({err})") from None
     return cfg, state, header
 

@@ -39,8 +39,9 @@ def export_checkpoint(ckpt_path: str, out_path: str, packing: str = "base3", flo
     if cfg.skip and ckpt.get("occupancy"):  # inference skips the same empty space as training's renders
         state[OCCUPIED_KEY] = ckpt["occupancy"]["occupied"]
     size = write_bitnerf(out_path, state, cfg, packing, floats)
+    grid = read_bitnerf(out_path)[2]["tensors"].get(OCCUPIED_KEY, {}).get("nbytes", 0)
     float_bytes = sum(v.numel() * v.element_size() for v in ckpt["model"].values())
-    return {"file_bytes": size, "float_weight_bytes": float_bytes, "ratio": float_bytes / size}
+    return {"file_bytes": size, "grid_bytes": grid, "float_weight_bytes": float_bytes, "ratio": float_bytes / size}
 
 
 def describe(path: str) -> str:
@@ -74,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--ckpt RUN/ckpt.pt is required (or --info FILE)")
         out = args.out or os.path.join(os.path.dirname(args.ckpt), "model.bitnerf")
         sizes = export_checkpoint(args.ckpt, out, args.packing, args.floats)
-        print(f"wrote {out}: {sizes['file_bytes']:,} bytes ({args.packing} ternary, {args.floats} floats) vs "
-              f"{sizes['float_weight_bytes']:,} bytes of float weights: {sizes['ratio']:.1f}x smaller")
+        print(f"wrote {out}: {sizes['file_bytes']:,} bytes ({args.packing} ternary, {args.floats} floats; of which "
+              f"the occupancy grid {sizes['grid_bytes']:,}) vs {sizes['float_weight_bytes']:,} bytes of float "
+              f"weights: {sizes['ratio']:.1f}x smaller")
 
     return run_cli(body)
 
