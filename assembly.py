@@ -16,10 +16,12 @@ from torch import nn
 from bitnerf import BitNeRF, plain_state_dict, quantize_bitnet, ternary_field
 from bitnerf_format import OCCUPIED_KEY, is_bitnerf_file, read_bitnerf
 from configs import Config, ConfigError, config_from_dict
+from dataset import evaluation_background
 from grid_field import GridField
 from nerf import NeRF
 from occupancy import OccupancyGrid
 from render import TINY_NERF_FOCAL_PER_PIXEL, VolumeRenderer, render_orbit, write_orbit
+from samplers import OccupancyGridSampler, StratifiedSampler
 from hardware import amp_policy, int_mm_available, pick_device
 from utils import ArgParser, UserError, load_checkpoint, run_cli
 
@@ -57,8 +59,14 @@ def build_renderer(cfg: Config, device: torch.device, field_state: dict | None =
     if cfg.model == "bitnerf":
         int_mm_available(device)  # decided now, eagerly: under torch.compile it is a constant
         quantize_bitnet(field)
-    return VolumeRenderer(field, cfg.near, cfg.far, cfg.n_samples, cfg.n_importance,
-                          build_occupancy(cfg, device, occupancy_state), cfg.chunk_points)
+    return VolumeRenderer(field, build_sampler(cfg, build_occupancy(cfg, device, occupancy_state)), cfg.chunk_points)
+
+
+def build_sampler(cfg: Config, grid: OccupancyGrid | None) -> StratifiedSampler:
+    """The sampler of a config: stratified (+ importance), or through an occupancy grid when skipping."""
+    if grid is None:
+        return StratifiedSampler(cfg.near, cfg.far, cfg.n_samples, cfg.n_importance)
+    return OccupancyGridSampler(cfg.near, cfg.far, cfg.n_samples, grid, cfg.occ_update_every)
 
 
 def build_occupancy(cfg: Config, device: torch.device, state: dict | None = None) -> OccupancyGrid | None:
@@ -113,8 +121,7 @@ def load_exported(path: str, device: torch.device | str = "cpu", mode: str = "in
         field.load_state_dict(state)
     except RuntimeError as err:
         raise UserError(f"{path}: tensors do not fit its config: {str(err).splitlines()[0]}") from None
-    renderer = VolumeRenderer(field, cfg.near, cfg.far, cfg.n_samples, cfg.n_importance, occupancy,
-                              cfg.chunk_points)
+    renderer = VolumeRenderer(field, build_sampler(cfg, occupancy), cfg.chunk_points)
     int_mm_available(torch.device(device))  # decided now, eagerly (see build_renderer)
     return renderer.to(torch.device(device)).eval(), cfg
 
@@ -126,11 +133,13 @@ def _render_args(argv: list[str] | None):
     p.add_argument("--out", help="output folder (default: a 'render' folder beside the checkpoint)")
     p.add_argument("--frames", type=int, help="frames in the turn (default: the run's video_frames)")
     p.add_argument("--fps", type=int, help="frames per second (default: the run's video_fps)")
-    p.add_argument("--radius", type=float, help="camera distance from the origin (default: the run's)")
+    p.add_argument("--radius", type=float, help="camera distance from the scene's centre (default: the run's)")
     p.add_argument("--elevation", type=float, help="degrees; negative looks down (default: the run's)")
     p.add_argument("--size", type=int, default=100, help="square image side in pixels (default 100)")
     p.add_argument("--focal", type=float, help="focal length in pixels of the output image "
                    f"(default {TINY_NERF_FOCAL_PER_PIXEL} x size: the tiny NeRF camera's field of view)")
+    p.add_argument("--background", choices=("white", "black"),
+                   help="colour behind the scene (default: what the run's data is scored on)")
     p.add_argument("--stills", type=int, default=4, help="PNG stills (rgb | depth | opacity) to write")
     p.add_argument("--gif", action="store_true", help="also write GIFs")
     p.add_argument("--chunk", type=int, help="rays per forward pass (default: from the run's chunk_points)")
@@ -154,8 +163,11 @@ def _render_cli(argv: list[str] | None) -> int:
     if not (radius > 0 and focal > 0 and args.stills >= 0):
         raise UserError(f"need --radius > 0, --focal > 0, --stills >= 0 (got {radius}, {focal}, {args.stills})")
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "render")
+    background = (evaluation_background(cfg.data, cfg.background) if args.background is None
+                  else torch.ones(3) if args.background == "white" else None)
     orbit = render_orbit(renderer, args.size, args.size, focal, frames, radius, elevation, chunk,
-                         autocast_dtype=amp_dtype(cfg, device))
+                         autocast_dtype=amp_dtype(cfg, device),
+                         background=None if background is None else background.to(device))
     for path in write_orbit(orbit, out_dir, fps, args.gif, args.stills):
         print(path)
     return 0

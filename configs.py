@@ -23,7 +23,9 @@ class Config:
     # --- run -----------------------------------------------------------------------------------------------
     name: str = "exp1"
     out_dir: str = ""  # "" -> runs/<name>
-    data: str = "synthetic"  # path to a tiny-NeRF .npz, or "synthetic" for the built-in procedural scene
+    # a tiny-NeRF .npz, a NeRF-synthetic (Blender) scene folder, an instant-ngp / nerfstudio capture (its
+    # transforms.json or the folder holding it), or "synthetic" for the built-in procedural scene (dataset.py)
+    data: str = "synthetic"
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # paper: the preset as the original configured it; cpu: the same experiment at a size a 2-core CPU trains in
     # minutes (see CPU_SCALE). On the command line the default is auto: paper on CUDA, cpu elsewhere
@@ -34,7 +36,15 @@ class Config:
     steps: int = 0
     max_time_s: float = 0.0
     # --- data / batching -----------------------------------------------------------------------------------
-    val_views: int = 11  # views held out for validation (the last ones of the file)
+    # views held out for validation: the last ones of a .npz; of a scene folder's val split, this many spread
+    # evenly (all if it has fewer); of a capture, this many frames spread evenly over the file-name order
+    val_views: int = 11
+    downscale: int = 1  # shrink every image this many times (area filter; the original's half_res is 2)
+    # what lies behind the scene (dataset.Background): auto | white | black | random | none. With alpha: the
+    # colour to composite on (auto = random per ray in training, white in evaluation, the benchmark's protocol);
+    # without: the colour the images were composited on (auto: black for .npz files, none for the rest), or
+    # none for a real background (nothing carved, no background penalty or metric)
+    background: str = "auto"
     batch_unit: str = "image"  # image: a step is `batch_size` whole images; ray: `batch_size` random rays
     batch_size: int = 4  # global (summed over DDP ranks)
     # sample points per forward/backward micro-batch: bounds memory, not the math. 8192 keeps a 256-wide layer's
@@ -55,13 +65,13 @@ class Config:
     near: float = 2.0
     far: float = 6.0
     perturb: bool = True  # stratified jitter of the samples during training
-    # + weight * mean opacity of the batch's rays whose target pixel is pure black (background); 0 = off. lego,
+    # + weight * mean opacity of the batch's rays that see through the scene (background); 0 = off. lego,
     # cpu scale, 1500 steps: 0 -> held-out PSNR 26.36 dB, background opacity 0.064; 1e-3 -> 26.31, 0.022;
     # 1e-2 -> 26.15, 0.003 (with carving; without it the original's fields reached 0.40-0.50)
     bg_opacity_weight: float = 1e-3
     # empty-space skipping (occupancy.py): the field is evaluated only at samples inside occupied cells of a
     # binary grid over [-occ_bound, occ_bound]^3, refreshed from the field's own density every occ_update_every
-    # steps (EMA); occ_carve empties, before training, the cells that black training pixels see through
+    # steps (EMA); occ_carve empties, before training, the cells that background training pixels see through
     skip: bool = True
     occ_resolution: int = 128
     occ_bound: float = 1.5
@@ -127,6 +137,7 @@ _CHOICES = {
     "amp_dtype": ("auto", "bf16", "fp16"),
     "wandb": ("online", "offline", "disabled"),
     "scale": ("paper", "cpu"),
+    "background": ("auto", "white", "black", "random", "none"),
 }
 
 
@@ -137,7 +148,7 @@ def _problems(c: Config):
     if not (c.device in ("auto", "cpu", "cuda", "mps") or _is_cuda_index(c.device)):
         yield f"device={c.device!r} is not auto, cpu, cuda, cuda:N or mps"
     positive = ("epochs", "batch_size", "chunk_points", "n_freqs", "width", "depth", "log_every", "video_frames",
-                "video_fps", "keep_ckpts")
+                "video_fps", "keep_ckpts", "downscale")
     for key in positive:
         if getattr(c, key) < 1:
             yield f"{key} must be >= 1 (got {getattr(c, key)})"

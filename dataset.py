@@ -1,31 +1,109 @@
-"""Data: load and validate tiny-NeRF `.npz` files, the built-in procedural scene, and on-device ray batches.
+"""Data: what --data points at, loaded as views (images, cameras, poses) with the data's background, and
+on-device ray batches.
 
-A tiny-NeRF file holds `images` [N, H, W, 3] (float in [0, 1] or uint8), `poses` [N, 4, 4] camera-to-world and
-a scalar `focal`. The procedural scene (`synthetic_scene`) has the same format plus ground-truth `depth` [N, H, W]
-(camera-space z, 0 where the ray hits nothing).
+--data is one of
+- `synthetic`: the built-in procedural scene (three textured primitives on black, with ground-truth depth);
+- a tiny-NeRF `.npz`: `images` [N, H, W, 3] (float in [0, 1] or uint8), `poses` [N, 4, 4] camera-to-world, a
+  scalar `focal` (square pixels, principal point at the centre), optionally `depth` [N, H, W] (camera-space z,
+  0 where the ray hits nothing); composited on black; the last `val_views` views are held out;
+- a NeRF-synthetic (Blender) scene folder (transforms_{train,val,test}.json + RGBA PNGs): trained on its train
+  split, validated on `val_views` views of its val split spread evenly (all of them if it has fewer);
+- an instant-ngp / nerfstudio capture: its transforms.json or the folder holding it; `val_views` frames spread
+  evenly over the file-name order are held out. Its poses are normalised (cameras.normalise_capture).
+scene_files.py reads the folders. `downscale` shrinks every image by an integer factor with an area filter.
+
+The background is a property of the data (`Background`), and every consumer asks it: the colour the renderer
+composites on in training and in evaluation, which pixels see through the scene (carving, the background penalty,
+the background-opacity metric). Data with alpha knows exactly: alpha 0 sees through. Data without alpha either
+declares the colour its images were composited on (the tiny-NeRF files: black) and then a pixel within 1/255 of it
+counts as background, or has a real background (captures) and no pixel is known to see through.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from render import pixel_rays, pose_spherical
+from cameras import Cameras, pose_spherical
+from render import pixel_rays
+from scene_files import (blender_splits, capture_json, first_image_has_alpha, is_blender_folder, read_blender,
+                         read_capture)
 from utils import DataError  # lives in utils, so that run_cli reports it without importing this module
 
+BACKGROUNDS = ("auto", "white", "black", "random", "none")
+COLOURS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
+SEE_THROUGH_TOLERANCE = 1.0 / 255.0  # data without alpha: a pixel this close to the background colour is background
 
+
+# --- the background ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Background:
+    """What lies behind the scene, for the data's images and for the renderer.
+
+    train: "white", "black", "random" (a uniform colour per ray and step: empty space must be learnt empty, as
+    instant-ngp and nerfacc train on RGBA data) or "none" (a real background the field itself must explain).
+    eval: "white", "black" or "none": what held-out views are composited and rendered on.
+    alpha: whether the images carry alpha (then targets are composited on the background per ray).
+    """
+
+    train: str
+    eval: str
+    alpha: bool
+
+    @staticmethod
+    def resolve(requested: str, alpha: bool, baked: str, source: str) -> "Background":
+        """The background of data with (`alpha`) or without alpha, whose RGB images (without alpha) were composited
+        on `baked` ("black", "white" or "none"), given --background=`requested`."""
+        if requested not in BACKGROUNDS:
+            raise DataError(f"background={requested!r} is not one of {', '.join(BACKGROUNDS)}")
+        if alpha:
+            if requested == "none":
+                raise DataError(f"{source} has alpha, so its background is chosen: --background=white, black or "
+                                f"random (auto: random in training, white in evaluation)")
+            train = "random" if requested == "auto" else requested
+            return Background(train, "white" if train == "random" else train, True)
+        if requested == "random":
+            raise DataError(f"{source} has no alpha: its background is in its images, so --background=random is "
+                            f"impossible (use auto, or white/black/none to say what the images show)")
+        colour = baked if requested == "auto" else requested
+        return Background(colour, colour, False)
+
+    def colour(self, kind: str, device=None) -> torch.Tensor | None:
+        """[3] colour of a fixed background ("white", "black"), None for black or none (nothing is added)."""
+        if kind == "white":
+            return torch.ones(3, device=device)
+        return None
+
+    @property
+    def known(self) -> bool:
+        """Whether some pixels are known to see through the scene (alpha, or a declared background colour)."""
+        return self.alpha or self.eval != "none"
+
+
+# --- views -------------------------------------------------------------------------------------------------------
 @dataclass
 class Views:
-    """A set of posed views, as tensors on one device."""
+    """A set of posed views, as tensors on one device.
 
-    images: torch.Tensor  # [N, H, W, 3] float32 in [0, 1]
+    images: [N, H, W, 3] float32 in [0, 1] (tiny-NeRF files) or uint8; or [N, H, W, 4] uint8, premultiplied
+    colour and alpha. Targets are made per ray (`pixels`), so nothing per pixel is stored besides the images.
+    """
+
+    images: torch.Tensor
     poses: torch.Tensor  # [N, 4, 4] float32 camera-to-world
-    focal: float
+    cameras: Cameras
+    background: Background = Background("black", "black", False)
     depth: torch.Tensor | None = None  # [N, H, W] ground-truth camera-space depth (0 = background), if known
+    aabb_scale: float | None = None  # a capture's scene extent, in units of the occupancy box
+    numbers: torch.Tensor | None = None  # [N] each view's index in its file (None: 0 .. N-1)
+
+    def __post_init__(self):
+        if self.numbers is None:
+            self.numbers = torch.arange(self.images.shape[0])
 
     @property
     def height(self) -> int:
@@ -35,20 +113,208 @@ class Views:
     def width(self) -> int:
         return self.images.shape[2]
 
+    @property
+    def focal(self) -> float:
+        """The focal length of data taken with one centred pinhole camera (the tiny-NeRF files); other data has
+        per-view intrinsics in `cameras`."""
+        focal = self.cameras.simple_focal()
+        if focal is None:
+            raise DataError("these views have per-view intrinsics (fx, fy, cx, cy, distortion), not one focal")
+        return focal
+
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def subset(self, index: slice | torch.Tensor) -> "Views":
-        return Views(self.images[index], self.poses[index], self.focal,
-                     None if self.depth is None else self.depth[index])
+        return replace(self, images=self.images[index], poses=self.poses[index], cameras=self.cameras.subset(index),
+                       depth=None if self.depth is None else self.depth[index], numbers=self.numbers[index])
 
     def to(self, device) -> "Views":
-        return Views(self.images.to(device), self.poses.to(device), self.focal,
-                     None if self.depth is None else self.depth.to(device))
+        return replace(self, images=self.images.to(device), poses=self.poses.to(device),
+                       cameras=self.cameras.to(device), depth=None if self.depth is None else self.depth.to(device))
+
+    def rays(self, view: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rays through the centres of pixels (row py, column px) of views `view` (all [R]) -> rays_o, rays_d [R, 3]."""
+        return self.cameras.rays(self.poses.index_select(0, view), view, px.float(), py.float())
+
+    def values(self, view: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
+        """The stored values [R, C] of pixels (row py, column px) of views `view` (all [R], int64). index_select on
+        the flat pixels: advanced indexing goes through a parallel kernel that, on a CPU shared with other work,
+        waited ~8 ms for a descheduled thread per call where this takes 0.05 ms."""
+        flat = (view * self.height + py) * self.width + px
+        return self.images.reshape(-1, self.images.shape[-1]).index_select(0, flat)
+
+    def image_rays(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rays through every pixel of view i -> rays_o, rays_d [H, W, 3]."""
+        return self.cameras.image_rays(self.poses[i], i)
+
+    def pixels(self, values: torch.Tensor, background: torch.Tensor | None) -> torch.Tensor:
+        """Stored pixel values [..., C] -> float RGB [..., 3] in [0, 1] as seen on `background` ([..., 3] or [3];
+        None: black or nothing). Only images with alpha are composited; RGB images already show their background."""
+        rgb = values[..., :3].float() / 255.0 if values.dtype == torch.uint8 else values[..., :3].float()
+        if values.shape[-1] == 4 and background is not None:
+            rgb = rgb + (1.0 - values[..., 3:].float() / 255.0) * background
+        return rgb
+
+    def see_through(self, values: torch.Tensor) -> torch.Tensor | None:
+        """Stored pixel values [..., C] -> bool [...]: the camera sees through the scene there (alpha 0, or the
+        declared background colour to within 1/255); None when the data has a real background."""
+        if values.shape[-1] == 4:
+            return values[..., 3] == 0
+        if not self.background.known:
+            return None
+        rgb = values[..., :3].float() / 255.0 if values.dtype == torch.uint8 else values[..., :3]
+        colour = torch.tensor(COLOURS[self.background.eval], device=values.device)
+        return ((rgb - colour).abs() <= SEE_THROUGH_TOLERANCE).all(dim=-1)
+
+    def eval_background(self) -> torch.Tensor | None:
+        """[3] colour held-out views are rendered and scored on (None: black, or a real background)."""
+        return self.background.colour(self.background.eval, self.images.device)
+
+    def image(self, i: int) -> torch.Tensor:
+        """View i as scored: float RGB [H, W, 3] on the evaluation background."""
+        return self.pixels(self.images[i], self.eval_background())
 
 
-# --- loading and validation ------------------------------------------------------------------------------------
-def load_npz(path: str) -> Views:
+# --- loading ----------------------------------------------------------------------------------------------------
+def load_views(data: str, split: str = "all", val_views: int = 0, downscale: int = 1,
+               background: str = "auto") -> Views:
+    """The views of `data` (see the module's docstring) in one split: "all", "train", "val" (held out:
+    `val_views` of them) or "test" (a scene folder's test file)."""
+    return open_data(data, downscale, background).views(split, val_views)
+
+
+def train_val_views(cfg) -> tuple[Views, Views]:
+    """(training views, held-out views) of a run's config (its data, val_views, downscale and background)."""
+    source = open_data(cfg.data, cfg.downscale, cfg.background)
+    return source.views("train", cfg.val_views), source.views("val", cfg.val_views)
+
+
+def evaluation_background(data: str, background: str) -> torch.Tensor | None:
+    """The colour [3] (None: black or none) views of `data` are scored on under --background=`background`,
+    found without loading the data (one image is read to see whether it has alpha). Data that cannot be read any
+    more: the colour asked for, else black."""
+    if background == "auto":
+        json_path = os.path.join(data, "transforms_train.json") if is_blender_folder(data) else capture_json(data)
+        try:
+            alpha = json_path is not None and first_image_has_alpha(json_path)
+        except DataError:
+            alpha = False
+        background = "white" if alpha else "black"  # RGBA: random in training, white in evaluation
+    return torch.ones(3) if background in ("white", "random") else None
+
+
+def open_data(data: str, downscale: int = 1, background: str = "auto") -> "DataSource":
+    if not (isinstance(downscale, int) and downscale >= 1):
+        raise DataError(f"downscale must be an integer >= 1 (got {downscale})")
+    if data == "synthetic":
+        return DataSource(data, "synthetic", _downscaled(views_from_arrays(synthetic_scene(), "synthetic scene",
+                                                                           background), downscale))
+    if is_blender_folder(data):
+        return DataSource(data, "blender", None, downscale, background)
+    if os.path.isdir(data) and capture_json(data) is None:
+        raise DataError(f"{data} is a folder without transforms_train.json (a NeRF-synthetic scene) or "
+                        f"transforms.json (an instant-ngp / nerfstudio capture)")
+    json_path = capture_json(data)
+    if json_path is not None:
+        return DataSource(data, "capture", _from_scene(read_capture(json_path, downscale), background, json_path))
+    return DataSource(data, "npz", _downscaled(load_npz(data, background), downscale))
+
+
+class DataSource:
+    """Where views come from: a loaded set (npz, synthetic, capture) split by index, or a scene folder read one
+    split file at a time."""
+
+    def __init__(self, data: str, kind: str, views: Views | None, downscale: int = 1, background: str = "auto"):
+        self.data, self.kind, self.all, self.downscale, self.background = data, kind, views, downscale, background
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("all", *blender_splits(self.data)) if self.kind == "blender" else ("all", "train", "val")
+
+    def views(self, split: str, val_views: int) -> Views:
+        """The views of `split` ("all", "train", "val": `val_views` held out, "test": a scene folder's)."""
+        if split not in self.splits:
+            raise DataError(f"{self.data} has no {split} split (its splits: {', '.join(self.splits)})")
+        if self.kind == "blender":
+            if split == "all":
+                return concat_views([self._blender(s) for s in blender_splits(self.data)])
+            views = self._blender(split)
+            return views.subset(spread(len(views), val_views)) if split == "val" and 0 < val_views < len(
+                views) else views
+        return self.all if split == "all" else self.all.subset(self.numbers(split, val_views))
+
+    def numbers(self, split: str, val_views: int) -> torch.Tensor:
+        """[n] indices into the loaded views of a held-out split ("val", or "train": the rest)."""
+        n = len(self.all)
+        if self.kind == "capture":
+            held = spread(n, _check_val_views(n, val_views))
+        else:
+            held = torch.arange(n - _check_val_views(n, val_views), n)
+        if split == "val":
+            return held
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[held] = False
+        return keep.nonzero().squeeze(1)
+
+    def _blender(self, split: str) -> Views:
+        path = os.path.join(self.data, f"transforms_{split}.json")
+        return _from_scene(read_blender(self.data, split, self.downscale), self.background, path)
+
+
+def spread(n: int, k: int) -> torch.Tensor:
+    """k indices spread evenly over range(n): the middle of each of k equal parts."""
+    return torch.tensor([int((j + 0.5) * n / k) for j in range(k)], dtype=torch.long)
+
+
+def _check_val_views(n: int, n_val: int) -> int:
+    if not 0 < n_val < n:
+        raise DataError(f"the data has {n} views: cannot hold out {n_val} for validation and still train (set "
+                        f"--val_views between 1 and {n - 1})")
+    return n_val
+
+
+def concat_views(parts: list[Views]) -> Views:
+    first = parts[0]
+    cat = lambda get: torch.cat([get(p) for p in parts])
+    cameras = Cameras(cat(lambda p: p.cameras.fx), cat(lambda p: p.cameras.fy), cat(lambda p: p.cameras.cx),
+                      cat(lambda p: p.cameras.cy), first.height, first.width,
+                      None if first.cameras.distortion is None else cat(lambda p: p.cameras.distortion))
+    return replace(first, images=cat(lambda p: p.images), poses=cat(lambda p: p.poses), cameras=cameras, depth=None,
+                   numbers=torch.arange(sum(len(p) for p in parts)))
+
+
+def _from_scene(scene: dict, background: str, source: str) -> Views:
+    images = torch.from_numpy(scene["images"])
+    alpha = images.shape[-1] == 4
+    as_tensor = lambda key: torch.from_numpy(np.asarray(scene[key], dtype=np.float32))
+    distortion = None if scene["distortion"] is None else as_tensor("distortion")
+    cameras = Cameras(as_tensor("fx"), as_tensor("fy"), as_tensor("cx"), as_tensor("cy"), images.shape[1],
+                      images.shape[2], distortion)
+    return Views(images, as_tensor("poses"), cameras, Background.resolve(background, alpha, "none", source),
+                 aabb_scale=scene.get("aabb_scale"))
+
+
+def _downscaled(views: Views, factor: int) -> Views:
+    """Views of a tiny-NeRF file or the procedural scene shrunk `factor` times (block means; depth: the mean over
+    the block's pixels that have depth)."""
+    if factor == 1:
+        return views
+    n, h, w, c = views.images.shape
+    if h % factor or w % factor:
+        raise DataError(f"views of {w}x{h} pixels are not divisible by --downscale={factor}")
+    blocks = lambda t: t.reshape(n, h // factor, factor, w // factor, factor, *t.shape[3:])
+    images = blocks(views.images.double()).mean(dim=(2, 4))
+    images = images.round().to(torch.uint8) if views.images.dtype == torch.uint8 else images.float()
+    depth = None
+    if views.depth is not None:
+        d = blocks(views.depth.double())
+        known = (d > 0).double().sum(dim=(2, 4))
+        depth = (d.sum(dim=(2, 4)) / known.clamp_min(1)).float()
+    return replace(views, images=images, cameras=views.cameras.scaled(factor), depth=depth)
+
+
+def load_npz(path: str, background: str = "auto") -> Views:
     """Load and validate a tiny-NeRF .npz. Raises DataError naming the problem."""
     if not os.path.exists(path):
         raise DataError(f"data file not found: {path} (run `python data_setup.py` or use --data=synthetic)")
@@ -65,10 +331,11 @@ def load_npz(path: str) -> Views:
     except Exception as err:  # whatever a damaged file raises: BadZipFile, zlib.error, EOFError, NotImplementedError..
         reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise DataError(f"{path} is not a readable .npz file ({type(err).__name__}: {reason})") from None
-    return views_from_arrays(arrays, path)
+    return views_from_arrays(arrays, path, background)
 
 
-def views_from_arrays(arrays: dict, source: str = "data") -> Views:
+def views_from_arrays(arrays: dict, source: str = "data", background: str = "auto") -> Views:
+    """Views of tiny-NeRF arrays (images composited on black unless --background says otherwise)."""
     missing = {"images", "poses", "focal"} - set(arrays)
     if missing:
         raise DataError(f"{source} lacks key(s) {', '.join(sorted(missing))} (has: {', '.join(sorted(arrays))})")
@@ -83,7 +350,9 @@ def views_from_arrays(arrays: dict, source: str = "data") -> Views:
         if depth.shape != images.shape[:3] or not np.isfinite(depth).all():
             raise DataError(f"{source}: depth must be finite with shape {images.shape[:3]}, got {depth.shape}")
         depth = torch.from_numpy(depth)
-    return Views(torch.from_numpy(images), torch.from_numpy(poses), focal, depth)
+    cameras = Cameras.pinhole(len(images), focal, images.shape[1], images.shape[2])
+    return Views(torch.from_numpy(images), torch.from_numpy(poses), cameras,
+                 Background.resolve(background, False, "black", source), depth)
 
 
 def _check_images(images: np.ndarray, source: str) -> np.ndarray:
@@ -130,18 +399,9 @@ def _check_focal(focal: np.ndarray, source: str) -> float:
     return value
 
 
-def load_views(data: str) -> Views:
-    """`synthetic` -> the procedural scene; anything else is a path to a tiny-NeRF .npz."""
-    if data == "synthetic":
-        return views_from_arrays(synthetic_scene(), "synthetic scene")
-    return load_npz(data)
-
-
 def split_views(views: Views, n_val: int) -> tuple[Views, Views]:
     """Hold out the last `n_val` views (the tiny NeRF split: 106 = 95 train + 11 validation)."""
-    if not 0 < n_val < len(views):
-        raise DataError(f"the data has {len(views)} views: cannot hold out {n_val} for validation and still "
-                        f"train (set --val_views between 1 and {len(views) - 1})")
+    _check_val_views(len(views), n_val)
     return views.subset(slice(0, len(views) - n_val)), views.subset(slice(len(views) - n_val, None))
 
 
@@ -163,6 +423,45 @@ def synthetic_scene(n_views: int = 106, size: int = 100, seed: int = 0, radius: 
     rgb, depth = _trace(origins.numpy().reshape(-1, 3), dirs.numpy().reshape(-1, 3))
     return {"images": rgb.reshape(n_views, size, size, 3).astype(np.float32), "poses": poses.astype(np.float32),
             "focal": np.float64(focal), "depth": depth.reshape(n_views, size, size).astype(np.float32)}
+
+
+def write_synthetic_capture(folder: str, n_views: int = 60, width: int = 120, height: int = 96, seed: int = 7) -> None:
+    """The procedural scene as an instant-ngp / nerfstudio capture in `folder`: transforms.json (OPENCV camera
+    with its principal point off the centre and a radial-tangential distortion) and JPG frames in images/, seen
+    in front of a uniform blue-grey background, the poses in a frame of their own (rotated, scaled by 0.4 and
+    shifted), so that loading it exercises every step a real capture needs."""
+    import json
+
+    import imageio.v3 as iio
+
+    from cameras import pinhole_directions
+
+    intrinsics = {"w": width, "h": height, "fl_x": 1.1 * width, "fl_y": 1.15 * width, "cx": 0.5875 * width,
+                  "cy": 0.40625 * height, "k1": -0.08, "k2": 0.01, "p1": 0.002, "p2": -0.001}
+    distortion = torch.tensor([-0.08, 0.01, 0.0, 0.002, -0.001], dtype=torch.float64)
+    py, px = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+                            indexing="ij")
+    cam_dirs = pinhole_directions(px, py, intrinsics["fl_x"], intrinsics["fl_y"], intrinsics["cx"],
+                                  intrinsics["cy"], distortion).numpy()
+    rng = np.random.default_rng(seed)
+    angle = 0.9
+    turn = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]])
+    turn = turn @ np.array([[1, 0, 0], [0, math.cos(0.4), -math.sin(0.4)], [0, math.sin(0.4), math.cos(0.4)]])
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    frames = []
+    for i in range(n_views):
+        c2w = pose_spherical(rng.uniform(0, 360), rng.uniform(-70, -10), 4.0).double().numpy()
+        dirs = cam_dirs @ c2w[:3, :3].T
+        rgb, depth = _trace(np.broadcast_to(c2w[:3, 3], dirs.shape).reshape(-1, 3), dirs.reshape(-1, 3))
+        rgb = np.where(depth[:, None] > 0, rgb, [0.25, 0.55, 0.75]).reshape(height, width, 3)
+        name = f"images/frame_{i:05d}.jpg"
+        iio.imwrite(os.path.join(folder, name), np.round(rgb * 255).astype(np.uint8), quality=95)
+        moved = np.eye(4)
+        moved[:3, :3] = turn @ c2w[:3, :3]
+        moved[:3, 3] = 0.4 * turn @ c2w[:3, 3] + [1.0, 2.0, -0.5]
+        frames.append({"file_path": name, "transform_matrix": moved.tolist()})
+    with open(os.path.join(folder, "transforms.json"), "w") as f:
+        json.dump({"camera_model": "OPENCV", **intrinsics, "aabb_scale": 1, "frames": frames}, f, indent=1)
 
 
 _LIGHT = np.array([0.4, -0.5, 0.75]) / np.linalg.norm([0.4, -0.5, 0.75])
@@ -228,10 +527,13 @@ def _checker(p):
 class RayBatcher:
     """Yields training rays on the device, one global batch per step, each rank taking its own share.
 
-    Units are whole images (`batch_unit="image"`) or single pixels (`"ray"`). Each epoch is a fresh permutation
-    of all units drawn from (seed, epoch), so the batch of any step is a pure function of (seed, step): a resumed
-    run sees exactly the batches an uninterrupted one would. The last partial batch of an epoch is dropped.
-    Rays are built on the device from the poses, so nothing per-pixel is stored besides the images.
+    Units are whole images (`batch_unit="image"`: each epoch a fresh permutation of the views) or single pixels
+    (`"ray"`: each step draws its rays uniformly with replacement over every training pixel, as instant-ngp and
+    nerfacc do, so no per-pixel permutation is ever held: 100 views at 800x800 are 64 M rays). Every draw comes
+    from (seed, step) on the images' device and is made for the whole global batch before each rank takes its
+    slice, so the batch of any step is a pure function of (seed, step), whatever the number of ranks: a resumed
+    run sees exactly the batches an uninterrupted one would, and N ranks see the one-process batch.
+    An epoch is as many rays (or images) as the training set holds; its last partial batch is dropped.
     """
 
     def __init__(self, views: Views, unit: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
@@ -246,6 +548,11 @@ class RayBatcher:
         self.steps_per_epoch = n_units // batch_size
         self.n_units = n_units
         self._perm_epoch, self._perm = -1, None
+        self._drawn: tuple | None = None  # (step, view, py, px, background) of the last batch
+
+    def _generator(self, step: int) -> torch.Generator:
+        device = self.views.images.device
+        return torch.Generator(device=device).manual_seed(self.seed * 100003 + step)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._perm_epoch:
@@ -254,21 +561,45 @@ class RayBatcher:
             self._perm_epoch = epoch
         return self._perm
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's rays for global step `step`: rays_o, rays_d, target rgb, each [R, 3]."""
-        epoch, index = divmod(step, self.steps_per_epoch)
+    def _draw(self, step: int):
+        """This rank's pixels (view, row, column) [R] and background colours [R, 3] (or None) for `step`."""
+        if self._drawn is not None and self._drawn[0] == step:
+            return self._drawn[1:]
+        v, device = self.views, self.views.images.device
         per_rank = self.batch_size // self.world_size
-        start = index * self.batch_size + self.rank * per_rank
-        units = self._permutation(epoch)[start:start + per_rank]
-        v = self.views
+        mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        gen = self._generator(step)
         if self.unit == "image":
+            epoch, index = divmod(step, self.steps_per_epoch)
+            units = self._permutation(epoch)[index * self.batch_size:(index + 1) * self.batch_size][mine]
             view = units[:, None, None].expand(-1, v.height, v.width)
-            py, px = torch.meshgrid(torch.arange(v.height, device=units.device),
-                                    torch.arange(v.width, device=units.device), indexing="ij")
-            view, py, px = view.reshape(-1), py.expand(len(units), -1, -1).reshape(-1), px.expand(
-                len(units), -1, -1).reshape(-1)
+            py, px = torch.meshgrid(torch.arange(v.height, device=device), torch.arange(v.width, device=device),
+                                    indexing="ij")
+            view, py, px = (t.expand(len(units), -1, -1).reshape(-1) for t in (view, py, px))
         else:
+            units = torch.randint(self.n_units, (self.batch_size,), generator=gen, device=device)[mine]
             view, pixel = units // (v.height * v.width), units % (v.height * v.width)
             py, px = pixel // v.width, pixel % v.width
-        rays_o, rays_d = pixel_rays(v.poses[view], px.float(), py.float(), v.focal, v.height, v.width)
-        return rays_o, rays_d, v.images[view, py, px]
+        background = self._background(gen, len(view), device)
+        self._drawn = (step, view, py, px, background)
+        return view, py, px, background
+
+    def _background(self, gen: torch.Generator, n_rays: int, device) -> torch.Tensor | None:
+        kind = self.views.background.train
+        if kind == "random":  # one colour per ray, drawn for the whole global batch
+            colours = torch.rand(n_rays * self.world_size, 3, generator=gen, device=device)
+            return colours[self.rank * n_rays:(self.rank + 1) * n_rays]
+        colour = self.views.background.colour(kind, device)
+        return None if colour is None else colour.expand(n_rays, 3)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's rays for global step `step`: rays_o, rays_d, target rgb (on the step's background), [R, 3]."""
+        view, py, px, background = self._draw(step)
+        rays_o, rays_d = self.views.rays(view, py, px)
+        return rays_o, rays_d, self.views.pixels(self.views.values(view, py, px), background)
+
+    def background(self, step: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What lies behind this rank's rays of step `step`: the colour the renderer composites on [R, 3] (None:
+        nothing), and which rays see through the scene [R] bool (None: not known, a real background)."""
+        view, py, px, background = self._draw(step)
+        return background, self.views.see_through(self.views.values(view, py, px))

@@ -1,9 +1,12 @@
-"""Evaluate a trained checkpoint on every view of a tiny-NeRF file: PSNR, SSIM and (where known) depth error.
+"""Evaluate a trained checkpoint on held-out views: PSNR, SSIM, background opacity and (where known) depth error.
 
-    python evaluate.py --ckpt runs/exp1/ckpt.pt [--data PATH.npz] [--split val|all] [--json OUT.json]
+    python evaluate.py --ckpt runs/exp1/ckpt.pt [--data PATH] [--split val|all|train|test] [--json OUT.json]
 
-The headline number is over held-out views: on the data the run trained on (the default) only its last
-val_views views are scored (`--split val`); on any other data file every view is held out (`--split all`).
+The headline number is over held-out views: on the data the run trained on (the default) its validation views
+are scored (`--split val`: the last val_views of a .npz, the val split of a scene folder); on any other data every
+view is held out (`--split all`); `--split test` scores a scene folder's test split. Views are composited and
+rendered on the data's evaluation background (white for RGBA scenes unless the run said otherwise: dataset.py),
+at the run's --downscale.
 Any checkpoint that assembly.load_trained reads works (NeRF or BitNeRF, trained alone or under DDP). The views
 are rendered in eval mode (bin-centre samples, no jitter) with the run's own AMP setting, as training's
 validation does, so `--split val` on the training data reproduces summary.json's val_psnr.
@@ -18,8 +21,8 @@ import time
 import torch
 
 from assembly import amp_dtype, load_trained
-from dataset import Views, load_views, split_views
-from render import Rendered, get_rays, render_image
+from dataset import Views, open_data
+from render import Rendered, render_image
 from hardware import pick_device
 from utils import ArgParser, UserError, atomic_json, psnr, run_cli
 
@@ -41,18 +44,19 @@ def depth_error(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, int]:
     return float((pred[known] - target[known]).abs().sum()), int(known.sum())
 
 
-def background_opacity(acc: torch.Tensor, image: torch.Tensor) -> tuple[float, int]:
-    """(sum of the rendered opacity, pixel count) over the pixels whose ground truth is exactly black (every
-    channel 0): what a field puts where the scene is empty. acc [H, W], image [H, W, 3]."""
-    black = image.amax(dim=-1) == 0
-    return float(acc.float()[black].sum()), int(black.sum())
+def background_opacity(acc: torch.Tensor, see_through: torch.Tensor) -> tuple[float, int]:
+    """(sum of the rendered opacity, pixel count) over the pixels through which the camera sees the background
+    (see_through [H, W] bool: dataset.Views.see_through): what a field puts where the scene is empty. acc [H, W]."""
+    return float(acc.float()[see_through].sum()), int(see_through.sum())
 
 
-def view_metrics(out: Rendered, image: torch.Tensor, depth: torch.Tensor | None) -> dict:
-    """Metrics of one rendered view against its image [H, W, 3] and optional depth [H, W]."""
-    bg_sum, bg_pixels = background_opacity(out.acc, image)
-    metrics = {"psnr": psnr(out.rgb, image), "ssim": ssim(out.rgb, image), "bg_acc_sum": bg_sum,
-               "bg_pixels": bg_pixels}
+def view_metrics(out: Rendered, image: torch.Tensor, depth: torch.Tensor | None,
+                 see_through: torch.Tensor | None) -> dict:
+    """Metrics of one rendered view against its image [H, W, 3], optional depth [H, W] and the pixels known to
+    see through the scene [H, W] (None: a real background, no background opacity)."""
+    metrics = {"psnr": psnr(out.rgb, image), "ssim": ssim(out.rgb, image)}
+    if see_through is not None:
+        metrics["bg_acc_sum"], metrics["bg_pixels"] = background_opacity(out.acc, see_through)
     if depth is not None:
         total, count = depth_error(out.depth, depth)
         metrics.update(depth_abs_sum=total, depth_pixels=count)
@@ -64,17 +68,19 @@ def evaluate(renderer: torch.nn.Module, views: Views, chunk_rays: int, autocast_
              progress: bool = True) -> dict:
     """Render every view and score it. Returns {"psnr", "ssim" (means over views), "depth_mae" (mean absolute
     error over all pixels with ground-truth depth > 0, None without depth), "background_opacity" (mean opacity
-    over all pixels whose ground truth is black, None without any), "per_view": [...]}."""
+    over all pixels that see the background, None without any), "per_view": [...]}."""
     from tqdm import tqdm
 
     device = next(renderer.parameters()).device
     renderer.eval()
     per_view = []
     for i in tqdm(range(len(views)), desc="evaluate", disable=not progress, leave=False):
-        rays_o, rays_d = get_rays(views.height, views.width, views.focal, views.poses[i].to(device))
-        out = render_image(renderer, rays_o, rays_d, chunk_rays, autocast_dtype)
-        depth = None if views.depth is None else views.depth[i].to(device)
-        per_view.append({"view": i, **view_metrics(out, views.images[i].to(device), depth)})
+        view = views.subset(slice(i, i + 1)).to(device)
+        rays_o, rays_d = view.image_rays(0)
+        out = render_image(renderer, rays_o, rays_d, chunk_rays, autocast_dtype, view.eval_background())
+        depth = None if view.depth is None else view.depth[0]
+        metrics = view_metrics(out, view.image(0), depth, view.see_through(view.images[0]))
+        per_view.append({"view": int(views.numbers[i]), **metrics})
     return summarise(per_view)
 
 
@@ -101,7 +107,7 @@ def summarise(per_view: list[dict]) -> dict:
 
 
 def format_table(result: dict) -> str:
-    """A short fixed-width table: one row per view, then the means (background opacity: over black pixels)."""
+    """A short fixed-width table: one row per view, then the means (background opacity: over background pixels)."""
     has_depth = result["depth_mae"] is not None
 
     def number(value) -> str:
@@ -123,12 +129,14 @@ def same_data(a: str, b: str) -> bool:
 
 
 def _parse(argv: list[str] | None):
-    p = ArgParser(prog="evaluate.py", description="PSNR / SSIM / depth error of a checkpoint on a tiny-NeRF file.")
+    p = ArgParser(prog="evaluate.py", description="PSNR / SSIM / depth error of a checkpoint on held-out views.")
     p.add_argument("--ckpt", required=True, help="checkpoint written by training (RUN/ckpt.pt)")
-    p.add_argument("--data", help="tiny-NeRF .npz, or 'synthetic' (default: the data the run trained on)")
-    p.add_argument("--split", choices=("all", "val"),
-                   help="val: only the last val_views of the run's config (its held-out views); all: every view "
-                        "(default: val on the data the run trained on, all on any other data file)")
+    p.add_argument("--data", help="a .npz, a scene folder, a capture's transforms.json, or 'synthetic' "
+                                  "(default: the data the run trained on)")
+    p.add_argument("--split", choices=("all", "val", "train", "test"),
+                   help="val: the run's held-out views (val_views of its config); all: every view; train: the "
+                        "training views; test: a scene folder's test split (default: val on the data the run "
+                        "trained on, all on any other data)")
     p.add_argument("--json", help="also write the results here as JSON")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--chunk", type=int, help="rays per forward pass (default: from the run's chunk_points)")
@@ -143,25 +151,20 @@ def _evaluate_cli(argv: list[str] | None) -> int:
     renderer, cfg = load_trained(args.ckpt, device)
     data = args.data or cfg.data
     split = args.split or ("val" if same_data(data, cfg.data) else "all")
-    views = load_views(data)
-    offset = 0
+    views = open_data(data, cfg.downscale, cfg.background).views(split, cfg.val_views)
     if min(views.height, views.width) < SSIM_MIN_SIDE:
         raise UserError(f"{data}: views are {views.height}x{views.width} pixels; SSIM's 11-pixel window needs "
                         f"at least {SSIM_MIN_SIDE}x{SSIM_MIN_SIDE}")
-    if split == "val":
-        offset = len(views) - cfg.val_views
-        views = split_views(views, cfg.val_views)[1]
     chunk = args.chunk or renderer.eval_chunk_rays()
     autocast_dtype = amp_dtype(cfg, device)
     t0 = time.perf_counter()
     result = evaluate(renderer, views, chunk, autocast_dtype)
-    for v in result["per_view"]:
-        v["view"] += offset  # numbered as in the file
     result.update(ckpt=args.ckpt, data=data, split=split, model=cfg.model, name=cfg.name,
                   views=len(views), height=views.height, width=views.width, device=str(device),
                   amp=str(autocast_dtype).replace("torch.", "") if autocast_dtype else "off",
                   render_s=time.perf_counter() - t0)
-    held_out = "held-out views" if split == "val" or not same_data(data, cfg.data) else "views, training ones too"
+    held_out = ("held-out views" if split in ("val", "test") or not same_data(data, cfg.data)
+                else "views, training ones too")
     print(f"{cfg.name} ({cfg.model}) on {data} [{split}: {len(views)} {held_out}, {views.height}x{views.width}]")
     print(format_table(result))
     if args.json:

@@ -206,7 +206,7 @@ def check_host_syncs(cfg, device: torch.device) -> tuple[bool, dict]:
             for name, original in originals.items():
                 setattr(torch.Tensor, name, original)
         syncs = len(calls)
-    micro_batches = len(trainer.micro_batches(*batcher.batch(0)[:2], None)[0])
+    micro_batches = len(trainer.micro_batches(trainer.raw.sampler.sample(*batcher.batch(0)[:2], None))[0])
     # per step: the micro-batch plan's one .tolist(), and one per micro-batch (its occupied points' count)
     return syncs / steps <= 1 + micro_batches, {"syncs_per_step": syncs / steps, "micro_batches": micro_batches}
 
@@ -234,7 +234,7 @@ def check_ddp_compiled(cfg, device: torch.device) -> tuple[bool, dict]:
             for step in range(2):
                 trainer.step(rays_o, rays_d, target, step_generator(cfg.seed, 0, step, device), cfg.lr)
             params[label] = {k: v.detach().clone() for k, v in raw.state_dict().items()}
-            micro_batches = len(trainer.micro_batches(rays_o, rays_d, None)[0])
+            micro_batches = len(trainer.micro_batches(raw.sampler.sample(rays_o, rays_d, None))[0])
     finally:
         dist.destroy_process_group()
     diff = max(float((params["ddp"][k].float() - params["plain"][k].float()).abs().max()) for k in params["ddp"])

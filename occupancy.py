@@ -6,10 +6,12 @@ every few steps it evaluates the density at a random point of (a subset of) the 
 `max(decay * old, new)`. A cell is occupied while that density would make one render step of the ray more than
 `threshold` opaque. So a field whose density is 0 outside the occupied cells renders exactly as without skipping.
 
-Carving (optional, before training): a training pixel that is pure black on a black-background dataset (the
-tiny NeRF / Blender format) sees through empty space, so every cell its ray crosses — precisely, every cell whose
-centre projects into a black neighbourhood of that view — is marked empty for good (the visual hull). This both
-skips the background from step 0 and keeps the field from filling it with black, opaque density.
+Carving (optional, before training): a training pixel through which the camera sees the background (alpha 0 in
+data with alpha, the background colour in data composited on one: dataset.Views.see_through) sees through empty
+space, so every cell its ray crosses — precisely, every cell whose centre projects into a see-through
+neighbourhood of that view — is marked empty for good (the visual hull). This both skips the background from
+step 0 and keeps the field from filling it with opaque density of the background's colour. Data with a real
+background (a capture without alpha) is not carved.
 
 Shapes: the grid has R^3 cells over [-bound, bound]^3, flat index (i * R + j) * R + k for the cell at x, y, z
 indices i, j, k. Every rank of a DDP run holds the same grid: updates are split over ranks and summed.
@@ -23,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cameras import Cameras
+
 from utils import all_reduce_sum
 
-BLACK = 1.0 / 255.0  # a pixel counts as background when no channel exceeds this (float data on exact black)
 
 
 class OccupancyGrid(nn.Module):
@@ -101,26 +104,31 @@ class OccupancyGrid(nn.Module):
         self.updates += 1
 
     @torch.no_grad()
-    def carve(self, images: torch.Tensor, poses: torch.Tensor, focal: float, near: float) -> None:
-        """Mark empty every cell whose centre projects, in some view, into a neighbourhood of black pixels.
+    def carve(self, see_through: torch.Tensor, poses: torch.Tensor, cameras: Cameras, near: float) -> None:
+        """Mark empty every cell whose centre projects, in some view, into a neighbourhood of see-through pixels.
 
-        images: [V, H, W, 3] in [0, 1]; poses: [V, 4, 4] camera-to-world (camera looks along -z). Cells nearer than
-        `near` to a camera are never sampled from it and are left alone. The neighbourhood is the cell's projected
-        half-diagonal (at depth `near`, the nearest a sample can be) plus one pixel, so a cell that touches a
-        non-black pixel is kept.
+        see_through: [V, H, W] bool, where each view sees through the scene (dataset.Views.see_through: alpha 0,
+        or the background colour of data without alpha); poses: [V, 4, 4] camera-to-world (camera looks along -z);
+        cameras: their intrinsics. Cells nearer than `near` to a camera are never sampled from it and are left
+        alone. The neighbourhood is the cell's projected half-diagonal (at depth `near`, the nearest a sample can
+        be; half as wide again under a lens distortion, which magnifies locally) plus one pixel, so a cell that
+        touches a pixel the camera does not see through is kept.
         """
-        height, width = images.shape[1:3]
+        height, width = see_through.shape[1:3]
         centres = self.cell_centres()
         half_diagonal = self.cell_size * math.sqrt(3) / 2
-        radius = math.ceil(focal * half_diagonal / near) + 1
-        for image, c2w in zip(images, poses):
-            foreground = (image.max(dim=-1).values > BLACK).float()[None, None]  # [1, 1, H, W]
+        for v, (empty, c2w) in enumerate(zip(see_through, poses)):
+            focal = max(float(cameras.fx[v]), float(cameras.fy[v]))
+            margin = 1.0 if cameras.distortion is None else 1.5
+            radius = math.ceil(margin * focal * half_diagonal / near) + 1
+            foreground = (~empty).float()[None, None]  # [1, 1, H, W]
             near_foreground = F.max_pool2d(foreground, 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
             cam = (centres - c2w[:3, 3]) @ c2w[:3, :3]  # world -> camera coordinates [n, 3]
             depth = -cam[:, 2]
-            px = torch.floor(cam[:, 0] / depth * focal + width / 2)
-            py = torch.floor(-cam[:, 1] / depth * focal + height / 2)
-            seen = (depth >= near) & (px >= 0) & (px < width) & (py >= 0) & (py < height)
+            in_front = depth >= near
+            u, v_ = cameras.project(torch.where(in_front[:, None], cam, -torch.ones_like(cam)), v)
+            px, py = torch.floor(u), torch.floor(v_)
+            seen = in_front & (px >= 0) & (px < width) & (py >= 0) & (py < height)
             index = (py.clamp(0, height - 1) * width + px.clamp(0, width - 1)).long()
             self.carved |= seen & ~near_foreground.reshape(-1)[index]
         self.occupied &= ~self.carved

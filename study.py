@@ -72,7 +72,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--minutes", type=float, help=f"training minutes per run (default {DEFAULT_MINUTES:g} "
                                                   "unless --steps is given)")
     p.add_argument("--steps", type=int, help="training steps per run (default: the scale's schedule)")
-    p.add_argument("--data", help="tiny-NeRF .npz (default data/tiny_nerf_data.npz if present, else synthetic)")
+    p.add_argument("--data", help="a .npz, a NeRF-synthetic scene folder or a capture's transforms.json (default "
+                                  "data/tiny_nerf_data.npz if present, else synthetic)")
     p.add_argument("--out", default=os.path.join("runs", "study"), help="study folder (default runs/study)")
     p.add_argument("--seeds", type=int, default=1, help="runs per experiment, seeds 42, 43, ... (default 1)")
     p.add_argument("--only", help="comma-separated subset of the experiments, e.g. exp1,exp5")
@@ -318,14 +319,14 @@ def log_tail(path: str, lines: int = 8) -> str:
 _VIEWS: dict = {}
 
 
-def held_out(cfg: Config):
-    """(all views, held-out views) of the run's data (loaded once per file)."""
-    from dataset import load_views, split_views
+def run_views(cfg: Config, split: str = "val"):
+    """The run's training ("train") or held-out ("val") views (loaded once per data, size, background, split)."""
+    from dataset import open_data
 
-    if cfg.data not in _VIEWS:
-        _VIEWS[cfg.data] = load_views(cfg.data)
-    views = _VIEWS[cfg.data]
-    return views, split_views(views, cfg.val_views)[1]
+    key = (cfg.data, cfg.downscale, cfg.background, cfg.val_views, split)
+    if key not in _VIEWS:
+        _VIEWS[key] = open_data(cfg.data, cfg.downscale, cfg.background).views(split, cfg.val_views)
+    return _VIEWS[key]
 
 
 def newer(path: str, than: str) -> bool:
@@ -344,7 +345,7 @@ def evaluate_run(run_dir: str) -> dict:
         return report.read_json(path) or {}
     device = pick_device((saved_config(run_dir) or configs.EXP1).device)
     renderer, cfg = load_trained(ckpt, device)
-    _, views = held_out(cfg)
+    views = run_views(cfg)
     chunk = max(1, cfg.chunk_points // (cfg.n_samples + cfg.n_importance))
     t0 = time.perf_counter()
     result = evaluate(renderer, views.to(device), chunk, amp_dtype(cfg, device), progress=False)
@@ -504,9 +505,8 @@ def planned_steps(cfg: Config) -> int:
     """The steps the schedule asks for (steps, else epochs x steps per epoch), before any time budget."""
     if cfg.steps > 0:
         return cfg.steps
-    views, held = held_out(cfg)
-    train_views = len(views) - len(held)
-    units = train_views if cfg.batch_unit == "image" else train_views * views.height * views.width
+    views = run_views(cfg, "train")
+    units = len(views) if cfg.batch_unit == "image" else len(views) * views.height * views.width
     return cfg.epochs * max(1, units // cfg.batch_size)
 
 

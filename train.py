@@ -21,10 +21,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from assembly import build_renderer, field_state_dict
 from bitnerf_ddp import assert_replicas_agree
+from cameras import CAPTURE_RADIUS
 from configs import EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli, scale_line
-from dataset import RayBatcher, Views, load_views, split_views
-from occupancy import BLACK
-from render import VolumeRenderer, render_image, get_rays, render_orbit, write_orbit
+from dataset import RayBatcher, Views, train_val_views
+from render import VolumeRenderer, render_image, render_orbit, write_orbit
 from hardware import (amp_policy, compute_cleanup, compute_init, configure_backends, device_line,
                       integer_matmul_line, make_grad_scaler)
 from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json, atomic_torch_save,
@@ -103,17 +103,19 @@ class Trainer:
         self.amp = amp_policy(cfg.amp, cfg.amp_dtype, device)
         self.autocast_dtype = self.amp.dtype
         self.scaler = make_grad_scaler(self.amp, device)  # fp16 only: bf16 has fp32's exponent range
-        self.points_per_ray = cfg.n_samples + cfg.n_importance
+        self.points_per_ray = raw.sampler.points_per_ray  # the most field evaluations a ray can cost
 
-    def step(self, rays_o, rays_d, target, gen: torch.Generator, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One update on this rank's rays [R, 3]. Returns (loss, grad norm) as tensors (no host sync)."""
+    def step(self, rays_o, rays_d, target, gen: torch.Generator, lr: float, background: torch.Tensor | None = None,
+             see_through: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update on this rank's rays [R, 3] and their targets [R, 3] (as seen on `background` [R, 3], the
+        colour composited behind the render; None: nothing). see_through [R] bool: the rays known to see through
+        the scene (the background penalty's; None: none known). `gen` is the sampler's: it jitters the samples
+        when cfg.perturb. Returns (loss, grad norm) as tensors (no host sync)."""
         cfg, n = self.cfg, rays_o.shape[0]
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        jitter = torch.rand(n, cfg.n_samples, generator=gen, device=self.device) if cfg.perturb else None
-        imp_u = (torch.rand(n, cfg.n_importance, generator=gen, device=self.device)
-                 if cfg.perturb and cfg.n_importance else None)
-        slices, self.last_points = self.micro_batches(rays_o, rays_d, jitter)
+        samples = self.raw.sampler.sample(rays_o, rays_d, gen if cfg.perturb else None)  # once per step
+        slices, self.last_points = self.micro_batches(samples)
         loss_sum = torch.zeros((), device=self.device)
         for k, s in enumerate(slices):
             # DDP: all-reduce gradients only after the last micro-batch
@@ -122,11 +124,12 @@ class Trainer:
             with sync:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):
-                    out = self.model(rays_o[s], rays_d[s], None if jitter is None else jitter[s],
-                                     None if imp_u is None else imp_u[s])
+                    out = self.model(rays_o[s], rays_d[s], samples.of_rays(s),
+                                     None if background is None else background[s])
                     # the batch's mean squared error, whatever the micro-batches' sizes
                     loss = torch.sum((out.rgb.float() - target[s]) ** 2) / (3 * n)
-                    total = loss + self.background_penalty(out.acc, target[s], n)
+                    seen = None if see_through is None else see_through[s]
+                    total = loss + self.background_penalty(out.acc, seen, n)
                 (self.scaler.scale(total) if self.scaler else total).backward()
             loss_sum += loss.detach()  # logged: the photometric loss alone
         if self.scaler:
@@ -144,18 +147,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm
 
-    def background_penalty(self, acc: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
-        """bg_opacity_weight * (sum of the opacity [R] of rays whose target [R, 3] is pure black) / n.
+    def background_penalty(self, acc: torch.Tensor, see_through: torch.Tensor | None, n: int) -> torch.Tensor:
+        """bg_opacity_weight * (sum of the opacity [R] of the rays that see through the scene [R] bool) / n.
 
-        A black pixel of a dataset rendered on black is background: nothing should be there, but black, opaque
-        density fits its colour as well as empty space does, and a NeRF happily builds it. Pure black only (as
-        occupancy's carving): an object's dark pixels are never exactly 0."""
-        if self.cfg.bg_opacity_weight == 0:
+        A pixel that sees the background of data composited on one colour is fitted as well by opaque density
+        of that colour as by empty space, and a NeRF happily builds it; which pixels see through is the data's
+        call (dataset.Views.see_through). None: no ray is known to (a real background), no penalty."""
+        if self.cfg.bg_opacity_weight == 0 or see_through is None:
             return acc.new_zeros(())
-        black = (target.amax(dim=-1) <= BLACK).to(acc.dtype)
-        return self.cfg.bg_opacity_weight * torch.sum(acc.float() * black) / n
+        return self.cfg.bg_opacity_weight * torch.sum(acc.float() * see_through.to(acc.dtype)) / n
 
-    def micro_batches(self, rays_o, rays_d, jitter) -> tuple[list[slice], int]:
+    def micro_batches(self, samples) -> tuple[list[slice], int]:
         """Consecutive ray slices, each holding at most chunk_points evaluated samples (memory, not maths), and
         the number of samples the field is evaluated at.
 
@@ -163,16 +165,16 @@ class Trainer:
         occupied samples per ray vary: slices are cut where the running count crosses a multiple of chunk_points,
         so each fills about one chunk of the compiled field.
         """
-        n, chunk = rays_o.shape[0], self.cfg.chunk_points
-        if self.raw.occupancy is None:
-            parts = even_chunks(n, max(1, chunk // self.points_per_ray))
-            return [slice(k * (n // parts), (k + 1) * (n // parts)) for k in range(parts)], n * self.points_per_ray
-        counts = self.raw.occupied_counts(rays_o, rays_d, jitter)
+        n, chunk = samples.t.shape[0], self.cfg.chunk_points
+        counts, per_ray = samples.counts(), self.points_per_ray
+        if counts is None:
+            parts = even_chunks(n, max(1, chunk // per_ray))
+            return [slice(k * (n // parts), (k + 1) * (n // parts)) for k in range(parts)], n * per_ray
         cumulative = torch.cumsum(counts, 0)
         part = (cumulative - 1).clamp_min(0) // chunk  # [N], non-decreasing
         # at most one slice per chunk of the whole batch's samples, so the bound needs no sync; one .tolist() of
         # the ends and the total is the step's only host sync here (a GPU would idle at each one)
-        most = max(1, n * self.points_per_ray // chunk + 1)
+        most = max(1, n * per_ray // chunk + 1)
         ends = torch.searchsorted(part, torch.arange(most, device=part.device), right=True)
         *ends, total = torch.cat([ends, cumulative[-1:]]).tolist()
         starts = [0] + ends[:-1]
@@ -183,7 +185,8 @@ class Trainer:
 @torch.no_grad()
 def evaluate_views(renderer: VolumeRenderer, views: Views, dist_info: Dist, chunk_rays: int,
                    autocast_dtype=None, keep: bool = False):
-    """Held-out PSNR: every view rendered in eval mode (no jitter); views shared out over ranks.
+    """Held-out PSNR: every view rendered in eval mode (no jitter) on the data's evaluation background and scored
+    against the view on that background; views shared out over ranks.
 
     Returns (mean PSNR over all views, {view index: Rendered} for this rank's views if keep).
     """
@@ -192,9 +195,9 @@ def evaluate_views(renderer: VolumeRenderer, views: Views, dist_info: Dist, chun
     total = torch.zeros(2, dtype=torch.float64)
     kept = {}
     for i in range(dist_info.rank, len(views), dist_info.world_size):
-        rays_o, rays_d = get_rays(views.height, views.width, views.focal, views.poses[i])
-        out = render_image(renderer, rays_o, rays_d, chunk_rays, autocast_dtype)
-        mse = torch.mean((out.rgb - views.images[i]) ** 2).item()
+        rays_o, rays_d = views.image_rays(i)
+        out = render_image(renderer, rays_o, rays_d, chunk_rays, autocast_dtype, views.eval_background())
+        mse = torch.mean((out.rgb - views.image(i)) ** 2).item()
         total += torch.tensor([mse_to_psnr(mse), 1.0], dtype=torch.float64)
         if keep:
             kept[i] = out
@@ -364,6 +367,23 @@ class Interrupted(Exception):
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
+def data_line(cfg: Config, train_views: Views, val_views: Views) -> str:
+    """What the run trains on: sizes, cameras and background; and a capture's scene extent the box may clip."""
+    bg = train_views.background
+    cams = train_views.cameras
+    line = (f"data {cfg.data}: {len(train_views)} train / {len(val_views)} val views of {train_views.width}x"
+            f"{train_views.height}{f' (downscale {cfg.downscale})' if cfg.downscale > 1 else ''}, "
+            f"{'RGBA' if bg.alpha else 'RGB'} {train_views.images.dtype}, background {bg.train} in training, "
+            f"{bg.eval} in evaluation, fx {float(cams.fx.mean()):.1f} px"
+            f"{', lens distortion' if cams.distortion is not None else ''}")
+    if train_views.aabb_scale and train_views.aabb_scale > 1:
+        bound = cfg.occ_bound * train_views.aabb_scale
+        line += (f"; its aabb_scale {train_views.aabb_scale:g} puts content up to {bound:g} from the centre, "
+                 f"beyond the occupancy box (+-{cfg.occ_bound:g}): to model it, --occ_bound={bound:g} "
+                 f"--far={CAPTURE_RADIUS + bound * math.sqrt(3):.3g}")
+    return line
+
+
 DDP_EXPERIMENTS = ("exp5", "exp6")  # experiments whose point is the torchrun launch (configs: exp1/exp4 otherwise)
 
 
@@ -388,17 +408,21 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights (DDP also broadcasts)
     configure_backends(device, cfg.tf32)
 
-    views = load_views(cfg.data)
-    train_views, val_views = split_views(views, cfg.val_views)
+    train_views, val_views = train_val_views(cfg)
     train_views, val_views = train_views.to(device), val_views.to(device)
+    print0(data_line(cfg, train_views, val_views))
     batcher = RayBatcher(train_views, cfg.batch_unit, cfg.batch_size, cfg.seed, dist_info.rank, dist_info.world_size)
     n_steps = total_steps(cfg, batcher.steps_per_epoch)
 
     raw = build_renderer(cfg, device, ckpt["model"] if ckpt else None, ckpt.get("occupancy") if ckpt else None)
     if raw.occupancy is not None and cfg.occ_carve and not ckpt:
-        raw.occupancy.carve(train_views.images, train_views.poses, train_views.focal, cfg.near)
-        print0(f"occupancy: {raw.occupancy.occupied_fraction():.1%} of {cfg.occ_resolution}^3 cells left after "
-               f"carving the space black training pixels see through")
+        see_through = train_views.see_through(train_views.images)
+        if see_through is None:
+            print0("occupancy: not carved (the data has a real background: no pixel is known to see through)")
+        else:
+            raw.occupancy.carve(see_through, train_views.poses, train_views.cameras, cfg.near)
+            print0(f"occupancy: {raw.occupancy.occupied_fraction():.1%} of {cfg.occ_resolution}^3 cells left after "
+                   f"carving the space that background pixels see through")
     trainer = Trainer(cfg, raw, dist_info, device)
     print0(device_line(device, trainer.amp, cfg.tf32))
     if cfg.model == "bitnerf":
@@ -477,14 +501,15 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
     bar = tqdm(total=n_steps, initial=step, desc=cfg.name, disable=not dist_info.is_master, dynamic_ncols=True)
     while step < n_steps:
         t0 = time.perf_counter()
-        if trainer.raw.occupancy is not None and step % cfg.occ_update_every == 0:
-            # the same cells and points on every rank (rank 0's generator): each rank evaluates its share
-            trainer.raw.update_occupancy(step_generator(cfg.seed, 0, step, device), dist_info.rank,
-                                         dist_info.world_size)
+        # the sampler's own refresh schedule (the occupancy grid's): the same cells and points on every rank
+        # (rank 0's generator), each rank evaluating its share
+        trainer.raw.update_sampler(step, step_generator(cfg.seed, 0, step, device), dist_info.rank,
+                                   dist_info.world_size)
         rays_o, rays_d, target = batcher.batch(step)
+        background, see_through = batcher.background(step)
         gen = step_generator(cfg.seed, dist_info.rank, step, device)
         lr = lr_at(cfg, step, n_steps, budget_used)
-        loss, grad_norm = trainer.step(rays_o, rays_d, target, gen, lr)
+        loss, grad_norm = trainer.step(rays_o, rays_d, target, gen, lr, background, see_through)
         # a non-finite loss is a broken forward at any precision. A non-finite gradient is already in the weights
         # without a scaler; with one (fp16) the scaler skipped the step, which is counted below
         nonfinite |= ~torch.isfinite(loss)
@@ -583,14 +608,18 @@ def _write_val_images(run_dir: str, views: Views, renders: dict) -> None:
     os.makedirs(folder, exist_ok=True)
     for i, out in renders.items():
         depth = colourise_depth(out.depth.cpu().numpy(), out.acc.cpu().numpy())
-        row = np.concatenate([to_uint8(views.images[i]), to_uint8(out.rgb), depth], axis=1)
+        row = np.concatenate([to_uint8(views.image(i)), to_uint8(out.rgb), depth], axis=1)
         iio.imwrite(os.path.join(folder, f"view{i:03d}.png"), row)
 
 
 def _write_videos(cfg: Config, raw, views: Views, run_dir: str, chunk_rays: int, autocast_dtype) -> None:
-    # the same functions as `python render.py`, at the training views' resolution and focal
-    orbit = render_orbit(raw, views.height, views.width, views.focal, cfg.video_frames, cfg.video_radius,
-                         cfg.video_elevation, chunk_rays, autocast_dtype=autocast_dtype)
+    # the same functions as `python render.py`, at the training views' resolution and mean focal length (a
+    # centred, undistorted pinhole), on the background the views are scored on, around the scene's centre (the
+    # origin: loaders put it there)
+    focal = float(views.cameras.fx.mean())
+    orbit = render_orbit(raw, views.height, views.width, focal, cfg.video_frames, cfg.video_radius,
+                         cfg.video_elevation, chunk_rays, autocast_dtype=autocast_dtype,
+                         background=views.eval_background())
     write_orbit(orbit, run_dir, cfg.video_fps)
 
 

@@ -56,14 +56,16 @@ def train_steps(cfg, dist_info: Dist, device: torch.device, bypass: bool) -> dic
     batcher = RayBatcher(train_views, cfg.batch_unit, cfg.batch_size, cfg.seed, dist_info.rank,
                          dist_info.world_size)
     raw = build_renderer(cfg, device)
-    raw.occupancy.carve(train_views.images, train_views.poses, train_views.focal, cfg.near)
+    raw.occupancy.carve(train_views.see_through(train_views.images), train_views.poses, train_views.cameras,
+                        cfg.near)
     trainer = Trainer(cfg, raw, dist_info, device)
     if bypass:
         trainer.model = trainer.model.module  # the original bug: DDP's gradient hooks never fire
     losses = []
     for step in range(STEPS):
         if step % 2 == 0:  # as train._loop does: split over ranks, the same grid everywhere
-            raw.update_occupancy(step_generator(cfg.seed, 0, step, device), dist_info.rank, dist_info.world_size)
+            raw.sampler.refresh(raw.density, step_generator(cfg.seed, 0, step, device), dist_info.rank,
+                                dist_info.world_size)
         rays_o, rays_d, target = batcher.batch(step)
         loss, _ = trainer.step(rays_o, rays_d, target, step_generator(cfg.seed, dist_info.rank, step, device),
                                cfg.lr)
@@ -300,6 +302,21 @@ def test_torchrun_exp5_end_to_end(tiny_scene_path, tmp_path):
     assert code == 0, log[-3000:]
     assert log.count("val PSNR") == 2 and "world size 2" in log  # rank 0 prints: step 3, and the final line
     check_outputs_written_once(run_dir, n_steps=6, log_every=1)
+
+
+@pytest.mark.slow
+def test_torchrun_on_a_blender_scene_folder(blender_scene_path, tmp_path):
+    """exp5 on a NeRF-synthetic folder (RGBA, random background in training, scored on white) at --downscale=2."""
+    run_dir = tmp_path / "exp5"
+    args = [f"--data={blender_scene_path}", f"--out_dir={run_dir}", *TINY_ARGS, "--steps=4", "--batch_size=256",
+            "--log_every=1", "--eval_every=0", "--ckpt_every=4", "--downscale=2"]
+    proc = torchrun("exp5.py", args, tmp_path / "log.txt")
+    code = finish(proc, timeout_s=180)
+    log = (tmp_path / "log.txt").read_text()
+    assert code == 0, log[-3000:]
+    assert "8 train / 2 val views of 16x16 (downscale 2), RGBA torch.uint8, background random in training, white" \
+           in log and "world size 2" in log
+    check_outputs_written_once(run_dir, n_steps=4, log_every=1)
 
 
 @pytest.mark.slow

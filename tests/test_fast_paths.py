@@ -37,10 +37,8 @@ def test_compiled_render_and_gradients_match_eager(tiny_cfg):
     twin.load_state_dict(eager.state_dict())
     compiled = torch.compile(twin, fullgraph=True)
     o, d = rays(64)
-    gen = torch.Generator().manual_seed(1)
-    jitter = torch.rand(64, cfg.n_samples, generator=gen)
-    imp_u = torch.rand(64, n_importance, generator=gen) if n_importance else None
-    outs = [m(o, d, jitter, imp_u) for m in (eager, compiled)]
+    samples = eager.sampler.sample(o, d, torch.Generator().manual_seed(1))  # jittered, with importance uniforms
+    outs = [m(o, d, samples) for m in (eager, compiled)]
     for name in ("rgb", "depth", "acc", "weights"):
         torch.testing.assert_close(getattr(outs[1], name), getattr(outs[0], name), rtol=1e-4, atol=1e-5)
     # the backward ran through the compiled graph too, and gives the same gradients

@@ -249,7 +249,7 @@ def test_a_skipping_step_syncs_with_the_host_once_however_many_micro_batches(tin
     rays_o, rays_d, target = RayBatcher(train_views, cfg.batch_unit, cfg.batch_size, cfg.seed).batch(0)
     trainer.step(rays_o, rays_d, target, step_generator(cfg.seed, 0, 0, torch.device("cpu")), cfg.lr)  # warm up
     counter = SyncCounter(monkeypatch)
-    slices, _ = trainer.micro_batches(rays_o, rays_d, None)
+    slices, _ = trainer.micro_batches(raw.sampler.sample(rays_o, rays_d, None))
     assert len(slices) >= 4  # 512 rays x 16 samples in chunks of 512 points
     counter.calls.clear()
     trainer.step(rays_o, rays_d, target, step_generator(cfg.seed, 0, 1, torch.device("cpu")), cfg.lr)

@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # lowest first; a module may import modules of its own layer or below, and the whole graph must be acyclic
 LAYERS = [
     ("base", ["configs", "utils", "hardware"]),
-    ("parts", ["nerf", "bitnerf", "grid_field", "render", "occupancy", "dataset", "bitnerf_format", "bitnerf_ddp"]),
+    ("parts", ["nerf", "bitnerf", "grid_field", "cameras", "occupancy", "samplers", "render", "scene_files", "dataset",
+               "bitnerf_format", "bitnerf_ddp"]),
     ("assembly", ["assembly"]),
     ("loop", ["train"]),
     ("entry", ["exp1", "exp2", "exp3", "exp4", "exp5", "exp6", "study", "evaluate", "export", "report", "bench",

@@ -12,6 +12,7 @@ import train
 from dataset import load_views, split_views, synthetic_scene, views_from_arrays
 from occupancy import OccupancyGrid
 from render import VolumeRenderer, get_rays, render_image
+from samplers import OccupancyGridSampler, StratifiedSampler
 from utils import Dist, load_checkpoint
 
 
@@ -70,22 +71,24 @@ def random_rays(n: int, gen: torch.Generator):
 
 def test_skipping_renders_the_known_scene_as_plain_sampling_does():
     field = BoxField()
-    plain = VolumeRenderer(field, 2.0, 6.0, 64)
+    plain = VolumeRenderer(field, StratifiedSampler(2.0, 6.0, 64))
     # 8 cells over [-1, 1]: the box's faces at +-0.5 lie on cell faces, so occupancy is exactly the box
-    skipping = VolumeRenderer(field, 2.0, 6.0, 64, occupancy=OccupancyGrid(8, 1.0), chunk_points=512)
-    skipping.update_occupancy(torch.Generator().manual_seed(0))
+    skipping = VolumeRenderer(field, OccupancyGridSampler(2.0, 6.0, 64, OccupancyGrid(8, 1.0)), chunk_points=512)
+    skipping.update_sampler(0, torch.Generator().manual_seed(0))
     expected = torch.zeros(8, 8, 8, dtype=torch.bool)
     expected[2:6, 2:6, 2:6] = True
     assert torch.equal(skipping.occupancy.occupied.view(8, 8, 8), expected)
 
     gen = torch.Generator().manual_seed(1)
     rays_o, rays_d = random_rays(300, gen)
-    jitter = torch.rand(300, 64, generator=gen)
-    a, b = plain(rays_o, rays_d, jitter), skipping(rays_o, rays_d, jitter)
+    samples = [sampler.sample(rays_o, rays_d, torch.Generator().manual_seed(2))
+               for sampler in (plain.sampler, skipping.sampler)]
+    torch.testing.assert_close(samples[0].t, samples[1].t, rtol=0, atol=0)  # the same jitter, from the same seed
+    a, b = plain(rays_o, rays_d, samples[0]), skipping(rays_o, rays_d, samples[1])
     assert float(a.acc.detach().max()) > 0.9 and float(a.acc.detach().min()) < 1e-6  # some rays hit the box, some miss it
     for x, y in ((a.rgb, b.rgb), (a.depth, b.depth), (a.acc, b.acc)):
         assert torch.allclose(x, y, atol=1e-6), float((x - y).abs().max())
-    counts = skipping.occupied_counts(rays_o, rays_d, jitter)
+    counts = samples[1].counts()
     assert counts.sum() < 0.25 * 300 * 64  # and far fewer field evaluations
     # gradients flow to the field's parameters through the packed evaluation
     b.rgb.sum().backward()
@@ -95,7 +98,7 @@ def test_skipping_renders_the_known_scene_as_plain_sampling_does():
 def test_carving_keeps_every_surface_point_and_empties_most_of_the_box():
     views = views_from_arrays(synthetic_scene(n_views=12, size=32, seed=3))
     grid = OccupancyGrid(32, 1.5)
-    grid.carve(views.images, views.poses, views.focal, near=2.0)
+    grid.carve(views.see_through(views.images), views.poses, views.cameras, near=2.0)
     assert 0.02 < grid.occupied_fraction() < 0.5
     for i in range(len(views)):  # ground-truth surface points, from the scene's own depth maps
         rays_o, rays_d = get_rays(views.height, views.width, views.focal, views.poses[i])
@@ -107,7 +110,7 @@ def test_carving_keeps_every_surface_point_and_empties_most_of_the_box():
 def test_carving_a_view_that_is_all_foreground_carves_nothing():
     views = views_from_arrays(synthetic_scene(n_views=4, size=16, seed=0))
     grid = OccupancyGrid(16, 1.5)
-    grid.carve(torch.ones_like(views.images), views.poses, views.focal, near=2.0)
+    grid.carve(torch.zeros(views.images.shape[:3], dtype=torch.bool), views.poses, views.cameras, near=2.0)
     assert grid.occupied_fraction() == 1.0
 
 
@@ -150,8 +153,8 @@ def test_compiled_field_with_skipping_has_no_graph_breaks(tiny_cfg, model):
     cfg = replace(tiny_cfg, model=model, compile=True, chunk_points=1024)
     trainer = train.Trainer(cfg, assembly.build_renderer(cfg, torch.device("cpu")), Dist(), torch.device("cpu"))
     views = split_views(load_views(cfg.data), 2)[0]
-    trainer.raw.occupancy.carve(views.images, views.poses, views.focal, cfg.near)
-    trainer.raw.update_occupancy(torch.Generator().manual_seed(0))  # the no-grad graph
+    trainer.raw.occupancy.carve(views.see_through(views.images), views.poses, views.cameras, cfg.near)
+    trainer.raw.update_sampler(0, torch.Generator().manual_seed(0))  # the no-grad graph
     from dataset import RayBatcher
 
     batch = RayBatcher(views, "ray", 256, 0).batch(0)
@@ -177,3 +180,28 @@ def test_exported_bitnerf_keeps_the_grid_and_renders_as_the_checkpoint(tiny_cfg,
     rays_o, rays_d = get_rays(views.height, views.width, views.focal, views.poses[0])
     a, b = render_image(trained, rays_o, rays_d), render_image(exported, rays_o, rays_d)
     assert torch.allclose(a.rgb, b.rgb, atol=1e-4) and torch.equal(a.acc == 0, b.acc == 0)
+
+
+def test_the_grid_sampler_owns_its_refresh_schedule():
+    sampler = OccupancyGridSampler(2.0, 6.0, 64, OccupancyGrid(8, 1.0), update_every=4)
+    calls = []
+    for step in range(10):
+        sampler.update_every_n_steps(step, lambda p: calls.append(step) or torch.zeros(p.shape[0]),
+                                     torch.Generator().manual_seed(step))
+    assert calls == [0, 4, 8] and int(sampler.grid.updates) == 3
+    plain = StratifiedSampler(2.0, 6.0, 64)  # nothing to refresh
+    plain.update_every_n_steps(0, lambda p: pytest.fail("a stratified sampler asked for density"), None)
+
+
+def test_a_training_step_samples_once(tiny_cfg, monkeypatch):
+    trainer = train.Trainer(tiny_cfg, assembly.build_renderer(tiny_cfg, torch.device("cpu")), Dist(),
+                            torch.device("cpu"))
+    calls = []
+    real = type(trainer.raw.sampler).sample
+    counted = lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+    monkeypatch.setattr(type(trainer.raw.sampler), "sample", counted)
+    views = split_views(load_views(tiny_cfg.data), 2)[0]
+    from dataset import RayBatcher
+
+    trainer.step(*RayBatcher(views, "ray", 256, 0).batch(0), torch.Generator().manual_seed(0), 1e-3)
+    assert len(calls) == 1 and trainer.last_points < 256 * tiny_cfg.n_samples  # one draw, cut by the grid

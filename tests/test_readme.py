@@ -165,7 +165,7 @@ def test_command_checks_can_fail(monkeypatch):
         configs.from_cli(preset_of("exp1.py"), ["--lr_max=1"])
     with pytest.raises(configs.ConfigError, match="n_importance"):
         configs.from_cli(preset_of("exp1.py"), ["--n_importance=16"])
-    for bad in (["--ckpt", "x.pt", "--split", "train"], ["--ckpt", "x.pt", "--bogus"]):
+    for bad in (["--ckpt", "x.pt", "--split", "everything"], ["--ckpt", "x.pt", "--bogus"]):
         with pytest.raises(pytest.fail.Exception):
             parse_tool(monkeypatch, importlib.import_module("evaluate").main, bad)
     assert script_and_args("python -m pytest -q") is None

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nerf import positional_encoding
-from render import (composite, get_rays, pixel_rays, pose_spherical, render_rays, sample_pdf,
-                    stratified_samples)
+from render import composite, get_rays, pixel_rays, pose_spherical, render_rays, sample_pdf
+from samplers import stratified_samples
 
 
 def inv_softplus(y):
@@ -154,3 +154,27 @@ def test_positional_encoding_matches_float64():
     # float32 phase error grows with 2^15 * |x| ~ 1.3e5 (ulp ~ 0.008): compare low and high bands separately
     np.testing.assert_allclose(enc[:, :3 + 6 * 10].numpy(), np.concatenate(expected, -1)[:, :63], atol=2e-4)
     np.testing.assert_allclose(enc.numpy(), np.concatenate(expected, -1), atol=2e-2)
+
+
+def test_the_renderer_with_a_stratified_sampler_renders_as_render_rays_does():
+    # the sampler draws the jitter, then the importance uniforms, from the generator it is handed: the renderer
+    # with those samples is render_rays with the same uniforms, bit for bit, coarse and fine
+    from render import VolumeRenderer
+    from samplers import StratifiedSampler
+
+    field = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    torch.manual_seed(0)
+    rays_o = torch.randn(50, 3) + torch.tensor([0.0, 0.0, 4.0])
+    rays_d = torch.randn(50, 3) * 0.2 + torch.tensor([0.0, 0.0, -1.0])
+    for n_importance in (0, 8):
+        renderer = VolumeRenderer(field, StratifiedSampler(2.0, 6.0, 16, n_importance))
+        samples = renderer.sampler.sample(rays_o, rays_d, torch.Generator().manual_seed(3))
+        gen = torch.Generator().manual_seed(3)
+        jitter = torch.rand(50, 16, generator=gen)
+        u = torch.rand(50, 8, generator=gen) if n_importance else None
+        expected = render_rays(field, rays_o, rays_d, 2.0, 6.0, 16, n_importance, jitter, u)
+        got = renderer(rays_o, rays_d, samples)
+        assert torch.equal(got.rgb, expected.rgb) and torch.equal(got.depth, expected.depth)
+        # without samples (evaluation): the bin centres and evenly spaced importance samples
+        assert torch.equal(renderer(rays_o, rays_d).rgb, render_rays(field, rays_o, rays_d, 2.0, 6.0, 16,
+                                                                     n_importance).rgb)

@@ -16,8 +16,9 @@ import evaluate
 import render
 import report
 import train
-from dataset import load_npz
+from dataset import load_npz, views_from_arrays
 from render import Rendered, get_rays, render_image
+from samplers import StratifiedSampler
 from utils import psnr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,6 +117,12 @@ def test_evaluate_defaults_to_the_held_out_views_of_the_training_data(ckpt, tiny
     assert "[val: 2 held-out views" in capsys.readouterr().out
 
 
+def black_to_1_in_255(image: torch.Tensor) -> torch.Tensor:
+    """The pixels of an image [H, W, 3] of a tiny-NeRF file (composited on black) that see the background."""
+    views = views_from_arrays({"images": image[None].numpy(), "poses": np.eye(4)[None], "focal": 1.0})
+    return views.see_through(views.images[0])
+
+
 def test_background_opacity_hand_computed():
     def rendered(acc):
         acc = torch.tensor(acc, dtype=torch.float32)
@@ -123,20 +130,24 @@ def test_background_opacity_hand_computed():
 
     image = torch.full((8, 8, 3), 0.5)
     image[0, :2] = 0.0  # two exactly black pixels
-    image[1, 0] = torch.tensor([0.0, 0.0, 0.01])  # dark, but not black: not background
+    image[1, 0] = torch.tensor([0.0, 0.0, 0.01])  # dark, but not black (0.01 > 1/255): not background
     acc = torch.full((8, 8), 0.7)
     acc[0, 0], acc[0, 1] = 0.2, 0.4
-    first = evaluate.view_metrics(rendered(acc.tolist()), image, None)
+    first = evaluate.view_metrics(rendered(acc.tolist()), image, None, black_to_1_in_255(image))
     assert (first["bg_pixels"], first["bg_acc_sum"]) == (2, pytest.approx(0.6))
     image2 = torch.full((8, 8, 3), 0.5)
     image2[7, 7] = 0.0
-    second = evaluate.view_metrics(rendered(torch.full((8, 8), 0.9).tolist()), image2, None)
-    none = evaluate.view_metrics(rendered(torch.ones(8, 8).tolist()), torch.full((8, 8, 3), 0.5), None)
+    second = evaluate.view_metrics(rendered(torch.full((8, 8), 0.9).tolist()), image2, None,
+                                   black_to_1_in_255(image2))
+    grey = torch.full((8, 8, 3), 0.5)
+    none = evaluate.view_metrics(rendered(torch.ones(8, 8).tolist()), grey, None, black_to_1_in_255(grey))
     result = evaluate.summarise([{"view": i, **m} for i, m in enumerate((first, second, none))])
     assert [v["background_opacity"] for v in result["per_view"]] == [pytest.approx(0.3), pytest.approx(0.9), None]
     assert result["background_opacity"] == pytest.approx((0.2 + 0.4 + 0.9) / 3)  # pooled over pixels
     assert "bg opacity" in evaluate.format_table(result)
     assert evaluate.summarise([{"view": 0, **none}])["background_opacity"] is None
+    real = evaluate.view_metrics(rendered(acc.tolist()), image, None, None)  # a real background: no metric at all
+    assert "bg_pixels" not in real and evaluate.summarise([{"view": 0, **real}])["background_opacity"] is None
 
 
 def test_depth_error_and_pooling_hand_computed():
@@ -180,7 +191,7 @@ def test_orbit_depth_shares_one_colour_scale():
             sigma = torch.where(inside, 50.0, -50.0)
             return torch.stack([torch.zeros_like(sigma)] * 3 + [sigma], dim=-1)
 
-    renderer = render.VolumeRenderer(Slab(), near=0.5, far=6.0, n_samples=128)
+    renderer = render.VolumeRenderer(Slab(), StratifiedSampler(near=0.5, far=6.0, n_samples=128))
     orbit = render.render_orbit(renderer, 8, 8, 10.0, frames=2, radius=2.0, elevation=-30.0, chunk_rays=64,
                                 progress=False)
     assert len(orbit.rgb) == 2 and orbit.depth[0].shape == (8, 8, 3)

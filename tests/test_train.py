@@ -48,7 +48,7 @@ def test_bitnerf_training_raises_held_out_psnr(tiny_cfg):
 def _train_step(renderer, gen):
     rays_o = torch.zeros(64, 3) + torch.tensor([0.0, 0.0, 4.0])
     rays_d = torch.randn(64, 3, generator=gen) * 0.2 + torch.tensor([0.0, 0.0, -1.0])
-    out = renderer(rays_o, rays_d, torch.rand(64, renderer.n_samples, generator=gen))
+    out = renderer(rays_o, rays_d, renderer.sampler.sample(rays_o, rays_d, gen))
     loss = out.rgb.square().mean()
     loss.backward()
     return loss
@@ -166,14 +166,14 @@ def test_depth_colour_map_uses_the_actual_range():
     assert (colourise_depth(depth, np.zeros_like(depth)) == 0).all()  # empty pixels stay black
 
 
-def test_ray_batches_are_a_function_of_step_and_cover_each_epoch(tiny_scene_path):
+def test_ray_batches_are_a_function_of_step_and_split_exactly_over_ranks(tiny_scene_path):
     views = split_views(load_views(tiny_scene_path), 2)[0]
     a, b = RayBatcher(views, "ray", 128, seed=3), RayBatcher(views, "ray", 128, seed=3)
+    b.batch(2)  # what was drawn before does not matter
     torch.testing.assert_close(a.batch(5), b.batch(5))
+    assert not torch.equal(a.batch(5)[2], a.batch(6)[2])
     for unit, size in (("image", 2), ("ray", 480)):
         full = RayBatcher(views, unit, size, seed=0)
-        targets = torch.cat([full.batch(s)[2] for s in range(full.steps_per_epoch)])
-        assert len(targets) == full.steps_per_epoch * size * (views.height * views.width if unit == "image" else 1)
         # the two halves of a 2-rank split are exactly the single-process batch
         halves = [RayBatcher(views, unit, size, 0, rank, 2).batch(1) for rank in (0, 1)]
         for whole, *parts in zip(full.batch(1), *halves):
@@ -202,12 +202,24 @@ def test_wandb_offline_by_default(tiny_cfg, monkeypatch):
     assert os.path.isdir(wandb_dir) and any(name.startswith("offline-run") for name in os.listdir(wandb_dir))
 
 
-def test_background_penalty_is_the_weighted_opacity_of_black_target_rays(tiny_cfg):
+def test_background_penalty_is_the_weighted_opacity_of_see_through_rays(tiny_cfg):
     cfg = replace(tiny_cfg, bg_opacity_weight=0.3)
     trainer = train.Trainer(cfg, assembly.build_renderer(cfg, torch.device("cpu")), Dist(), torch.device("cpu"))
     acc = torch.tensor([0.5, 0.2, 1.0, 0.9])
-    target = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.1, 0.0]])
-    # black rays: the first two (the last has a green of 0.1): 0.3 * (0.5 + 0.2) / 4 rays in the whole batch
-    assert float(trainer.background_penalty(acc, target, 4)) == pytest.approx(0.3 * 0.7 / 4)
+    see_through = torch.tensor([True, True, False, False])
+    # the first two rays see the background: 0.3 * (0.5 + 0.2) / 4 rays in the whole batch
+    assert float(trainer.background_penalty(acc, see_through, 4)) == pytest.approx(0.3 * 0.7 / 4)
+    assert float(trainer.background_penalty(acc, None, 4)) == 0.0  # a real background: no ray is known to
     off = train.Trainer(replace(tiny_cfg, bg_opacity_weight=0.0), trainer.raw, Dist(), torch.device("cpu"))
-    assert float(off.background_penalty(acc, target, 4)) == 0.0
+    assert float(off.background_penalty(acc, see_through, 4)) == 0.0
+
+
+def test_black_data_marks_its_black_pixels_as_background(tiny_scene_path):
+    # the tiny-NeRF files are composited on black: a pixel within 1/255 of black sees through, darker colours don't
+    views = split_views(load_views(tiny_scene_path), 2)[0]
+    batcher = RayBatcher(views, "ray", 200, seed=0)
+    _, _, target = batcher.batch(0)
+    background, see_through = batcher.background(0)
+    assert background is None  # black: nothing is composited behind the render
+    torch.testing.assert_close(see_through, target.amax(dim=-1) <= 1 / 255)
+    assert 0 < see_through.float().mean() < 1
