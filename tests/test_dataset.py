@@ -441,3 +441,11 @@ def test_training_on_a_capture(capture_path, tiny_cfg):
     summary = train.train(cfg)
     assert summary["val_psnr"] > first + 2.0, (first, summary["val_psnr"])
     assert os.path.exists(os.path.join(cfg.out_dir, "video_rgb.mp4"))
+
+
+def test_the_data_line_names_the_data_and_a_capture_beyond_the_box(tmp_path, tiny_cfg):
+    write_capture(str(tmp_path / "c"), n=3, extra={"aabb_scale": 4})
+    views = load_views(str(tmp_path / "c"))
+    line = train.data_line(replace(tiny_cfg, data=str(tmp_path / "c")), views, views)
+    assert "3 train / 3 val views of 40x32, RGB torch.uint8, background none in training, none in evaluation" in line
+    assert "lens distortion" in line and "aabb_scale 4" in line and "--occ_bound=6" in line
