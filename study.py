@@ -149,8 +149,8 @@ def plan(args, extras: list[str]) -> tuple[list[Trial], dict]:
     common += [f"--max_time_s={minutes * 60:g}"] if minutes else []
     common += [f"--steps={args.steps}"] if args.steps else []
     trials = []
-    for exp in (e for e in EXPERIMENTS if e in exps):
-        for k in range(args.seeds):
+    for k in range(args.seeds):  # seed-major: a slow spell of the machine falls on every experiment alike
+        for exp in (e for e in EXPERIMENTS if e in exps):
             run_dir = os.path.join(args.out, exp, f"seed{k}")
             argv = [*common, f"--out_dir={run_dir}", f"--seed={FIRST_SEED + k}", *extras]  # extras win
             n = nproc if exp in UNDER_TORCHRUN else 1
