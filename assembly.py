@@ -1,9 +1,9 @@
 """Assembly: a renderer built from a Config, and a trained one loaded from a checkpoint or a `.bitnerf` file.
 
 The one place that picks a field's kind and puts a model together: below train.py and every tool that loads a
-model (evaluate, render's command line, export, bench), above the parts it assembles (nerf, bitnerf, grid_field,
-render, bitnerf_format). `python render.py` runs `render_main` from here, so that render.py's own functions
-import nothing above them.
+model (evaluate, render's command line, export, bench), above the parts it assembles (nerf, bitnerf,
+bitnerf_packed, grid_field, render, bitnerf_format). `python render.py` runs `render_main` from here, so that
+render.py's own functions import nothing above them.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import os
 import torch
 from torch import nn
 
-from bitnerf import BitNeRF, plain_state_dict, quantize_bitnet, ternary_field
+from bitnerf import BitNeRF, plain_state_dict, quantize_bitnet
 from bitnerf_format import OCCUPIED_KEY, is_bitnerf_file, read_bitnerf
+from bitnerf_packed import ternary_field
 from configs import Config, ConfigError, config_from_dict
 from dataset import evaluation_background
 from grid_field import GridField
@@ -27,17 +28,16 @@ from utils import ArgParser, UserError, load_checkpoint, run_cli
 
 
 # --- building --------------------------------------------------------------------------------------------------
-def build_field(model: str, n_freqs: int, width: int, depth: int, skip_layer: int, grid_resolution: int = 128,
-                grid_bound: float = 1.5) -> nn.Module:
-    """The float field of any kind (BitNeRF's quantization is applied separately, see build_renderer); the MLP
-    sizes are ignored by the grid field and the grid sizes by the MLPs."""
-    if model == "nerf":
-        return NeRF(n_freqs, width, depth, skip_layer)
-    if model == "bitnerf":
-        return BitNeRF(n_freqs, width, depth, skip_layer)
-    if model == "grid":
-        return GridField(grid_resolution, grid_bound)
-    raise ValueError(f"unknown model kind {model!r}")
+def build_field(cfg: Config) -> nn.Module:
+    """The float field of `cfg.model` (BitNeRF's quantization is applied separately, see build_renderer); the MLP
+    sizes are ignored by the grid field, the grid sizes by the MLPs, and bitnet_norm by all but BitNeRF."""
+    if cfg.model == "nerf":
+        return NeRF(cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer)
+    if cfg.model == "bitnerf":
+        return BitNeRF(cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer, cfg.bitnet_norm)
+    if cfg.model == "grid":
+        return GridField(cfg.grid_resolution, cfg.grid_bound)
+    raise ValueError(f"unknown model kind {cfg.model!r}")
 
 
 def build_renderer(cfg: Config, device: torch.device, field_state: dict | None = None,
@@ -47,8 +47,7 @@ def build_renderer(cfg: Config, device: torch.device, field_state: dict | None =
 
     Quantization comes after loading because checkpoints hold plain float latent weights.
     """
-    field = build_field(cfg.model, cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer, cfg.grid_resolution,
-                        cfg.grid_bound)
+    field = build_field(cfg)
     if field_state is not None:
         try:
             field.load_state_dict(field_state)
@@ -108,7 +107,7 @@ def load_trained(path: str, device: torch.device | str = "cpu") -> tuple[VolumeR
 
 
 def load_exported(path: str, device: torch.device | str = "cpu", mode: str = "int8"):
-    """A .bitnerf file -> (VolumeRenderer around bitnerf.ternary_field in eval mode, Config)."""
+    """A .bitnerf file -> (VolumeRenderer around bitnerf_packed.ternary_field in eval mode, Config)."""
     cfg, state, _ = read_bitnerf(path)
     occupied = state.pop(OCCUPIED_KEY, None)
     occupancy = build_occupancy(cfg, torch.device("cpu")) if occupied is not None else None
@@ -116,7 +115,7 @@ def load_exported(path: str, device: torch.device | str = "cpu", mode: str = "in
         if occupied.shape != occupancy.occupied.shape:
             raise UserError(f"{path}: its occupancy grid does not fit its config")
         occupancy.occupied.copy_(occupied)
-    field = ternary_field(cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer, mode)
+    field = ternary_field(cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer, mode, cfg.bitnet_norm)
     try:
         field.load_state_dict(state)
     except RuntimeError as err:

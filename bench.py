@@ -54,7 +54,7 @@ from queue import Empty
 
 import torch
 
-from configs import PRESETS, Config
+from configs import PRESETS, Config, points_per_ray, rays_per_chunk
 from hardware import amp_policy, configure_backends, pick_device
 from utils import ArgParser, Dist, UserError, run_cli
 
@@ -91,11 +91,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: in
 def linear_macs(module: torch.nn.Module) -> int:
     """sum(in * out) over the module's Linear layers: multiply-adds per point of one forward pass."""
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
-
-
-def evaluated_points_per_ray(cfg: Config) -> int:
-    """Field evaluations per ray: the coarse samples, plus coarse + fine again for the fine pass."""
-    return cfg.n_samples + (cfg.n_samples + cfg.n_importance if cfg.n_importance else 0)
 
 
 def _rss_kib(key: str) -> int:
@@ -178,7 +173,7 @@ def measure(cfg: Config, views, device: torch.device, repeats: int, warmup: int)
             peaks.append(2 * 2048**3 / timed(lambda: a @ a, device, 1, warmup=0)[0] / 1e9)
     # the render path of evaluation: one whole view, no grad, eval mode, through the same (compiled) module
     rays_o, rays_d = get_rays(views.height, views.width, views.focal, views.poses[0])
-    chunk_rays = max(1, cfg.chunk_points // trainer.points_per_ray)
+    chunk_rays = rays_per_chunk(cfg)
     trainer.model.eval()
     render_times = timed(lambda: render_image(trainer.model, rays_o, rays_d, chunk_rays, trainer.autocast_dtype),
                          device, max(1, repeats // 2), warmup=2)
@@ -186,21 +181,21 @@ def measure(cfg: Config, views, device: torch.device, repeats: int, warmup: int)
     # bf16 matmuls on CPUs without AVX512-BF16/AMX run at a few GFLOP/s: a small size keeps this quick
     peak_bf16 = matmul_peak(device, torch.bfloat16, 2048 if device.type == "cuda" else 512, repeats=3)
 
-    points_per_ray = evaluated_points_per_ray(cfg)
+    per_ray = points_per_ray(cfg)
     step_s = statistics.median(step_times)
-    points_per_s = cfg.batch_size * points_per_ray / step_s
+    points_per_s = cfg.batch_size * per_ray / step_s
     gflops = 6 * linear_macs(renderer.field) * points_per_s / 1e9
     peak32 = statistics.median(peaks)
     peak = peak_bf16 if trainer.autocast_dtype is not None else peak32
     return {
         "model": cfg.model, "compile": cfg.compile, "skip": cfg.skip,
         "amp": str(trainer.autocast_dtype).replace("torch.", "") if cfg.amp else "off", "device": str(device),
-        "batch_rays": cfg.batch_size, "chunk_points": cfg.chunk_points, "points_per_ray": points_per_ray,
+        "batch_rays": cfg.batch_size, "chunk_points": cfg.chunk_points, "points_per_ray": per_ray,
         "step_s": step_s, "step_s_all": step_times, "cpu_s_per_step": statistics.median(cpu_times),
         "first_step_s": first_s, "points_per_s": points_per_s, "rays_per_s": cfg.batch_size / step_s,
         "mlp_gflops": gflops, "peak_fp32_gflops": peak32, "peak_bf16_gflops": peak_bf16,
         "fraction_of_peak": gflops / peak,
-        "render_points_per_s": views.height * views.width * points_per_ray / statistics.median(render_times),
+        "render_points_per_s": views.height * views.width * per_ray / statistics.median(render_times),
         "peak_mem_mib": mem.peak, "mem_before_steps_mib": mem.before, "threads": torch.get_num_threads(),
         "optimizer": "fused" if trainer.optimizer.defaults.get("fused") else "for-each",
     }
@@ -310,8 +305,12 @@ def bitnerf_ratio(size: str, compiled: bool, chunk: int, chunks: int, repeats: i
     the per-pair ratios. AdamW as train.make_optimizer builds it (fused where every parameter is plain).
     impl "torchao": BitNeRF on torchao's BitNet weight subclass and nn.RMSNorm (the reference the fused layer
     is tested against)."""
-    from bitnerf import BitNeRF, quantize_bitnet, quantize_bitnet_torchao
+    from bitnerf import BitNeRF, quantize_bitnet
     from nerf import NeRF
+
+    quantize = quantize_bitnet
+    if impl == "torchao":  # the reference lives with the tests that check the fused layer against it
+        from tests.torchao_reference import quantize_bitnet_torchao as quantize
 
     arch = RATIO_SIZES[size]
     torch.manual_seed(0)
@@ -320,7 +319,6 @@ def bitnerf_ratio(size: str, compiled: bool, chunk: int, chunks: int, repeats: i
     target = torch.randn(n, 4, device=device)
     dtype = amp_policy(amp, "auto", device).dtype
     steps, first = {}, {}
-    quantize = quantize_bitnet_torchao if impl == "torchao" else quantize_bitnet
     for name, field in (("nerf", NeRF(**arch)), ("bitnerf", quantize(BitNeRF(**arch)))):
         field.to(device)
         params = list(field.parameters())
@@ -348,10 +346,11 @@ def bitnerf_ratio(size: str, compiled: bool, chunk: int, chunks: int, repeats: i
 
 def render_ratio(size: str, compiled: bool, chunk: int, chunks: int, repeats: int, device: torch.device) -> dict:
     """Points/s of a no-grad forward (what evaluation and videos run) of the packed ternary BitNeRF
-    (bitnerf.ternary_field, as loaded from a .bitnerf file) over the float NeRF of the same size, timed
+    (bitnerf_packed.ternary_field, as loaded from a .bitnerf file) over the float NeRF of the same size, timed
     alternately on the same random points; the ratio (> 1: the packed model is faster) is the median of the
     per-pair ratios."""
-    from bitnerf import (BitNeRF, plain_state_dict, quantize_bitnet, ternary_field, ternary_state_dict)
+    from bitnerf import BitNeRF, plain_state_dict, quantize_bitnet
+    from bitnerf_packed import ternary_field, ternary_state_dict
     from hardware import int_mm_available
     from nerf import NeRF
 

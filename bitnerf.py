@@ -7,11 +7,14 @@ output (256 -> 4) layers stay in float, as BitNet keeps its embedding and head i
 
 Training does not use torchao's weight tensor subclass: `quantize_bitnet` makes each hidden layer one
 autograd.Function (RMSNorm + BitLinear, `rmsnorm_bitlinear`) on plain nn.Parameters. Against torchao's subclass +
-nn.RMSNorm (`quantize_bitnet_torchao`, kept as the reference): the same forward bits in float32 eager, the same
+nn.RMSNorm (the reference, tests/torchao_reference.py): the same forward bits in float32 eager, the same
 gradients to float tolerance (tests/test_models.py). BitNeRF/NeRF time per training step (bench.py --ratio
 --threads 1, a shared 2-core CPU): 1.11x compiled / 1.24x eager at 8x256, L=16; 1.23x compiled / 1.35x eager at
 the cpu scale's 4x128, L=8 (torchao's subclass there: 1.66x compiled). Plain parameters also let AdamW be fused and DDP
 all-reduce .grad as for NeRF; checkpoints hold the same state dict keys.
+
+`BitNeRF(norm=False)` (config `bitnet_norm=false`) leaves the RMSNorm out: each hidden layer is a BitLinear that
+quantizes its raw input. Packed inference with the exported ternary weights is bitnerf_packed.py's.
 """
 
 from __future__ import annotations
@@ -63,10 +66,24 @@ def _ternary(weight: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Ten
     w = weight.detach()
     if dtype is not None:
         w = w.to(dtype)
-    scale = w.float().abs().mean()  # torchao's get_bitnet_scale
-    ternary = (w.float() / scale.clip(1e-5)).round_().clip_(-1, 1)  # torchao's quantize_bitnet_weight
+    ternary, scale = _absmean_ternary(w)
     ternary = ternary.to(torch.int8) if int_mm_available(w.device) else ternary
     return ternary, scale.to(w.dtype)
+
+
+def _absmean_ternary(w: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """BitNet b1.58's weight quantization, in torchao's arithmetic: (round(w / scale) clipped to [-1, 1], float32
+    holding -1, 0, 1; scale = mean |w| in float32 (torchao's get_bitnet_scale and quantize_bitnet_weight))."""
+    scale = w.float().abs().mean()
+    return (w.float() / scale.clip(eps)).round_().clip_(-1, 1), scale
+
+
+@torch.no_grad()
+def ternary_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights the forward pass of a BitLinear with this latent `weight` uses: (int8 ternary [out, in], float32
+    absmean scale []). What export packs, and the scale bitnerf_ddp's replica check compares."""
+    ternary, scale = _absmean_ternary(weight.detach())
+    return ternary.to(torch.int8), scale
 
 
 def rmsnorm_bitlinear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float | None,
@@ -134,7 +151,7 @@ class _RMSNormBitLinear(torch.autograd.Function):
             y_q = y_q.clip_(-128, 127)
         # exact: int32 from int8 operands, or float32 holding the same integers
         out = _integer_mm(y_q.to(torch.int8) if ternary.dtype == torch.int8 else y_q, ternary)
-        out = _scale_and_bias(out, scale, row_scale, bias, dtype)
+        out = scale_and_bias(out, scale, row_scale, bias, dtype)
         # the weight gradient's operand: the dequantized activations (torchao: int8 activations * row scale),
         # in y_q's own buffer when it is float32
         deq = y_q.mul_(row_scale) if y_q.dtype == torch.float32 and eager \
@@ -199,7 +216,7 @@ def _cat_times(parts: tuple[torch.Tensor, ...], factors: tuple[torch.Tensor, ...
     return out
 
 
-def _scale_and_bias(out: torch.Tensor, scale: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
+def scale_and_bias(out: torch.Tensor, scale: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
                     dtype: torch.dtype | None) -> torch.Tensor:
     """The integer product [M, N] (int32, or float32 holding the same integers) * row scale [M, 1] * weight scale
     + bias, with the roundings of torchao's CUDA kernel (scaled_int8_mm): the product in float32, times the row
@@ -232,8 +249,8 @@ def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _integer_mm(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
     """x_q [M, K] @ ternary.T, both holding integers: torch._int_mm (int32) for an int8 ternary (where the device
-    runs it, see hardware.int_mm_available) and shapes it takes, else a float32 matmul, which is exact (see
-    ternary_matmul)."""
+    runs it, see hardware.int_mm_available) and shapes it takes, else a float32 matmul, which is exact: every
+    partial sum is an integer of magnitude <= 128 K < 2^24 (bitnerf_packed.ternary_matmul)."""
     if ternary.dtype == torch.int8:
         if x_q.shape[0] > 16 and x_q.shape[1] % 8 == 0 and ternary.shape[0] % 8 == 0:
             return int8_mm(x_q, ternary.t())
@@ -257,71 +274,33 @@ class BitRMSNormLinear(nn.Sequential):
 
 
 class BitNeRF(NeRF):
-    def __init__(self, n_freqs: int = 16, width: int = 256, depth: int = 8, skip_layer: int = 4):
+    """NeRF whose hidden layers are RMSNorm + Linear (`norm`, BitNet b1.58's layer), or a plain Linear that
+    quantizes its raw input (norm=False); `quantize_bitnet` makes them BitNet b1.58 QAT layers."""
+
+    def __init__(self, n_freqs: int = 16, width: int = 256, depth: int = 8, skip_layer: int = 4, norm: bool = True):
         # pad the encoding to a multiple of 8 so the skip layer's K (width + encoding) suits CUDA int8 matmul
-        super().__init__(n_freqs, width, depth, skip_layer, hidden_layer=RMSNormLinear, pad_input_to=8)
+        super().__init__(n_freqs, width, depth, skip_layer, hidden_layer=RMSNormLinear if norm else nn.Linear,
+                         pad_input_to=8)
+        self.norm = norm
 
     def quantized_linears(self) -> list[nn.Linear]:
-        return [layer.linear for layer in self.hidden]
+        return [layer.linear if self.norm else layer for layer in self.hidden]
 
 
 def quantize_bitnet(model: BitNeRF) -> BitNeRF:
-    """Make the hidden layers BitNet b1.58 QAT layers (RMSNorm + BitLinear, torchao bitnet_training's math in one
-    autograd.Function), in place. Returns the model. The parameters stay the same plain nn.Parameters (state dict
-    unchanged). Apply after loading float weights and before torch.compile / DDP.
+    """Make the hidden layers BitNet b1.58 QAT layers (RMSNorm + BitLinear, or a BitLinear alone without the norm;
+    torchao bitnet_training's math in one autograd.Function), in place. Returns the model. The parameters stay the
+    same plain nn.Parameters (state dict unchanged). Apply after loading float weights and before torch.compile /
+    DDP.
     """
     int_mm_available(next(model.parameters()).device)  # decided now, eagerly: a constant under torch.compile
     for layer in model.hidden:
         if type(layer) is RMSNormLinear:
             layer.__class__ = BitRMSNormLinear
-        if type(layer[1]) is nn.Linear:
-            layer[1].__class__ = BitLinear
+    for linear in model.quantized_linears():
+        if type(linear) is nn.Linear:
+            linear.__class__ = BitLinear
     return model
-
-
-def quantize_bitnet_torchao(model: nn.Module) -> nn.Module:
-    """The reference: torchao's own BitNet training weights (tensor subclass) on the hidden Linears, in place
-    (with the exact float32 product for its int8 matmul off CUDA). Tests compare `quantize_bitnet` with it."""
-    _quiet_torchao_import()
-    from torchao import quantize_
-    from torchao.prototype.quantized_training import bitnet_training
-
-    _use_exact_float_int8_mm_off_cuda()
-
-    targets = set(map(id, model.quantized_linears()))
-    quantize_(model, bitnet_training(), filter_fn=lambda module, fqn: id(module) in targets)
-    return model
-
-
-def _quiet_torchao_import() -> None:
-    """torchao logs "Failed to load ..." for its CUDA-only kernels on CPU machines (harmless), and torch warns
-    about one of its enums; keep them off stderr so our one-line errors stay one line."""
-    import logging
-
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _use_exact_float_int8_mm_off_cuda() -> None:
-    """Route torchao's BitNet int8 matmul through `ternary_matmul` off CUDA, with the scaling arithmetic of its
-    CUDA kernel, so that the reference computes on a CPU what torchao computes on a GPU (its CPU fallback
-    scales in another order, which changes the last bit). CUDA keeps torchao's own kernel.
-    """
-    import torchao.prototype.quantized_training.bitnet as torchao_bitnet
-
-    original = torchao_bitnet.scaled_int8_mm
-    if getattr(original, "exact_off_cuda", False):
-        return
-
-    def scaled_int8_mm(a, b, row_scale, col_scale):
-        if a.is_cuda:
-            return original(a, b, row_scale, col_scale)
-        # the arithmetic of torchao's CUDA kernel: float32 product * row scale * column scale, one rounding
-        product = ternary_matmul(a, b.T).float()
-        return (product * row_scale.view(-1, 1).float() * col_scale.view(-1).float()).to(row_scale.dtype)
-
-    scaled_int8_mm.exact_off_cuda = True
-    torchao_bitnet.scaled_int8_mm = scaled_int8_mm
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -331,136 +310,6 @@ def is_quantized(model: nn.Module) -> bool:
     return any(type(p).__name__ == "BitNetTrainingLinearWeight" for p in model.parameters())
 
 
-def ternary_weight(weight: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weights the forward pass uses: (int8 ternary [out, in], fp32 absmean scale []).
-
-    Same arithmetic as torchao's bitnet forward (scale = mean |W|; round(W / scale) clipped to [-1, 1]).
-    """
-    _quiet_torchao_import()
-    from torchao.prototype.quantized_training.bitnet import get_bitnet_scale, quantize_bitnet_weight
-
-    data = getattr(weight, "_data", weight).detach()
-    scale = get_bitnet_scale(data)
-    return quantize_bitnet_weight(data, scale, eps), scale
-
-
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A state dict of plain tensors (BitNet weight subclasses unwrapped), loadable with weights_only=True."""
     return {k: getattr(v, "_data", v).detach().clone() for k, v in model.state_dict().items()}
-
-
-# --- inference with packed ternary weights (export.py writes and reads the file) -----------------------------------
-# Ternary digits are stored as t + 1 in {0, 1, 2}, little-endian within a byte: base 3 packs 5 per byte
-# (3^5 = 243 <= 256), base 4 is the plain 2-bit packing (4 per byte).
-PACKINGS = {"base3": (3, 5), "2bit": (4, 4)}
-
-
-def pack_ternary(values: torch.Tensor, packing: str = "base3") -> torch.Tensor:
-    """Ternary int8 values (any shape, flattened row-major) -> uint8 [ceil(n / per_byte)]."""
-    base, per_byte = PACKINGS[packing]
-    digits = values.reshape(-1).to(torch.int64) + 1
-    if digits.numel() and (digits.min() < 0 or digits.max() > 2):
-        raise ValueError("pack_ternary: values must be in {-1, 0, 1}")
-    digits = nn.functional.pad(digits, (0, -digits.numel() % per_byte)).view(-1, per_byte)
-    powers = base ** torch.arange(per_byte, device=digits.device)  # [per_byte]
-    return (digits * powers).sum(dim=-1).to(torch.uint8)
-
-
-def unpack_ternary(packed: torch.Tensor, n: int, packing: str = "base3") -> torch.Tensor:
-    """uint8 [ceil(n / per_byte)] -> int8 [n] in {-1, 0, 1}. ValueError when the bytes cannot be ternary digits."""
-    base, per_byte = PACKINGS[packing]
-    if packed.numel() != -(-n // per_byte):
-        raise ValueError(f"{packed.numel()} packed bytes cannot hold {n} ternary values ({packing})")
-    powers = base ** torch.arange(per_byte, device=packed.device)
-    packed = packed.to(torch.int64)
-    digits = ((packed[:, None] // powers) % base).reshape(-1)  # [bytes * per_byte]
-    # padding digits beyond n must be 0 too (pack writes 0 there), so every byte has exactly one meaning
-    if digits.numel() and (digits.max() > 2 or packed.max() >= base ** per_byte or digits[n:].any()):
-        raise ValueError("bytes that are not packed ternary digits")
-    return (digits[:n] - 1).to(torch.int8)
-
-
-def ternary_matmul(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
-    """Exact integer product x_q [M, K] @ ternary.T (ternary: int8 [N, K]) -> [M, N], int32 or float32.
-
-    x_q holds integers in [-128, 127] (any dtype). torch._int_mm where the device runs it (hardware.int_mm_available)
-    and its shape rules hold (M > 16, K and N multiples of 8). Elsewhere a float32 matmul of the same integers:
-    every partial sum is an integer of magnitude <= 128 K < 2^24, which float32 holds exactly, so the result
-    equals _int_mm's bit for bit.
-    """
-    m, k = x_q.shape
-    n = ternary.shape[0]
-    if (int_mm_available(x_q.device) and m > 16 and k % 8 == 0 and n % 8 == 0) or 128 * k >= 2**24:
-        return int8_mm(x_q.to(torch.int8), ternary.T)
-    return x_q.float() @ ternary.T.float()
-
-
-class TernaryLinear(nn.Module):
-    """A Linear whose weight is ternary [out, in] (int8) times one fp32 scale, plus a float bias.
-
-    mode "int8": BitNet's forward as in training (torchao bitnet): per-row absmax int8 activations, integer
-    matmul with the ternary weights, then * scale * row scale + bias. mode "dequant": float matmul with
-    ternary * scale (no activation quantization; an approximation of the trained forward).
-    """
-
-    def __init__(self, in_features: int, out_features: int, mode: str = "int8"):
-        super().__init__()
-        if mode not in ("int8", "dequant"):
-            raise ValueError(f"mode must be int8 or dequant, got {mode!r}")
-        self.mode = mode
-        self.register_buffer("ternary", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.ones((), dtype=torch.float32))
-        self.register_buffer("bias", torch.zeros(out_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in] -> [..., out]."""
-        if self.mode == "dequant":
-            weight = self.ternary.to(x.dtype) * self.scale.to(x.dtype)
-            return nn.functional.linear(x, weight, self.bias.to(x.dtype))
-        return self._int8_forward(x)
-
-    def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale, dtype = self.scale, None
-        if torch.is_autocast_enabled("cuda"):  # torchao casts input, weight and bias to the autocast dtype
-            dtype = torch.get_autocast_dtype("cuda")
-            x, scale = x.to(dtype), scale.to(dtype)
-        lead = x.shape[:-1]
-        x = x.reshape(-1, x.shape[-1])
-        # torchao's quantize_int8_rowwise(eps=1e-5) in fewer passes with the same roundings (equal bits): max |x|
-        # per row as max(amax, -amin) (torch.aminmax measured 5x slower than the two on a CPU); its clip to
-        # [-128, 127] is left out because |x| * 127 / max|x| rounds to at most 127 (three float32 roundings are far
-        # from the 127.5 that would round up)
-        row_scale = torch.maximum(x.amax(dim=1), -x.amin(dim=1)) / 127  # [M], x's dtype
-        x_q = (x.float() * (1.0 / row_scale.float().clip(1e-5)).view(-1, 1)).round_()
-        out = ternary_matmul(x_q, self.ternary)
-        return _scale_and_bias(out, scale, row_scale.view(-1, 1), self.bias, dtype).view(*lead, -1)
-
-
-def ternary_field(n_freqs: int, width: int, depth: int, skip_layer: int, mode: str = "int8") -> BitNeRF:
-    """An empty inference BitNeRF: every hidden Linear replaced by a TernaryLinear (fill it with
-    `load_state_dict(ternary_state_dict(...))`). Same forward, encoding and skip as the trained model."""
-    field = BitNeRF(n_freqs, width, depth, skip_layer)
-    for layer in field.hidden:
-        linear = layer.linear
-        layer[1] = TernaryLinear(linear.in_features, linear.out_features, mode)
-    return field.requires_grad_(False)
-
-
-def ternary_state_dict(float_state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """A trained BitNeRF's plain float state dict -> the state dict of `ternary_field`: each hidden Linear's
-    latent weight becomes (ternary int8, fp32 scale) exactly as training's forward quantizes it."""
-    state = dict(float_state)
-    for i in range(depth):
-        ternary, scale = ternary_weight(state.pop(f"hidden.{i}.1.weight").float())
-        state[f"hidden.{i}.1.ternary"], state[f"hidden.{i}.1.scale"] = ternary, scale
-    return state
-
-
-def set_ternary_mode(field: nn.Module, mode: str) -> nn.Module:
-    """Switch every TernaryLinear of `field` to "int8" or "dequant". Returns the field."""
-    if mode not in ("int8", "dequant"):
-        raise ValueError(f"mode must be int8 or dequant, got {mode!r}")
-    for module in field.modules():
-        if isinstance(module, TernaryLinear):
-            module.mode = mode
-    return field

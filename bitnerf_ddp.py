@@ -31,7 +31,7 @@ def replica_fingerprint(model: nn.Module) -> tuple[list[str], torch.Tensor]:
     for name, param in model.named_parameters():
         data = getattr(param, "_data", param).detach()
         if type(param).__name__ == "BitNetTrainingLinearWeight":
-            scale = ternary_weight(param)[1]  # exactly the scale the quantized forward multiplies by
+            scale = ternary_weight(data)[1]  # exactly the scale the quantized forward multiplies by
         else:
             scale = data.float().abs().mean()
         names.append(name)

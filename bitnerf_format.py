@@ -4,13 +4,13 @@ File layout (all integers little-endian):
     MAGIC (8 bytes) | format version (uint32) | header length H (uint32) | header: H bytes of UTF-8 JSON |
     payload: raw tensor bytes | SHA-256 of every byte before it (32 bytes)
 The header holds the training config and, per tensor, its encoding, shape and (offset, nbytes) in the payload.
-Encodings: "float16"/"float32" (little-endian IEEE), "ternary-base3"/"ternary-2bit" (bitnerf.pack_ternary) and
+Encodings: "float16"/"float32" (little-endian IEEE), "ternary-base3"/"ternary-2bit" (pack_ternary) and
 "bits-zlib" (the occupancy grid `occupancy.occupied`, when the run skipped empty space: numpy.packbits, big-endian
 within a byte, then zlib-compressed; a grid is mostly empty space in large runs, so a 128^3 grid of 256 KiB of bits
 takes ~10 KB) and "bits" (the same without compression, read for files that hold it).
 Hidden Linear weights are ternary (each with its fp32 absmean scale); everything else (input and output layers,
 biases, RMSNorm weights) stays float. export.py writes it; assembly.load_trained (or assembly.load_exported)
-loads it as a renderer around bitnerf.ternary_field.
+loads it as a renderer around bitnerf_packed.ternary_field.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import zlib
 
 import numpy as np
 import torch
+from torch import nn
 
-from bitnerf import pack_ternary, unpack_ternary
 from configs import Config, ConfigError, config_from_dict
 from utils import UserError, atomic_write
 
@@ -35,6 +35,37 @@ _PREFIX = struct.Struct("<8sII")  # magic, version, header length
 _DIGEST = 32
 _FLOATS = {"float16": ("<f2", torch.float16), "float32": ("<f4", torch.float32)}
 FLOAT_STORAGES = tuple(_FLOATS)  # how the float tensors may be stored
+
+
+# --- packing ternary digits ---------------------------------------------------------------------------------------
+# Ternary digits are stored as t + 1 in {0, 1, 2}, little-endian within a byte: base 3 packs 5 per byte
+# (3^5 = 243 <= 256), base 4 is the plain 2-bit packing (4 per byte).
+PACKINGS = {"base3": (3, 5), "2bit": (4, 4)}
+
+
+def pack_ternary(values: torch.Tensor, packing: str = "base3") -> torch.Tensor:
+    """Ternary int8 values (any shape, flattened row-major) -> uint8 [ceil(n / per_byte)]."""
+    base, per_byte = PACKINGS[packing]
+    digits = values.reshape(-1).to(torch.int64) + 1
+    if digits.numel() and (digits.min() < 0 or digits.max() > 2):
+        raise ValueError("pack_ternary: values must be in {-1, 0, 1}")
+    digits = nn.functional.pad(digits, (0, -digits.numel() % per_byte)).view(-1, per_byte)
+    powers = base ** torch.arange(per_byte, device=digits.device)  # [per_byte]
+    return (digits * powers).sum(dim=-1).to(torch.uint8)
+
+
+def unpack_ternary(packed: torch.Tensor, n: int, packing: str = "base3") -> torch.Tensor:
+    """uint8 [ceil(n / per_byte)] -> int8 [n] in {-1, 0, 1}. ValueError when the bytes cannot be ternary digits."""
+    base, per_byte = PACKINGS[packing]
+    if packed.numel() != -(-n // per_byte):
+        raise ValueError(f"{packed.numel()} packed bytes cannot hold {n} ternary values ({packing})")
+    powers = base ** torch.arange(per_byte, device=packed.device)
+    packed = packed.to(torch.int64)
+    digits = ((packed[:, None] // powers) % base).reshape(-1)  # [bytes * per_byte]
+    # padding digits beyond n must be 0 too (pack writes 0 there), so every byte has exactly one meaning
+    if digits.numel() and (digits.max() > 2 or packed.max() >= base ** per_byte or digits[n:].any()):
+        raise ValueError("bytes that are not packed ternary digits")
+    return (digits[:n] - 1).to(torch.int8)
 
 
 # --- encoding tensors ----------------------------------------------------------------------------------------------

@@ -7,10 +7,15 @@ raise `ConfigError` with a one-line message.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import json
 import math
 import os
+import textwrap
+import tokenize
 from dataclasses import dataclass, fields, replace
 
 
@@ -21,7 +26,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Config:
     # --- run -----------------------------------------------------------------------------------------------
-    name: str = "exp1"
+    name: str = "exp1"  # the run's name; the default output folder is runs/<name>
     out_dir: str = ""  # "" -> runs/<name>
     # a tiny-NeRF .npz, a NeRF-synthetic (Blender) scene folder, an instant-ngp / nerfstudio capture (its
     # transforms.json or the folder holding it), or "synthetic" for the built-in procedural scene (dataset.py)
@@ -30,11 +35,11 @@ class Config:
     # paper: the preset as the original configured it; cpu: the same experiment at a size a 2-core CPU trains in
     # minutes (see CPU_SCALE). On the command line the default is auto: paper on CUDA, cpu elsewhere
     scale: str = "paper"
-    seed: int = 42
+    seed: int = 42  # seed of initialisation, batches and sampling
     # --- schedule (steps wins over epochs when > 0; max_time_s stops early and then finishes normally) ----
-    epochs: int = 50
-    steps: int = 0
-    max_time_s: float = 0.0
+    epochs: int = 50  # passes over the training rays, used when steps is 0
+    steps: int = 0  # training steps; wins over epochs when > 0
+    max_time_s: float = 0.0  # stop training after this many seconds (0 = no limit), then finish normally
     # --- data / batching -----------------------------------------------------------------------------------
     # views held out for validation: the last ones of a .npz; of a scene folder's val split, this many spread
     # evenly (all if it has fewer); of a capture, this many frames spread evenly over the file-name order
@@ -54,16 +59,18 @@ class Config:
     # --- model ---------------------------------------------------------------------------------------------
     model: str = "nerf"  # nerf | bitnerf | grid (a voxel grid, no MLP: the fast preset's field, see grid_field.py)
     n_freqs: int = 16  # positional encoding frequencies L: input dim 3 + 6L
-    width: int = 256
+    width: int = 256  # MLP width
     depth: int = 8  # hidden layers
     skip_layer: int = 4  # the encoded input is concatenated back before this hidden layer
+    # model=bitnerf: the RMSNorm before each BitLinear, as in BitNet b1.58; false quantizes the layer's raw input
+    bitnet_norm: bool = True
     grid_resolution: int = 128  # model=grid: vertices per axis
     grid_bound: float = 1.5  # model=grid: the grid spans [-bound, bound]^3 (outside is empty space)
     # --- rendering -----------------------------------------------------------------------------------------
-    n_samples: int = 32
+    n_samples: int = 32  # stratified samples per ray
     n_importance: int = 0  # extra samples per ray drawn from the coarse weights (0 = plain stratified)
-    near: float = 2.0
-    far: float = 6.0
+    near: float = 2.0  # ray start
+    far: float = 6.0  # ray end
     perturb: bool = True  # stratified jitter of the samples during training
     # + weight * mean opacity of the batch's rays that see through the scene (background); 0 = off. lego,
     # cpu scale, 1500 steps: 0 -> held-out PSNR 26.36 dB, background opacity 0.064; 1e-3 -> 26.31, 0.022;
@@ -73,39 +80,39 @@ class Config:
     # binary grid over [-occ_bound, occ_bound]^3, refreshed from the field's own density every occ_update_every
     # steps (EMA); occ_carve empties, before training, the cells that background training pixels see through
     skip: bool = True
-    occ_resolution: int = 128
-    occ_bound: float = 1.5
-    occ_update_every: int = 16
+    occ_resolution: int = 128  # occupancy grid cells per axis
+    occ_bound: float = 1.5  # the occupancy grid spans [-occ_bound, occ_bound]^3
+    occ_update_every: int = 16  # steps between occupancy grid refreshes
     # a cell stays occupied while one render step there ((far - near) / n_samples) would be more than this opaque
     occ_threshold: float = 0.01
-    occ_carve: bool = True
+    occ_carve: bool = True  # empty, before training, the cells that background training pixels see through
     # --- optimisation --------------------------------------------------------------------------------------
-    lr: float = 1e-3
-    weight_decay: float = 0.01
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.01  # AdamW weight decay
     lr_schedule: str = "constant"  # constant | cosine
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warm-up steps
     grad_clip: float = 0.0  # 0 = no clipping (the grad norm is still logged)
-    amp: bool = False
+    amp: bool = False  # automatic mixed precision (autocast to amp_dtype)
     # auto: bf16 where the hardware has bf16 units (CUDA capability >= 8.0, CPUs with avx512_bf16/AMX; an
     # emulating CPU is warned about), else fp16 with a GradScaler (T4, V100, Apple GPUs) | bf16 | fp16
     amp_dtype: str = "auto"
     # CUDA: fp32 matmuls on TF32 tensor cores (inputs rounded to a 10-bit mantissa, fp32 accumulation; several
     # times the plain fp32 rate on A100/H100). No effect on CPU or MPS
     tf32: bool = True
-    compile: bool = True
+    compile: bool = True  # torch.compile the training step (model=grid needs false)
     # --- logging / outputs ---------------------------------------------------------------------------------
-    log_every: int = 10
+    log_every: int = 10  # steps between metrics records
     eval_every: int = 200  # steps between validations (0 = only at the end)
-    ckpt_every: int = 200
-    keep_ckpts: int = 2
+    ckpt_every: int = 200  # steps between checkpoints (0 = only at the end)
+    keep_ckpts: int = 2  # ckpt_stepN.pt files kept besides ckpt.pt
     resume: bool = True  # continue from out_dir/ckpt.pt when it holds a run of the same config
-    video: bool = True
-    video_frames: int = 120
-    video_fps: int = 30
-    video_radius: float = 4.0
-    video_elevation: float = -30.0
+    video: bool = True  # write the orbit videos at the end
+    video_frames: int = 120  # frames in the orbit
+    video_fps: int = 30  # frames per second
+    video_radius: float = 4.0  # camera distance from the origin
+    video_elevation: float = -30.0  # degrees; negative looks down
     wandb: str = "offline"  # online | offline | disabled (the WANDB_MODE environment variable wins)
-    wandb_project: str = "nerf-experiments"
+    wandb_project: str = "nerf-experiments"  # W&B project name
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
@@ -282,6 +289,21 @@ def apply_device_defaults(cfg: Config, kind: str) -> Config:
     return cfg
 
 
+# --- field evaluations: how many points a ray costs, how many rays a micro-batch holds ---------------------------
+def points_per_ray(cfg: Config) -> int:
+    """The most field evaluations one ray can cost: its n_samples stratified samples, and with n_importance > 0
+    the fine pass again on all n_samples + n_importance samples (render.render_samples evaluates the one field
+    at both; with empty-space skipping a ray costs at most n_samples). `cfg` may be anything with a Config's
+    n_samples and n_importance (a sampler)."""
+    return cfg.n_samples + (cfg.n_samples + cfg.n_importance if cfg.n_importance else 0)
+
+
+def rays_per_chunk(cfg: Config) -> int:
+    """Rays whose field evaluations fit one micro-batch of cfg.chunk_points points (at least one ray). `cfg` may
+    be anything with a Config's chunk_points, n_samples and n_importance."""
+    return max(1, cfg.chunk_points // points_per_ray(cfg))
+
+
 # --- command line --------------------------------------------------------------------------------------------
 def parse_value(key: str, raw: str, kind: type):
     """Convert the text of `--key=raw` to the field's type, or raise ConfigError."""
@@ -311,7 +333,8 @@ def from_cli(preset: Config, argv: list[str]) -> Config:
     while args:
         arg = args.pop(0)
         if arg in ("-h", "--help"):
-            raise SystemExit(usage(preset))
+            print(usage(preset))  # asked for: stdout and exit status 0, like any command's --help
+            raise SystemExit(0)
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: overrides look like --key=value")
         key, eq, raw = arg[2:].partition("=")
@@ -357,10 +380,59 @@ def _field_type(f: dataclasses.Field) -> type:
 
 
 def usage(preset: Config) -> str:
-    lines = [f"usage: python <script>.py [--key=value ...]   (preset: {preset.name})", "", "config keys:"]
+    """--help: every key under its section, with its type, the preset's value and its description (the comments
+    of Config's fields). `scale` shows what the command line uses: auto."""
+    described = field_descriptions()
+    lines = [f"usage: python <script>.py [--key=value ...]   (preset: {preset.name})", "",
+             "config keys, with the preset's value at the paper scale (--scale=cpu changes sizes and schedule):"]
+    section = None
     for f in fields(Config):
-        lines.append(f"  --{f.name}={getattr(preset, f.name)!r}  ({_field_type(f).__name__})")
+        heading, text = described.get(f.name, ("", ""))
+        if heading != section:
+            section = heading
+            lines += ["", heading]
+        kind, value = _field_type(f).__name__, _cli_value(getattr(preset, f.name))
+        if f.name == "scale":  # from_cli's default, not the dataclass's
+            value, kind = "auto", f"{kind}: auto | paper | cpu; auto is paper on CUDA, cpu elsewhere: " \
+                                  f"{auto_scale(preset.device)} here"
+        lines.append(f"  --{f.name}={value}  ({kind})")
+        lines += textwrap.wrap(text, width=112, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
+
+
+def _cli_value(value) -> str:
+    """A value as it is written on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return '""' if value == "" else str(value)
+
+
+def field_descriptions() -> dict[str, tuple[str, str]]:
+    """{key: (its section, its description)}, read from the comments of Config's source (configs.py holds the
+    text once): a key's description is the comment lines directly above it and the comment at the end of its
+    line; a `# --- section ---` line heads the keys below it. {} where the source cannot be read."""
+    try:
+        source = textwrap.dedent(inspect.getsource(Config))
+    except (OSError, TypeError):
+        return {}
+    comments = {}  # line number -> (text, whether the comment is the whole line)
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = (token.string.lstrip("#").strip(), token.line.lstrip().startswith("#"))
+    headings = {n: text.strip("- ") for n, (text, whole) in comments.items() if whole and text.startswith("---")}
+    described = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above, n = [], node.lineno - 1
+        while n in comments and comments[n][1] and n not in headings:
+            above.insert(0, comments[n][0])
+            n -= 1
+        trailing = [comments[k][0] for k in range(node.lineno, node.end_lineno + 1)
+                    if k in comments and not comments[k][1]]
+        section = max((k for k in headings if k < node.lineno), default=None)
+        described[node.target.id] = (headings.get(section, ""), " ".join(above + trailing))
+    return described
 
 
 def config_from_dict(d: dict) -> Config:
@@ -369,5 +441,6 @@ def config_from_dict(d: dict) -> Config:
     unknown = set(d) - known
     if unknown:
         raise ConfigError(f"saved config has unknown keys: {', '.join(sorted(unknown))}")
-    # a saved config without `skip` / `bg_opacity_weight` was trained (and must be rendered) without them
+    # a saved config without `skip` / `bg_opacity_weight` was trained (and must be rendered) without them; one
+    # without `bitnet_norm` had the RMSNorm, the default
     return Config(**{"skip": False, "bg_opacity_weight": 0.0, **d})

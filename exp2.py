@@ -3,8 +3,8 @@ GradScaler). Overrides: --key=value (see --help)."""
 
 import sys
 
-from configs import EXP2
+from experiments import REGISTRY
 from train import main
 
 if __name__ == "__main__":
-    sys.exit(main(EXP2))
+    sys.exit(main(REGISTRY["exp2"].preset))

@@ -3,8 +3,8 @@
 
 import sys
 
-from configs import EXP3
+from experiments import REGISTRY
 from train import main
 
 if __name__ == "__main__":
-    sys.exit(main(EXP3))
+    sys.exit(main(REGISTRY["exp3"].preset))

@@ -3,8 +3,8 @@
 
 import sys
 
-from configs import EXP4
+from experiments import REGISTRY
 from train import main
 
 if __name__ == "__main__":
-    sys.exit(main(EXP4))
+    sys.exit(main(REGISTRY["exp4"].preset))

@@ -2,8 +2,8 @@
 
 import sys
 
-from configs import EXP5
+from experiments import REGISTRY
 from train import main
 
 if __name__ == "__main__":
-    sys.exit(main(EXP5))
+    sys.exit(main(REGISTRY["exp5"].preset))

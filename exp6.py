@@ -2,8 +2,8 @@
 
 import sys
 
-from configs import EXP6
+from experiments import REGISTRY
 from train import main
 
 if __name__ == "__main__":
-    sys.exit(main(EXP6))
+    sys.exit(main(REGISTRY["exp6"].preset))

@@ -4,7 +4,7 @@
     python export.py --info model.bitnerf      # verify the file and describe it
 
 The file format is bitnerf_format.py's. Loading it (assembly.load_trained on a .bitnerf path) gives a renderer
-around bitnerf.ternary_field.
+around bitnerf_packed.ternary_field.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import os
 import sys
 
 from assembly import build_field
-from bitnerf import ternary_state_dict
 from bitnerf_format import FLOAT_STORAGES, OCCUPIED_KEY, read_bitnerf, write_bitnerf
+from bitnerf_packed import ternary_state_dict
 from configs import ConfigError, config_from_dict
 from utils import ArgParser, UserError, load_checkpoint, run_cli
 
@@ -30,12 +30,12 @@ def export_checkpoint(ckpt_path: str, out_path: str, packing: str = "base3", flo
     if cfg.model != "bitnerf":
         raise UserError(f"{ckpt_path} holds a {cfg.model!r} model; only BitNeRF (model=bitnerf, BitNet QAT) "
                         f"checkpoints have ternary weights to export")
-    field = build_field(cfg.model, cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer)
+    field = build_field(cfg)
     try:  # checks every name and shape before anything is written
         field.load_state_dict(ckpt["model"])
     except RuntimeError as err:
         raise UserError(f"{ckpt_path}: weights do not fit its config: {str(err).splitlines()[0]}") from None
-    state = ternary_state_dict({k: v.float() for k, v in field.state_dict().items()}, cfg.depth)
+    state = ternary_state_dict({k: v.float() for k, v in field.state_dict().items()}, cfg.depth, cfg.bitnet_norm)
     if cfg.skip and ckpt.get("occupancy"):  # inference skips the same empty space as training's renders
         state[OCCUPIED_KEY] = ckpt["occupancy"]["occupied"]
     size = write_bitnerf(out_path, state, cfg, packing, floats)

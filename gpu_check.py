@@ -106,7 +106,7 @@ def train_run(name: str, cfg, device: torch.device) -> tuple[bool, dict]:
     points_per_s = summary["train_points_per_s"]
     from assembly import build_field
 
-    macs = linear_macs(build_field(cfg.model, cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer))
+    macs = linear_macs(build_field(cfg))
     amp = amp_policy(cfg.amp, cfg.amp_dtype, device).dtype
     peak = matmul_peak(device, amp or torch.float32, 4096 if device.type == "cuda" else 512, repeats=3)
     step_s = summary["train_time_s"] / max(1, summary["steps"])

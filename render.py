@@ -9,9 +9,9 @@ Usage as a tool: `python render.py --ckpt RUN/ckpt.pt` writes 360-degree videos 
 
 from __future__ import annotations
 
-import math
 import os
 import sys
+from types import SimpleNamespace
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -21,6 +21,7 @@ from torch import nn
 
 # pose_spherical is part of this module's interface (the orbit's cameras): callers import it from here
 from cameras import orbit_poses, pinhole_directions, pose_spherical, rays_from_directions  # noqa: F401
+from configs import rays_per_chunk
 from nerf import colour, density
 from samplers import OccupancyGridSampler, Samples, StratifiedSampler, stratified_samples
 from utils import colourise_depth, to_uint8, write_video
@@ -206,10 +207,12 @@ class VolumeRenderer(nn.Module):
         return density(self.evaluate(points)[:, 3].float())
 
     def eval_chunk_rays(self) -> int:
-        """Rays per no-grad forward when rendering images. With skipping most samples are never evaluated and
-        the field runs in chunks anyway, so the chunk of rays can be much larger."""
-        per_ray = self.sampler.points_per_ray
-        return max(1, self.chunk_points // per_ray) * (16 if self.occupancy is not None else 1)
+        """Rays per no-grad forward when rendering images: configs.rays_per_chunk of this renderer's sizes. With
+        skipping most samples are never evaluated and the field runs in chunks anyway, so the chunk of rays can be
+        much larger (16 times)."""
+        sizes = SimpleNamespace(chunk_points=self.chunk_points, n_samples=self.sampler.n_samples,
+                                n_importance=self.sampler.n_importance)
+        return rays_per_chunk(sizes) * (16 if self.occupancy is not None else 1)
 
     @torch.no_grad()
     def update_sampler(self, step: int, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> None:

@@ -109,8 +109,9 @@ def _fmt(value, spec: str = "", suffix: str = "") -> str:
     return "—" if value is None else f"{value:{spec}}{suffix}"
 
 
-def _si(value: float | None) -> str:
-    """1234567 -> '1.23M' (points per second span several orders of magnitude)."""
+def si(value: float | None) -> str:
+    """A number with an SI suffix: 1234567 -> '1.23M' (points per second span several orders of magnitude);
+    None -> '—'."""
     if value is None:
         return "—"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -135,7 +136,7 @@ def table_row(run: Run) -> dict[str, str]:
         "SSIM": _fmt(ev.get("ssim"), ".4f"),
         "train time (s)": _fmt(s.get("train_time_s", _last(m, "time_s")), ".0f"),
         "wall time (s)": _fmt(s.get("wall_time_s"), ".0f"),
-        "points/s": _si(s.get("train_points_per_s", sum(rates) / len(rates) if rates else None)),
+        "points/s": si(s.get("train_points_per_s", sum(rates) / len(rates) if rates else None)),
         "params": _fmt(s.get("parameters"), ","),
         "ckpt (MB)": _fmt(None if run.ckpt_bytes is None else run.ckpt_bytes / 1e6, ".2f"),
         "packed (KB)": _fmt(None if run.packed_bytes is None else run.packed_bytes / 1e3, ".1f"),

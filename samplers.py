@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from configs import points_per_ray
 from occupancy import OccupancyGrid
 
 
@@ -70,8 +71,8 @@ class StratifiedSampler(nn.Module):
 
     @property
     def points_per_ray(self) -> int:
-        """The most field evaluations a ray can cost."""
-        return self.n_samples + self.n_importance
+        """The most field evaluations a ray can cost (configs.points_per_ray)."""
+        return points_per_ray(self)
 
     @property
     def step_size(self) -> float:

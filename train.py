@@ -24,6 +24,7 @@ from bitnerf_ddp import assert_replicas_agree
 from cameras import CAPTURE_RADIUS
 from configs import EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli, scale_line
 from dataset import RayBatcher, Views, train_val_views
+from experiments import REGISTRY
 from render import VolumeRenderer, render_image, render_orbit, write_orbit
 from hardware import (amp_policy, compute_cleanup, compute_init, configure_backends, device_line,
                       integer_matmul_line, make_grad_scaler)
@@ -384,13 +385,10 @@ def data_line(cfg: Config, train_views: Views, val_views: Views) -> str:
     return line
 
 
-DDP_EXPERIMENTS = ("exp5", "exp6")  # experiments whose point is the torchrun launch (configs: exp1/exp4 otherwise)
-
-
 def train(cfg: Config) -> dict:
     """Train `cfg`; returns the summary written to <run_dir>/summary.json. Works alone or under torchrun."""
     dist_info, device = compute_init(cfg.device)
-    if cfg.name in DDP_EXPERIMENTS and not dist_info.enabled:
+    if cfg.name in REGISTRY and REGISTRY[cfg.name].torchrun and not dist_info.enabled:
         print0(f"{cfg.name} is a DDP experiment but is running as a single process (not under torchrun); launch "
                f"it with: torchrun --standalone --nproc_per_node=2 {cfg.name}.py [--key=value ...]")
     try:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from configs import EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, PRESETS, Config, ConfigError, config_from_dict, from_cli
 
@@ -105,3 +106,57 @@ def test_experiment_script_reports_bad_flag_in_one_line():
                           timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown config key --bogus (see --help for the list)"
+
+
+def test_saved_config_without_bitnet_norm_loads_with_the_norm():
+    saved = EXP4.to_dict()
+    del saved["bitnet_norm"]  # a config.json written before the key existed
+    assert config_from_dict(saved) == EXP4 and config_from_dict(saved).bitnet_norm is True
+    assert from_cli(EXP4, ["--bitnet_norm=false"]).bitnet_norm is False
+
+
+def test_points_per_ray_and_rays_per_chunk_are_one_rule_for_sampler_renderer_and_bench():
+    from assembly import build_renderer
+    from configs import points_per_ray, rays_per_chunk
+
+    stratified = dataclasses.replace(EXP1, n_samples=32, chunk_points=8192, skip=False)
+    fine = dataclasses.replace(stratified, n_importance=16)
+    # the fine pass evaluates the field again at all 32 + 16 samples, after the 32 coarse ones
+    assert (points_per_ray(stratified), points_per_ray(fine)) == (32, 32 + 48)
+    assert (rays_per_chunk(stratified), rays_per_chunk(fine)) == (256, 8192 // 80)
+    assert rays_per_chunk(dataclasses.replace(fine, chunk_points=8)) == 1
+    for cfg, occupancy in ((stratified, 1), (fine, 1), (dataclasses.replace(EXP1, chunk_points=8192), 16)):
+        renderer = build_renderer(dataclasses.replace(cfg, width=8, depth=2, skip_layer=1, n_freqs=2,
+                                                      occ_resolution=4), torch.device("cpu"))
+        assert renderer.sampler.points_per_ray == points_per_ray(cfg)
+        assert renderer.eval_chunk_rays() == rays_per_chunk(cfg) * occupancy
+
+
+def test_help_describes_every_key_from_its_comment_and_shows_the_cli_scale(capsys):
+    from configs import field_descriptions
+
+    with pytest.raises(SystemExit) as done:
+        from_cli(EXP1, ["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    described = field_descriptions()
+    for f in dataclasses.fields(Config):
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"  --{f.name}="))
+        section, description = described[f.name]
+        assert section and description, f.name
+        assert lines[at + 1].startswith("      ") and lines[at + 1].strip(), f.name  # printed under the key
+        assert description.split()[0] in lines[at + 1], f.name
+    assert "  --scale=auto  (str: auto | paper | cpu; auto is paper on CUDA, cpu elsewhere" in text
+    assert "  --lr=0.001  (float)" in text and "  --bitnet_norm=true  (bool)" in text  # the preset's values
+    # the description is the comment above the field and the one at the end of its line
+    assert described["bitnet_norm"][1].startswith("model=bitnerf: the RMSNorm before each BitLinear")
+    assert described["width"] == ("model", "MLP width")
+
+
+def test_experiment_script_help_lists_every_key():
+    proc = subprocess.run([sys.executable, "exp1.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    shown = proc.stdout
+    assert all(f"--{f.name}=" in shown for f in dataclasses.fields(Config)) and "--scale=auto" in shown

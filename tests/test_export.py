@@ -1,4 +1,4 @@
-"""Packed ternary export (export.py, bitnerf.py inference field): packing, integer matmul, the file format's
+"""Packed ternary export (export.py, bitnerf_packed.py's inference field): packing, integer matmul, the file format's
 integrity checks, and that an exported BitNeRF renders what the QAT model renders."""
 
 import os
@@ -12,13 +12,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitnerf import (BitNeRF, TernaryLinear, pack_ternary, quantize_bitnet, set_ternary_mode, ternary_matmul,
-                     ternary_state_dict, unpack_ternary)
+from bitnerf import BitNeRF
+from bitnerf_format import is_bitnerf_file, pack_ternary, read_bitnerf, unpack_ternary, write_bitnerf
+from bitnerf_packed import TernaryLinear, set_ternary_mode, ternary_matmul, ternary_state_dict
 from configs import EXP1, EXP4
 from dataset import load_views, split_views
 from assembly import load_trained
-from bitnerf_format import is_bitnerf_file, read_bitnerf, write_bitnerf
-from export import export_checkpoint, main
+from export import main
 from nerf import NeRF
 from render import get_rays, pose_spherical, render_image
 from train import train
@@ -69,16 +69,10 @@ def test_ternary_matmul_is_exact(m, k, n):
 def _qat_linear(in_features: int, out_features: int, seed: int) -> torch.nn.Linear:
     """A Linear with torchao's BitNet training weight, computing as torchao's CUDA kernel does (the reference
     both integer products of this project follow: float32 accumulator * row scale * weight scale)."""
-    from bitnerf import _use_exact_float_int8_mm_off_cuda
+    from torchao_reference import torchao_bitnet_linear
 
     torch.manual_seed(seed)
-    linear = torch.nn.Linear(in_features, out_features)
-    from torchao import quantize_
-    from torchao.prototype.quantized_training import bitnet_training
-
-    _use_exact_float_int8_mm_off_cuda()
-    quantize_(linear, bitnet_training())
-    return linear
+    return torchao_bitnet_linear(torch.nn.Linear(in_features, out_features))
 
 
 @pytest.mark.parametrize("in_features,out_features,rows", [(40, 24, 50), (7, 3, 2)])
@@ -107,11 +101,11 @@ def test_dequant_mode_matches_float64_reference():
 
 
 # --- the file ------------------------------------------------------------------------------------------------------
-def _tiny_file(path, floats="float32", packing="base3"):
+def _tiny_file(path, floats="float32", packing="base3", bitnet_norm=True):
     torch.manual_seed(0)
-    field = BitNeRF(**TINY_ARCH)
-    cfg = replace(EXP4, model="bitnerf", **TINY_ARCH)
-    state = ternary_state_dict(field.state_dict(), cfg.depth)
+    field = BitNeRF(**TINY_ARCH, norm=bitnet_norm)
+    cfg = replace(EXP4, model="bitnerf", bitnet_norm=bitnet_norm, **TINY_ARCH)
+    state = ternary_state_dict(field.state_dict(), cfg.depth, bitnet_norm)
     write_bitnerf(str(path), state, cfg, packing, floats)
     return state
 
@@ -127,6 +121,17 @@ def test_file_round_trip(tmp_path, packing):
         assert torch.equal(loaded[name], tensor), name
     assert header["tensors"]["hidden.0.1.ternary"]["encoding"] == f"ternary-{packing}"
     assert is_bitnerf_file(str(path))
+
+
+def test_file_without_norm_round_trips_and_loads_without_rmsnorm(tmp_path):
+    path = tmp_path / "m.bitnerf"
+    state = _tiny_file(path, bitnet_norm=False)
+    assert "hidden.0.ternary" in state and not any(".0.weight" in k and k.startswith("hidden") for k in state)
+    cfg, loaded, _ = read_bitnerf(str(path))
+    assert cfg.bitnet_norm is False and all(torch.equal(loaded[k], v) for k, v in state.items())
+    renderer, _ = load_trained(str(path))
+    assert all(isinstance(layer, TernaryLinear) for layer in renderer.field.hidden)
+    assert not any(isinstance(m, torch.nn.RMSNorm) for m in renderer.field.modules())
 
 
 def _assert_refused(path, capsys, words):
@@ -204,8 +209,9 @@ def test_uncompressed_grid_bits_still_read():
 
 # --- export of a trained model -----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_exported_model_renders_like_the_qat_model(tiny_cfg, tmp_path):
-    cfg = replace(tiny_cfg, model="bitnerf", steps=2, log_every=10)
+@pytest.mark.parametrize("bitnet_norm", [True, False])
+def test_exported_model_renders_like_the_qat_model(tiny_cfg, tmp_path, bitnet_norm):
+    cfg = replace(tiny_cfg, model="bitnerf", steps=2, log_every=10, bitnet_norm=bitnet_norm)
     train(cfg)
     ckpt = os.path.join(cfg.run_dir, "ckpt.pt")
     qat, _ = load_trained(ckpt)
@@ -214,7 +220,9 @@ def test_exported_model_renders_like_the_qat_model(tiny_cfg, tmp_path):
         out = str(tmp_path / f"{floats}.bitnerf")
         assert main(["--ckpt", ckpt, "--out", out, "--floats", floats]) == 0
         exported, saved = load_trained(out)  # a .bitnerf path goes through the export loader
-        assert saved == cfg and isinstance(exported.field.hidden[0][1], TernaryLinear)
+        hidden = exported.field.hidden[0]
+        assert saved == cfg and isinstance(hidden[1] if bitnet_norm else hidden, TernaryLinear)
+        assert any(isinstance(m, torch.nn.RMSNorm) for m in exported.field.modules()) == bitnet_norm
         for mode in ("int8", "dequant"):
             set_ternary_mode(exported.field, mode)
             for i in range(len(val)):

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 import assembly
 import bench
 import train
-from configs import FAST, ConfigError, from_cli
+from configs import FAST, ConfigError, from_cli, points_per_ray
 from dataset import RayBatcher, load_views, split_views
 from grid_field import EMPTY_DENSITY_RAW, GridField
-from render import VolumeRenderer, render_rays
+from render import render_rays
 from utils import Dist
 
 
@@ -214,8 +214,8 @@ def test_linear_macs_and_points_per_ray_hand_computed():
     # encoding 3 * (1 + 2 * 2) = 15; input 15x8, hidden 8x8 then (8 + 15)x8 at the skip, output 8x4
     assert bench.linear_macs(NeRF(n_freqs=2, width=8, depth=2, skip_layer=1)) == 15 * 8 + 8 * 8 + 23 * 8 + 8 * 4
     assert bench.linear_macs(GridField(4)) == 0
-    assert bench.evaluated_points_per_ray(replace(FAST, n_samples=32, n_importance=0)) == 32
-    assert bench.evaluated_points_per_ray(replace(FAST, n_samples=32, n_importance=16)) == 32 + 48
+    assert points_per_ray(replace(FAST, n_samples=32, n_importance=0)) == 32
+    assert points_per_ray(replace(FAST, n_samples=32, n_importance=16)) == 32 + 48
 
 
 def test_measure_reports_a_consistent_row(tiny_cfg):

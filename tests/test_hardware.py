@@ -12,7 +12,8 @@ from torch.overrides import TorchFunctionMode
 
 import hardware
 from assembly import amp_dtype, build_renderer
-from bitnerf import BitNeRF, TernaryLinear, _scale_and_bias, quantize_bitnet
+from bitnerf import BitNeRF, scale_and_bias, quantize_bitnet
+from bitnerf_packed import TernaryLinear
 from configs import EXP1, EXP2, apply_device_defaults, device_kind, from_cli
 from dataset import RayBatcher, load_views, split_views
 from hardware import amp_policy, configure_backends, make_grad_scaler, pick_device, probe_int_mm
@@ -213,12 +214,12 @@ def test_scaling_under_bf16_autocast_is_float32_as_torchao_kernel():
     scale = torch.tensor(0.713, dtype=torch.bfloat16)
     bias = torch.tensor([0.5, -0.25, 0.125])
     torchao_kernel = (acc.float() * row.float() * scale.float()).to(torch.bfloat16) + bias.to(torch.bfloat16)
-    got = _scale_and_bias(acc.clone(), scale, row, bias, torch.bfloat16)
+    got = scale_and_bias(acc.clone(), scale, row, bias, torch.bfloat16)
     assert got.dtype == torch.bfloat16 and torch.equal(got, torchao_kernel)
     rounded_first = acc * scale.view(-1) * row + bias.to(torch.bfloat16)  # the accumulator in bf16
     assert not torch.equal(rounded_first, torchao_kernel)
     # the float product of the same integers gives the same bits
-    assert torch.equal(_scale_and_bias(acc.float(), scale, row, bias, torch.bfloat16), torchao_kernel)
+    assert torch.equal(scale_and_bias(acc.float(), scale, row, bias, torch.bfloat16), torchao_kernel)
 
 
 # --- the step on a GPU: no host sync per micro-batch, no float64 on the device ---------------------------------------

@@ -3,9 +3,11 @@
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from bitnerf import BitNeRF, is_quantized, plain_state_dict, quantize_bitnet, quantize_bitnet_torchao, ternary_weight
+from bitnerf import BitNeRF, is_quantized, plain_state_dict, quantize_bitnet, ternary_weight
 from nerf import NeRF
+from torchao_reference import quantize_bitnet_torchao, torchao_ternary_weight
 
 
 def test_nerf_reference_architecture():
@@ -51,6 +53,59 @@ def test_bitnerf_forward_uses_ternary_weights_and_int8_activations():
     q, s = ternary_weight(layer.linear.weight)
     torch.testing.assert_close(q.double(), w_t)
     torch.testing.assert_close(s.double(), scale)
+
+
+class TorchCalls(TorchFunctionMode):
+    """Records the name of every torch function called while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_bitnerf_without_norm_quantizes_the_raw_input():
+    """bitnet_norm=false: each hidden layer is a BitLinear alone (no RMSNorm parameters, no normalisation), and its
+    output is the hand-built BitNet b1.58 path on the raw input: per-row absmax int8 activations times the ternary
+    weight, scaled back, plus the bias."""
+    from bitnerf import BitLinear
+
+    torch.manual_seed(0)
+    model = quantize_bitnet(BitNeRF(n_freqs=2, width=16, depth=2, skip_layer=1, norm=False))
+    assert is_quantized(model) and all(type(layer) is BitLinear for layer in model.hidden)
+    assert not any(isinstance(m, nn.RMSNorm) for m in model.modules())
+    assert sorted(name for name, _ in model.hidden.named_parameters()) == ["0.bias", "0.weight", "1.bias", "1.weight"]
+    layer = model.hidden[0]
+    x = torch.randn(6, 16)
+    x[1], x[2], x[3] = 0.0, x[2] * 1e-7, -x[3].abs()  # a zero row, a row below the scale's clip, max |x| negative
+    with TorchCalls() as calls:
+        out = layer(x)
+    assert not any("rsqrt" in name or "norm" in name for name in calls.names), calls.names
+    row_scale = x.abs().amax(dim=-1, keepdim=True) / 127
+    x_q = (x * (1.0 / row_scale.clip(1e-5))).round()
+    ternary, scale = ternary_weight(layer.weight)
+    expected = (x_q @ ternary.float().T) * row_scale * scale + layer.bias
+    assert torch.equal(out, expected)
+    # the recorder does see the norm where there is one
+    normed = quantize_bitnet(BitNeRF(n_freqs=2, width=16, depth=2, skip_layer=1))
+    with TorchCalls() as calls:
+        normed.hidden[0](x)
+    assert "rsqrt" in calls.names
+    model(torch.randn(40, 3)).square().mean().backward()  # the skip layer too, and its gradients
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.hidden.parameters())
+
+
+def test_ternary_weight_is_torchaos_quantization():
+    gen = torch.Generator().manual_seed(0)
+    for weight in (torch.randn(24, 40, generator=gen), torch.zeros(4, 8), torch.randn(3, 5, generator=gen) * 1e-7,
+                   torch.randn(8, 8, generator=gen).to(torch.bfloat16)):
+        ternary, scale = ternary_weight(weight)
+        expected_ternary, expected_scale = torchao_ternary_weight(weight)
+        assert ternary.dtype == torch.int8 and scale.dtype == torch.float32
+        assert torch.equal(ternary, expected_ternary) and torch.equal(scale, expected_scale)
 
 
 def test_bitnerf_gradients_reach_latent_weights():

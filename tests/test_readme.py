@@ -20,6 +20,7 @@ import subprocess
 import pytest
 
 import configs
+from experiments import REGISTRY
 from tests.conftest import ROOT
 
 with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as _f:
@@ -79,9 +80,9 @@ def preset_of(script: str) -> configs.Config:
     if script == "train.py":
         return configs.EXP1
     with open(os.path.join(ROOT, script)) as f:
-        match = re.search(r"\bmain\((\w+)\)", f.read())
-    assert match, f"{script} does not call train.main(PRESET)"
-    return getattr(configs, match.group(1))
+        match = re.search(r"\bmain\(REGISTRY\[\"(\w+)\"\]\.preset\)", f.read())
+    assert match, f"{script} does not call train.main(REGISTRY[NAME].preset)"
+    return REGISTRY[match.group(1)].preset
 
 
 class Parsed(BaseException):
@@ -142,8 +143,9 @@ def test_command_parses(command, monkeypatch, capsys):
     if script in ("data_setup.py", "bench.py"):
         module.parse_args(args)
     elif script == "study.py":
-        _, extras = module.parse_args(args)
+        _, extras, entries = module.parse_args(args)
         module.check_overrides(extras)
+        module.study_arms(entries)  # its variants and sweeps name known experiments and keys
     elif script in TOOL_MAINS:
         name, entry = TOOL_MAINS[script]
         parse_tool(monkeypatch, getattr(importlib.import_module(name), entry), args)
@@ -310,7 +312,8 @@ EXPERIMENT_ROWS = table_after("## The experiments")
 def test_experiment_row_is_what_the_preset_changes(row):
     script = row["script"].strip("`")
     preset = preset_of(script)
-    base = None if row["builds on"] == "—" else configs.PRESETS[row["builds on"]]
+    assert row["builds on"] == (REGISTRY[preset.name].baseline or "—")  # built on what it is compared with
+    base = None if row["builds on"] == "—" else REGISTRY[row["builds on"]].preset
     for scale, column in (("paper", "changes, paper scale"), ("cpu", "changes, cpu scale")):
         said = settings(row[column])
         actual = {} if base is None else changes(configs.apply_scale(preset, scale),
@@ -322,7 +325,7 @@ def test_experiment_row_is_what_the_preset_changes(row):
 
 def test_every_numbered_experiment_has_a_row():
     listed = {preset_of(r["script"].strip("`")).name for r in EXPERIMENT_ROWS}
-    assert listed == {name for name in configs.PRESETS if re.fullmatch(r"exp\d+", name)}
+    assert listed == set(REGISTRY)
 
 
 def test_table_checks_can_fail():

@@ -1,5 +1,6 @@
-"""study.py: runs the experiments, skips finished ones, resumes interrupted ones, and writes results.md whose
-numbers are the runs' own (summary.json, eval.json); seeds give mean ± std; claims are judged by the spread."""
+"""study.py and study_page.py: a study runs experiments and variants, skips finished runs, resumes interrupted
+ones, and writes results.md whose numbers are the runs' own (summary.json, eval.json); comparisons pair seeds
+and carry t intervals (stats.py)."""
 
 import contextlib
 import io
@@ -8,12 +9,15 @@ import math
 import os
 import shutil
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
 import report
 import study
+import study_page
 import train
+from experiments import REGISTRY
 
 # a model, sampling and schedule that train in about a second; the study's own flags are added per test
 TINY = ["--scale=cpu", "--device=cpu", "--width=16", "--depth=2", "--skip_layer=1", "--n_freqs=2", "--n_samples=8",
@@ -65,7 +69,7 @@ def test_table_and_figures_match_the_runs(study_out):
         assert ev["psnr"] == pytest.approx(summary["val_psnr"], abs=0.01)  # evaluate.py = training's validation
         assert row["PSNR (dB)"] == f"{ev['psnr']:.2f}" and row["SSIM"] == f"{ev['ssim']:.4f}"
         assert row["train (s)"] == f"{summary['train_time_s']:.0f}"
-        assert row["points/s"] == report._si(summary["train_points_per_s"])
+        assert row["points/s"] == report.si(summary["train_points_per_s"])
         assert row["world"] == str(summary["world_size"]) and row["AMP"] == summary["amp"]
         assert row["ckpt (MB)"] == f"{os.path.getsize(os.path.join(run, 'ckpt.pt')) / 1e6:.2f}"
         assert float(row["peak RSS (MB)"].split()[0]) > 50  # a Python process with torch
@@ -73,7 +77,7 @@ def test_table_and_figures_match_the_runs(study_out):
     bitnerf = os.path.join(out, "exp4", "seed0", "model.bitnerf")
     assert rows["exp4"][".bitnerf (KB)"] == f"{os.path.getsize(bitnerf) / 1e3:.1f}"
     assert rows["exp1"][".bitnerf (KB)"] == "—"
-    assert rows["exp4"]["differs from exp1"] == "BitNeRF: model=bitnerf"  # cpu scale: the same lr
+    assert rows["exp4"]["differs from"] == "exp1: model=bitnerf"  # cpu scale: the same lr
     assert rows["exp5"]["world"] == "2" and "per process (workers' sum" in rows["exp5"]["peak RSS (MB)"]
     assert "2 processes share" in rows["exp5"]["note"]
     with open(os.path.join(out, "results.md")) as f:
@@ -85,15 +89,16 @@ def test_table_and_figures_match_the_runs(study_out):
 
 
 @pytest.mark.slow
-def test_claims_are_generated_and_one_seed_claims_nothing(study_out):
+def test_comparisons_with_one_seed_give_no_interval_and_say_so(study_out):
     with open(os.path.join(study_out["out"], "results.md")) as f:
         text = f.read()
     claims = [line for line in text.splitlines() if line.startswith("- **")]
-    assert len(claims) == len(study.COMPARISONS)
+    assert len(claims) == 2  # the study's arms compared with their baselines: exp4 and exp5 with exp1
     bit = next(line for line in claims if "(exp4 vs exp1)" in line)
     assert "held-out PSNR" in bit and "SSIM" in bit and "points/s" in bit and "packed .bitnerf" in bit
-    assert bit.count("one seed cannot tell") == bit.count("not claimed") == 3 and "real:" not in bit
-    assert "(exp6 vs exp4): not measured in this study" in text and "(exp2 vs exp1): not measured" in text
+    assert bit.count("one seed: no interval") == 3 and "a difference" not in bit
+    assert "held-out views the difference lies in" in bit  # the per-view spread, named as such
+    assert "(exp6 vs exp4)" not in text  # not in this study: not a line of its page
 
 
 @pytest.mark.slow
@@ -149,24 +154,91 @@ def fake(exp: str, psnrs: list[float], rates: list[float]) -> list:
     for k, (p, r) in enumerate(zip(psnrs, rates)):
         run = report.Run(f"/nowhere/{exp}/seed{k}", exp, {}, {"train_points_per_s": r, "val_psnr": p},
                          evaluation={"psnr": p, "per_view": []})
-        runs.append(study.Finished(None, run, {}))
+        runs.append(study_page.Finished(SimpleNamespace(k=k), run, {}))
     return runs
 
 
-def test_verdict_real_only_beyond_the_seeds_spread():
-    base = fake("exp1", [20.0, 20.2, 20.4], [100.0, 100.0, 100.0])
-    assert study.verdict("psnr", fake("exp4", [22.0, 22.2, 22.4], [1, 1, 1]), base).startswith("real: 2.00 dB")
-    assert study.verdict("psnr", fake("exp4", [20.1, 20.5, 20.3], [1, 1, 1]), base).startswith("not a real")
-    assert study.verdict("points", fake("exp2", [1, 1, 1], [150.0, 151.0, 149.0]), base).startswith("real: 50%")
-    one = study.verdict("psnr", fake("exp4", [25.0], [1]), base[:1])
-    assert one.startswith("one seed cannot tell") and one.endswith("not claimed")
+def test_a_comparison_pairs_seeds_and_claims_only_an_interval_without_zero():
+    base = fake("exp1", [20.0, 20.5, 21.0], [100.0, 100.0, 100.0])
+    # paired differences 2.0, 2.2, 2.4 (tests/test_stats.py: [1.70, 2.70] dB), though the arms' spreads overlap
+    line = study_page.compare("psnr", fake("exp4", [22.0, 22.7, 23.4], [1, 1, 1]), base)
+    assert line == ("held-out PSNR +2.20 dB (22.70 vs 20.50), 95% interval [+1.70, +2.70] dB over 3 seeds, "
+                    "a difference")
+    line = study_page.compare("psnr", fake("exp4", [21.0, 22.5, 24.0], [1, 1, 1]), base)  # d = 1, 2, 3
+    assert line.endswith("[-0.48, +4.48] dB over 3 seeds, no difference shown (the interval holds 0)")
+    line = study_page.compare("points", fake("exp2", [1, 1, 1], [200.0, 210.0, 190.0]), base)
+    assert line == "points/s 2.00× [1.76, 2.26], a difference"
+    # seeds pair by index: a missing seed drops its pair, not a shift of the others
+    assert study_page.paired(fake("exp4", [22.0, 22.7], [1, 1]), base, "psnr") == ([22.0, 22.7], [20.0, 20.5])
+    assert study_page.paired(fake("exp4", [22.0, 22.7], [1, 1])[1:], base, "psnr") == ([22.7], [20.5])
+    one = study_page.compare("psnr", fake("exp4", [25.0], [1]), base[:1])
+    assert one == "held-out PSNR +5.00 dB (25.00 vs 20.00) (one seed: no interval)"
+
+
+def test_variants_sweeps_and_plan_files_parse_into_arms(tmp_path):
+    arms = study.registered_arms()
+    v = study.parse_variant("bitnerf-lr1e-2 = exp4 --lr=1e-2 --n_samples=32", arms)
+    assert (v.name, v.script, v.base) == ("bitnerf-lr1e-2", "exp4", "exp4")
+    assert v.overrides == ("--lr=1e-2", "--n_samples=32")
+    arms[v.name] = v
+    child = study.parse_variant("child=bitnerf-lr1e-2 --width=64", arms)  # a variant of a variant
+    assert child.overrides == ("--lr=1e-2", "--n_samples=32", "--width=64") and child.base == "bitnerf-lr1e-2"
+    ddp = study.parse_variant("ddp-lr = exp5 --lr=1e-2", arms)
+    assert ddp.torchrun and not v.torchrun  # launched like the experiment it derives from
+    assert [a.name for a in study.parse_sweep("exp1 lr=1e-3,2e-3", arms)] == ["exp1-lr=1e-3", "exp1-lr=2e-3"]
+    for bad, message in (("x = exp9 --lr=1", "neither an experiment"), ("exp1 = exp1 --lr=1", "is taken"),
+                         ("x = exp1 --seed=3", "leaves to you"), ("x = exp1 lr=1", "leaves to you"),
+                         ("just words", "NAME = BASE")):
+        with pytest.raises(study.UserError, match=message):
+            study.parse_variant(bad, arms)
+    with pytest.raises(study.UserError, match="BASE key=v1,v2"):
+        study.parse_sweep("exp1 lr", arms)
+    plan_file = tmp_path / "p.study"
+    plan_file.write_text("# a comment\noptions: --steps=7 --seeds=2\n\nsweep exp1 width=8,16  # two\n"
+                         "deep = exp1-width=8 --depth=3\n")
+    args, extras, entries = study.parse_args([f"--plan={plan_file}", "--seeds=3", "--out=o", *TINY])
+    assert args.steps == 7 and args.seeds == 3  # the command line wins over the plan's options
+    arms, variants = study.study_arms(entries)
+    assert variants == ["exp1-width=8", "exp1-width=16", "deep"]
+    assert study.selected(arms, variants, None) == ["exp1", "exp1-width=8", "exp1-width=16", "deep"]
+    plan_file.write_text("what is this\n")
+    with pytest.raises(study.UserError, match="p.study:1: not"):
+        study.parse_args([f"--plan={plan_file}"])
+
+
+def test_a_variant_that_trains_what_its_base_trains_is_refused(tiny_scene_path):
+    with pytest.raises(study.UserError, match="exp1-width=16 would train exactly what exp1 trains"):
+        study.plan(*study.parse_args(["--out=o", "--steps=2", f"--data={tiny_scene_path}", "--sweep",
+                                      "exp1 width=16", *TINY]))
+
+
+@pytest.mark.slow
+def test_a_two_seed_study_with_a_variant_end_to_end(tmp_path, tiny_scene_path):
+    out = str(tmp_path / "study")
+    args = [f"--out={out}", "--seeds=2", "--steps=3", f"--data={tiny_scene_path}", "--variant",
+            "narrow = exp1 --width=8", *TINY]
+    code, printed = run_study(args)
+    assert code == 0, printed
+    assert [line.split(":")[0] for line in printed.splitlines() if line.endswith("train.log")] == [
+        "[1/4] exp1 seed 42", "[2/4] narrow seed 42", "[3/4] exp1 seed 43", "[4/4] narrow seed 43"]  # seed-major
+    assert read(os.path.join(out, "narrow", "seed1", "config.json"))["width"] == 8
+    assert read(os.path.join(out, "narrow", "seed1", "config.json"))["name"] == "narrow"
+    with open(os.path.join(out, "results.md")) as f:
+        text = f.read()
+    rows = table(os.path.join(out, "results.md"))
+    assert rows["narrow"]["differs from"] == "exp1: width=8"
+    line = next(line for line in text.splitlines() if line.startswith("- **--width=8** (narrow vs exp1)"))
+    psnr = [[read(os.path.join(out, e, f"seed{k}", "eval.json"))["psnr"] for k in (0, 1)] for e in ("narrow", "exp1")]
+    iv = study_page.stats.paired_difference(*psnr)
+    assert f"95% interval [{study_page.signed(iv.low, 2)}, {study_page.signed(iv.high, 2)}] dB over 2 seeds" in line
+    assert "points/s" in line and "SSIM" in line  # loss noise needs more logged steps than 3
 
 
 def test_plan_commands_threads_and_confound_notes(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    args, extras = study.parse_args(["--out=o", "--minutes=1", "--scale=cpu", "--device=cpu", "--val_views=10"])
-    trials, shared = study.plan(args, extras)
-    assert [t.exp for t in trials] == list(study.EXPERIMENTS) and shared["nproc"] == 2
+    trials, shared = study.plan(*study.parse_args(["--out=o", "--minutes=1", "--scale=cpu", "--device=cpu",
+                                                  "--val_views=10"]))
+    assert [t.exp for t in trials] == list(REGISTRY) and shared["nproc"] == 2
     exp5 = next(t for t in trials if t.exp == "exp5")
     cmd = study.command(exp5)
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -174,8 +246,8 @@ def test_plan_commands_threads_and_confound_notes(monkeypatch):
     assert exp5.cfg.val_views == 10 and exp5.cfg.seed == 42 and exp5.run_dir == os.path.join("o", "exp5", "seed0")
     assert study.child_env(2, False)["OMP_NUM_THREADS"] == str(max(1, study.cpu_count() // 2))
     assert "OMP_NUM_THREADS" not in study.child_env(1, False)
-    note = study.note("exp3", shared)  # cpu scale: equal epochs, so half the steps at the same lr
-    assert "3750 planned steps vs exp2's 7500 at the same lr" in note
+    note = study_page.note("exp3", shared)  # cpu scale: equal epochs, so half the steps
+    assert "equal epochs: 3750 planned steps of 4096 vs exp2's 7500 of 2048" in note
 
 
 def test_a_folder_of_another_config_stops_the_study_before_it_runs(tmp_path):

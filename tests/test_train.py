@@ -11,8 +11,7 @@ import torch
 import assembly
 import train
 from dataset import RayBatcher, load_views, split_views
-from render import VolumeRenderer
-from utils import Dist, colourise_depth, load_checkpoint, mse_to_psnr
+from utils import Dist, colourise_depth, mse_to_psnr
 
 
 def held_out_psnr(cfg, renderer):

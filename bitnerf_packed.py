@@ -1,0 +1,110 @@
+"""BitNeRF inference with its exported ternary weights: the field a `.bitnerf` file loads into.
+
+Each hidden Linear becomes a `TernaryLinear`: int8 ternary weights {-1, 0, +1} [out, in] and one float32 absmean
+scale, as the training forward quantizes the latent weights (bitnerf.ternary_weight), and int8 per-row activations
+with an exact integer product, so that its forward equals the trained model's bit for bit in float32
+(tests/test_export.py). Everything else (encoding, input and output layers, RMSNorms, biases) is the trained
+BitNeRF's. How the weights are packed into bytes is the file's business (bitnerf_format.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bitnerf import BitNeRF, scale_and_bias, int8_mm, ternary_weight
+from hardware import int_mm_available
+
+
+def ternary_matmul(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
+    """Exact integer product x_q [M, K] @ ternary.T (ternary: int8 [N, K]) -> [M, N], int32 or float32.
+
+    x_q holds integers in [-128, 127] (any dtype). torch._int_mm where the device runs it (hardware.int_mm_available)
+    and its shape rules hold (M > 16, K and N multiples of 8). Elsewhere a float32 matmul of the same integers:
+    every partial sum is an integer of magnitude <= 128 K < 2^24, which float32 holds exactly, so the result
+    equals _int_mm's bit for bit.
+    """
+    m, k = x_q.shape
+    n = ternary.shape[0]
+    if (int_mm_available(x_q.device) and m > 16 and k % 8 == 0 and n % 8 == 0) or 128 * k >= 2**24:
+        return int8_mm(x_q.to(torch.int8), ternary.T)
+    return x_q.float() @ ternary.T.float()
+
+
+class TernaryLinear(nn.Module):
+    """A Linear whose weight is ternary [out, in] (int8) times one fp32 scale, plus a float bias.
+
+    mode "int8": BitNet's forward as in training (torchao bitnet): per-row absmax int8 activations, integer
+    matmul with the ternary weights, then * scale * row scale + bias. mode "dequant": float matmul with
+    ternary * scale (no activation quantization; an approximation of the trained forward).
+    """
+
+    def __init__(self, in_features: int, out_features: int, mode: str = "int8"):
+        super().__init__()
+        if mode not in ("int8", "dequant"):
+            raise ValueError(f"mode must be int8 or dequant, got {mode!r}")
+        self.mode = mode
+        self.register_buffer("ternary", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in] -> [..., out]."""
+        if self.mode == "dequant":
+            weight = self.ternary.to(x.dtype) * self.scale.to(x.dtype)
+            return nn.functional.linear(x, weight, self.bias.to(x.dtype))
+        return self._int8_forward(x)
+
+    def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, dtype = self.scale, None
+        if torch.is_autocast_enabled("cuda"):  # torchao casts input, weight and bias to the autocast dtype
+            dtype = torch.get_autocast_dtype("cuda")
+            x, scale = x.to(dtype), scale.to(dtype)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        # torchao's quantize_int8_rowwise(eps=1e-5) in fewer passes with the same roundings (equal bits): max |x|
+        # per row as max(amax, -amin) (torch.aminmax measured 5x slower than the two on a CPU); its clip to
+        # [-128, 127] is left out because |x| * 127 / max|x| rounds to at most 127 (three float32 roundings are far
+        # from the 127.5 that would round up)
+        row_scale = torch.maximum(x.amax(dim=1), -x.amin(dim=1)) / 127  # [M], x's dtype
+        x_q = (x.float() * (1.0 / row_scale.float().clip(1e-5)).view(-1, 1)).round_()
+        out = ternary_matmul(x_q, self.ternary)
+        return scale_and_bias(out, scale, row_scale.view(-1, 1), self.bias, dtype).view(*lead, -1)
+
+
+def ternary_field(n_freqs: int, width: int, depth: int, skip_layer: int, mode: str = "int8",
+                  norm: bool = True) -> BitNeRF:
+    """An empty inference BitNeRF: every hidden Linear replaced by a TernaryLinear (fill it with
+    `load_state_dict(ternary_state_dict(...))`). Same forward, encoding, skip and (with `norm`) RMSNorms as the
+    trained model."""
+    field = BitNeRF(n_freqs, width, depth, skip_layer, norm)
+    for i, linear in enumerate(field.quantized_linears()):
+        ternary = TernaryLinear(linear.in_features, linear.out_features, mode)
+        if norm:
+            field.hidden[i][1] = ternary
+        else:
+            field.hidden[i] = ternary
+    return field.requires_grad_(False)
+
+
+def ternary_state_dict(float_state: dict[str, torch.Tensor], depth: int,
+                       norm: bool = True) -> dict[str, torch.Tensor]:
+    """A trained BitNeRF's plain float state dict -> the state dict of `ternary_field` (with the same `norm`):
+    each hidden Linear's latent weight becomes (ternary int8, fp32 scale) exactly as training's forward quantizes
+    it."""
+    state = dict(float_state)
+    for i in range(depth):
+        prefix = f"hidden.{i}.1." if norm else f"hidden.{i}."
+        ternary, scale = ternary_weight(state.pop(prefix + "weight").float())
+        state[prefix + "ternary"], state[prefix + "scale"] = ternary, scale
+    return state
+
+
+def set_ternary_mode(field: nn.Module, mode: str) -> nn.Module:
+    """Switch every TernaryLinear of `field` to "int8" or "dequant". Returns the field."""
+    if mode not in ("int8", "dequant"):
+        raise ValueError(f"mode must be int8 or dequant, got {mode!r}")
+    for module in field.modules():
+        if isinstance(module, TernaryLinear):
+            module.mode = mode
+    return field

@@ -1,0 +1,58 @@
+"""The experiments, in one registry: what each one is, how it is launched, and what it is compared with.
+
+The scripts (`expN.py`), `train.py`'s launch check, `study.py`, its results page, the README's experiment table
+(checked by tests/test_readme.py) and the tests read this registry. Adding an experiment is one entry here (its
+preset built with `dataclasses.replace` from the one it changes) and a script like exp1.py:
+
+    import sys
+    from experiments import REGISTRY
+    from train import main
+    if __name__ == "__main__":
+        sys.exit(main(REGISTRY["exp7"].preset))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from configs import EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, Config
+
+# the numbers a comparison can name: held-out PSNR / SSIM / depth error (eval.json), sample points per second of
+# training (summary.json), and the noise of the training loss around its moving average (metrics.jsonl)
+METRICS = ("psnr", "ssim", "depth_mae", "points", "loss_noise")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    preset: Config
+    what: str  # one line: what the experiment changes
+    torchrun: bool = False  # launched as `torchrun --nproc_per_node=N` (DDP); else one process
+    baseline: str = ""  # the experiment it is compared with ("" for the base experiment)
+    question: str = ""  # what that comparison answers, as a results page heads it
+    metrics: tuple[str, ...] = ("psnr", "points")  # what the comparison compares, from METRICS
+
+    @property
+    def name(self) -> str:
+        return self.preset.name
+
+
+REGISTRY: dict[str, Experiment] = {e.name: e for e in (
+    Experiment(EXP1, "base NeRF"),
+    Experiment(EXP2, "+ automatic mixed precision", baseline="exp1", question="AMP's speed-up or cost",
+               metrics=("points", "psnr")),
+    Experiment(EXP3, "+ AMP, twice the batch", baseline="exp2", question="the larger batch's trade-off",
+               metrics=("points", "psnr")),
+    Experiment(EXP4, "BitNeRF: BitNet b1.58 quantization-aware training", baseline="exp1",
+               question="BitNeRF's gap to NeRF", metrics=("psnr", "ssim", "points")),
+    Experiment(EXP5, "exp1 under DDP", torchrun=True, baseline="exp1", question="DDP vs a single process",
+               metrics=("points", "psnr")),
+    Experiment(EXP6, "exp4 under DDP", torchrun=True, baseline="exp4", question="BitNeRF-DDP vs BitNeRF",
+               metrics=("points", "psnr")),
+)}
+
+
+def experiment(name: str) -> Experiment:
+    """The registered experiment `name`; KeyError with the known names otherwise."""
+    if name not in REGISTRY:
+        raise KeyError(f"{name!r} is not a registered experiment ({', '.join(REGISTRY)})")
+    return REGISTRY[name]
