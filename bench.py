@@ -142,7 +142,7 @@ def measure(cfg: Config, views, device: torch.device, repeats: int, warmup: int)
     under the same load (the median of each is reported).
     """
     from dataset import RayBatcher
-    from render import get_rays, render_image
+    from renderer import get_rays, render_image
     from assembly import build_renderer
     from train import Trainer, step_generator
 

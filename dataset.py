@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from cameras import Cameras, pose_spherical
-from render import pixel_rays
+from renderer import pixel_rays
 from scene_files import (blender_splits, capture_json, first_image_has_alpha, is_blender_folder, read_blender,
                          read_capture)
 from utils import DataError  # lives in utils, so that run_cli reports it without importing this module

@@ -22,7 +22,7 @@ import torch
 
 from assembly import amp_dtype, load_trained
 from dataset import Views, open_data
-from render import Rendered, render_image
+from renderer import Rendered, render_image
 from hardware import pick_device
 from utils import ArgParser, UserError, atomic_json, psnr, run_cli
 

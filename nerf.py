@@ -1,6 +1,6 @@
 """The NeRF field: positional encoding and an MLP mapping 3-D points to (RGB, density) pre-activations.
 
-A field is just a module `points [..., 3] -> raw [..., 4]`; the renderer (render.py) turns raw values into
+A field is just a module `points [..., 3] -> raw [..., 4]`; the renderer (renderer.py) turns raw values into
 colour and density, so NeRF and BitNeRF (bitnerf.py) are interchangeable.
 """
 

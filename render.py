@@ -1,315 +1,75 @@
-"""Volume rendering as pure functions; the field is any callable `points [..., 3] -> raw [..., 4]`.
+"""360-degree RGB and depth videos (and stills) of a trained model: a checkpoint or a `.bitnerf` file.
 
-Conventions (cameras.py states them in full): camera-to-world poses [4, 4], camera looks along -z with +y up,
-pixel (i, j) is sampled at its centre, ray directions have camera-space z = -1 so the ray parameter t is the
-camera-space depth. Each sample stands for an interval of length `delta` along the ray.
+    python render.py --ckpt runs/exp1/ckpt.pt [--frames 120] [--size 200] [--gif] [--out DIR]
 
-Usage as a tool: `python render.py --ckpt RUN/ckpt.pt` writes 360-degree videos (assembly.render_main).
+The camera circles the scene's centre at the run's video radius and elevation unless given; frames are composited
+on the background the run's data is scored on. Output goes to a `render` folder beside the checkpoint.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from types import SimpleNamespace
-from typing import Callable, NamedTuple
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-# pose_spherical is part of this module's interface (the orbit's cameras): callers import it from here
-from cameras import orbit_poses, pinhole_directions, pose_spherical, rays_from_directions  # noqa: F401
-from configs import rays_per_chunk
-from nerf import colour, density
-from samplers import OccupancyGridSampler, Samples, StratifiedSampler, stratified_samples
-from utils import colourise_depth, to_uint8, write_video
-
-Field = Callable[[torch.Tensor], torch.Tensor]
+from assembly import amp_dtype, load_trained
+from dataset import evaluation_background
+from hardware import pick_device
+from orbit import TINY_NERF_FOCAL_PER_PIXEL, render_orbit, write_orbit
+from utils import ArgParser, UserError, run_cli
 
 
-class Rendered(NamedTuple):
-    rgb: torch.Tensor  # [N, 3]
-    depth: torch.Tensor  # [N]   expected t: sum_i w_i t_i
-    acc: torch.Tensor  # [N]   accumulated opacity: sum_i w_i
-    weights: torch.Tensor  # [N, S]
+def parse_args(argv: list[str] | None):
+    p = ArgParser(prog="render.py", description="360-degree RGB and depth videos (and stills) of a trained model.")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by training (RUN/ckpt.pt), or a .bitnerf")
+    p.add_argument("--out", help="output folder (default: a 'render' folder beside the checkpoint)")
+    p.add_argument("--frames", type=int, help="frames in the turn (default: the run's video_frames)")
+    p.add_argument("--fps", type=int, help="frames per second (default: the run's video_fps)")
+    p.add_argument("--radius", type=float, help="camera distance from the scene's centre (default: the run's)")
+    p.add_argument("--elevation", type=float, help="degrees; negative looks down (default: the run's)")
+    p.add_argument("--size", type=int, default=100, help="square image side in pixels (default 100)")
+    p.add_argument("--focal", type=float, help="focal length in pixels of the output image "
+                   f"(default {TINY_NERF_FOCAL_PER_PIXEL} x size: the tiny NeRF camera's field of view)")
+    p.add_argument("--background", choices=("white", "black"),
+                   help="colour behind the scene (default: what the run's data is scored on)")
+    p.add_argument("--stills", type=int, default=4, help="PNG stills (rgb | depth | opacity) to write")
+    p.add_argument("--gif", action="store_true", help="also write GIFs")
+    p.add_argument("--chunk", type=int, help="rays per forward pass (default: from the run's chunk_points)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    return p.parse_args(argv)
 
 
-def pixel_rays(c2w: torch.Tensor, px: torch.Tensor, py: torch.Tensor, focal: float,
-               height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rays through pixel centres (px, py) = (column, row) of centred pinhole cameras c2w with one focal length
-    (cameras.py has the general model and its conventions).
-
-    c2w: [..., 4, 4]; px, py: [...] (broadcast against c2w's leading dims) -> rays_o, rays_d: [..., 3].
-    rays_d is not normalised: its camera-space z is -1.
-    """
-    return rays_from_directions(c2w, pinhole_directions(px, py, focal, focal, width / 2, height / 2))
-
-
-def get_rays(height: int, width: int, focal: float, c2w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rays through every pixel centre of one centred pinhole camera. c2w: [4, 4] -> rays_o, rays_d: [H, W, 3]."""
-    py, px = torch.meshgrid(torch.arange(height, device=c2w.device, dtype=c2w.dtype),
-                            torch.arange(width, device=c2w.device, dtype=c2w.dtype), indexing="ij")
-    return pixel_rays(c2w[None, None], px, py, focal, height, width)
-
-
-def composite(raw: torch.Tensor, delta: torch.Tensor, t: torch.Tensor, rays_d: torch.Tensor,
-              background: torch.Tensor | None = None) -> Rendered:
-    """Alpha-composite raw field outputs along rays.
-
-    raw: [N, S, 4]; delta, t: [N, S]; rays_d: [N, 3]; background: [N, 3] or [3] colour behind the rays, None for
-    black (or for data whose background the field itself must explain: a real capture's).
-    alpha_i = 1 - exp(-sigma_i * delta_i * |d|); T_i = prod_{j<i} (1 - alpha_j) (exclusive: T_0 = 1);
-    w_i = T_i alpha_i; rgb = sum w_i c_i + (1 - acc) * background; depth = sum w_i t_i; acc = sum w_i.
-    """
-    sigma = density(raw[..., 3])
-    optical = sigma * delta * rays_d.norm(dim=-1, keepdim=True)  # [N, S]
-    alpha = 1.0 - torch.exp(-optical)
-    # exclusive cumulative product in log space: T_i = exp(-sum_{j<i} sigma_j delta_j)
-    acc_optical = torch.cumsum(optical, dim=-1) - optical
-    weights = alpha * torch.exp(-acc_optical)
-    # one reduction per channel: summing [N, S, 3] over S makes torch.compile's CPU code open a thread team
-    # per ray (its loop heuristic sees the 3 channels as zero vector steps); per channel it loops over rays
-    rgb = torch.stack([(weights * colour(raw[..., c])).sum(dim=-1) for c in range(3)], dim=-1)
-    acc = weights.sum(dim=-1)
-    if background is not None:
-        rgb = rgb + (1.0 - acc)[:, None] * background
-    return Rendered(rgb=rgb, depth=(weights * t).sum(dim=-1), acc=acc, weights=weights)
+def _render(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    renderer, cfg = load_trained(args.ckpt, device)
+    frames = args.frames if args.frames is not None else cfg.video_frames
+    fps = args.fps if args.fps is not None else cfg.video_fps
+    radius = args.radius if args.radius is not None else cfg.video_radius
+    elevation = args.elevation if args.elevation is not None else cfg.video_elevation
+    focal = args.focal if args.focal is not None else TINY_NERF_FOCAL_PER_PIXEL * args.size
+    chunk = args.chunk if args.chunk is not None else renderer.eval_chunk_rays()
+    for name, value in (("frames", frames), ("fps", fps), ("size", args.size), ("chunk", chunk)):
+        if value < 1:
+            raise UserError(f"--{name} must be >= 1 (got {value})")
+    if not (radius > 0 and focal > 0 and args.stills >= 0):
+        raise UserError(f"need --radius > 0, --focal > 0, --stills >= 0 (got {radius}, {focal}, {args.stills})")
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "render")
+    background = (evaluation_background(cfg.data, cfg.background) if args.background is None
+                  else torch.ones(3) if args.background == "white" else None)
+    orbit = render_orbit(renderer, args.size, args.size, focal, frames, radius, elevation, chunk,
+                         autocast_dtype=amp_dtype(cfg, device),
+                         background=None if background is None else background.to(device))
+    for path in write_orbit(orbit, out_dir, fps, args.gif, args.stills):
+        print(path)
+    return 0
 
 
-def sample_pdf(bins_t: torch.Tensor, weights: torch.Tensor, n_samples: int,
-               u: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse-transform samples from the piecewise-constant pdf given by `weights` over bin edges.
-
-    bins_t: [N, S + 1] bin edges; weights: [N, S]; u: [N, n] uniform in [0, 1) or None (evenly spaced, eval).
-    Returns t: [N, n], sorted.
-    """
-    weights = weights.detach() + 1e-5  # no gradient through the sampling; no empty pdf
-    pdf = weights / weights.sum(dim=-1, keepdim=True)
-    cdf = torch.cat([torch.zeros_like(pdf[..., :1]), torch.cumsum(pdf, dim=-1)], dim=-1)  # [N, S + 1]
-    if u is None:
-        u = torch.linspace(0.0, 1.0, n_samples + 2, device=weights.device)[1:-1].expand(weights.shape[0], -1)
-    u = u.contiguous()
-    idx = torch.searchsorted(cdf, u, right=True).clamp(1, cdf.shape[-1] - 1)  # [N, n]
-    cdf_lo, cdf_hi = cdf.gather(-1, idx - 1), cdf.gather(-1, idx)
-    bin_lo, bin_hi = bins_t.gather(-1, idx - 1), bins_t.gather(-1, idx)
-    frac = ((u - cdf_lo) / (cdf_hi - cdf_lo).clamp_min(1e-8)).clamp(0.0, 1.0)
-    return torch.sort(bin_lo + frac * (bin_hi - bin_lo), dim=-1).values
+def main(argv: list[str] | None = None) -> int:
+    """`python render.py ...`: orbit videos and stills of a trained model; returns the exit code."""
+    return run_cli(lambda: _render(argv))
 
 
-def intervals(t: torch.Tensor, far: float) -> torch.Tensor:
-    """Interval lengths for sorted samples t [N, S]: the gap to the next sample, and to `far` for the last."""
-    return torch.diff(t, dim=-1, append=torch.full_like(t[..., :1], far)).clamp_min(0.0)
-
-
-def render_rays(field: Field, rays_o: torch.Tensor, rays_d: torch.Tensor, near: float, far: float,
-                n_samples: int, n_importance: int = 0, jitter: torch.Tensor | None = None,
-                importance_u: torch.Tensor | None = None, background: torch.Tensor | None = None) -> Rendered:
-    """Render rays_o, rays_d: [N, 3] through `field`.
-
-    jitter: [N, n_samples] uniforms for stratified sampling (None: bin centres). With n_importance > 0, the
-    coarse weights give a pdf from which n_importance more samples are drawn (importance_u: [N, n_importance]
-    uniforms, None: evenly spaced); the field is then evaluated on all samples together and the result uses
-    them all (the same field serves both passes). background: see composite.
-    """
-    t, delta = stratified_samples(rays_o.shape[0], n_samples, near, far, jitter, device=rays_o.device)
-    return render_samples(field, rays_o, rays_d, t, delta, near, far, n_importance, importance_u, background)
-
-
-def render_samples(field: Field, rays_o: torch.Tensor, rays_d: torch.Tensor, t: torch.Tensor, delta: torch.Tensor,
-                   near: float, far: float, n_importance: int = 0, importance_u: torch.Tensor | None = None,
-                   background: torch.Tensor | None = None) -> Rendered:
-    """Render rays at stratified samples t, delta [N, S] over [near, far] (+ n_importance importance samples:
-    see render_rays)."""
-    out = _render_at(field, rays_o, rays_d, t, delta, background)
-    if n_importance == 0:
-        return out
-    n_rays, n_samples = t.shape
-    edges = near + (far - near) / n_samples * torch.arange(n_samples + 1, device=rays_o.device)
-    t_fine = sample_pdf(edges.expand(n_rays, -1), out.weights, n_importance, importance_u)
-    t_all = torch.sort(torch.cat([t.detach(), t_fine], dim=-1), dim=-1).values
-    return _render_at(field, rays_o, rays_d, t_all, intervals(t_all, far), background)
-
-
-def _render_at(field: Field, rays_o, rays_d, t, delta, background) -> Rendered:
-    points = rays_o[:, None, :] + t[..., None] * rays_d[:, None, :]  # [N, S, 3]
-    raw = field(points.reshape(-1, 3)).reshape(*t.shape, 4).float()
-    return composite(raw, delta, t, rays_d, background)
-
-
-COMPILED_SIZE_STEP = 512  # see VolumeRenderer.evaluate; chunk_points should be a multiple of it
-
-
-class VolumeRenderer(nn.Module):
-    """The field and its sampler (samplers.py), as one module: the renderer asks the sampler where to evaluate the
-    field and composites the result.
-
-    Training calls *this* module's forward, so under DDP the call goes through the DDP wrapper (whose hooks
-    synchronise gradients). When the sampler evaluates every sample, torch.compile compiles the whole render as
-    one graph; when it skips empty space, the number of evaluated samples changes from batch to batch, so the field
-    alone is compiled (`compile_field`), with a dynamic number of points: one graph for every chunk size, padded
-    only to a multiple of COMPILED_SIZE_STEP.
-    """
-
-    def __init__(self, field: nn.Module, sampler: StratifiedSampler, chunk_points: int = 8192):
-        super().__init__()
-        if isinstance(sampler, OccupancyGridSampler) and sampler.n_importance:
-            raise ValueError("empty-space skipping samples stratified points only (n_importance must be 0)")
-        self.field = field
-        self.sampler = sampler
-        self.chunk_points = chunk_points
-        self.compiled_field = None  # a function (not a submodule) once compile_field has run
-
-    @property
-    def occupancy(self):
-        """The occupancy grid of a skipping sampler (occupancy.OccupancyGrid), else None."""
-        return self.sampler.grid if isinstance(self.sampler, OccupancyGridSampler) else None
-
-    def compile_field(self) -> None:
-        """torch.compile the field (fullgraph: a graph break is an error). A plain function, not a submodule,
-        so the state dict keeps its keys."""
-        field = self.field
-        # dynamic: the chunks' sizes vary with the occupied samples. Padding them to one static size (8192) would
-        # waste about 1/3 of a cpu-scale step's field evaluations (~11 k occupied samples fill two 8192-point
-        # chunks), and the dynamic graph runs as fast per point as a static one
-        self.compiled_field = torch.compile(lambda points: field(points), fullgraph=True, dynamic=True)
-
-    def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, samples: Samples | None = None,
-                background: torch.Tensor | None = None) -> Rendered:
-        """Render rays [N, 3] at `samples` (the sampler's, None: its evaluation samples, at the bin centres);
-        background [N, 3] or [3]: the colour behind them (None: none, i.e. black)."""
-        if samples is None:
-            samples = self.sampler.sample(rays_o, rays_d)
-        if samples.keep is None:
-            return render_samples(self.field, rays_o, rays_d, samples.t, samples.delta, self.sampler.near,
-                                  self.sampler.far, self.sampler.n_importance, samples.importance_u, background)
-        points = rays_o[:, None, :] + samples.t[..., None] * rays_d[:, None, :]
-        raw_kept = self.evaluate(points[samples.keep])  # [P, 4]
-        raw = empty_raw(samples.keep.shape, raw_kept.device).index_put((samples.keep,), raw_kept.float())
-        return composite(raw, samples.delta, samples.t, rays_d, background)
-
-    def evaluate(self, points: torch.Tensor) -> torch.Tensor:
-        """raw [P, 4] of the field at points [P, 3], in chunks of at most `chunk_points` (memory). At least one
-        point is evaluated, so that every parameter takes part in every step, as DDP requires. Compiled, the
-        points are padded to a multiple of COMPILED_SIZE_STEP: few distinct sizes, because oneDNN (CPU bf16
-        matmuls under AMP) keeps a primitive per shape: with every size distinct an exp2 run grows to 1.4 GB (0.5 GB
-        this way)."""
-        n, chunk = points.shape[0], self.chunk_points
-        step = COMPILED_SIZE_STEP if self.compiled_field is not None else 1
-        size = max(-(-n // step) * step, step)
-        padded = F.pad(points, (0, 0, 0, size - n))
-        field = self.compiled_field or self.field
-        return torch.cat([field(part) for part in padded.split(chunk)])[:n]
-
-    def density(self, points: torch.Tensor) -> torch.Tensor:
-        """The field's density [P] at points [P, 3] (what a sampler's refresh asks for)."""
-        return density(self.evaluate(points)[:, 3].float())
-
-    def eval_chunk_rays(self) -> int:
-        """Rays per no-grad forward when rendering images: configs.rays_per_chunk of this renderer's sizes. With
-        skipping most samples are never evaluated and the field runs in chunks anyway, so the chunk of rays can be
-        much larger (16 times)."""
-        sizes = SimpleNamespace(chunk_points=self.chunk_points, n_samples=self.sampler.n_samples,
-                                n_importance=self.sampler.n_importance)
-        return rays_per_chunk(sizes) * (16 if self.occupancy is not None else 1)
-
-    @torch.no_grad()
-    def update_sampler(self, step: int, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> None:
-        """The sampler's refresh for training step `step`, from this field's density (collective under DDP)."""
-        self.sampler.update_every_n_steps(step, self.density, generator, rank, world_size)
-
-
-def empty_raw(shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """[*shape, 4] raw output of empty space: RGB logits 0, density pre-activation -30 (softplus(-30) ~ 1e-13).
-    Filled on the device (no host-to-device copy in the step)."""
-    raw = torch.zeros(*shape, 4, device=device)
-    raw[..., 3] = -30.0
-    return raw
-
-
-@torch.no_grad()
-def render_image(renderer: nn.Module, rays_o: torch.Tensor, rays_d: torch.Tensor, chunk_rays: int = 4096,
-                 autocast_dtype: torch.dtype | None = None, background: torch.Tensor | None = None) -> Rendered:
-    """Render rays [..., 3] in chunks of rays (no jitter), returning maps shaped like the input's leading dims.
-    background: one colour [3] behind every ray, or None (black)."""
-    shape = rays_o.shape[:-1]
-    flat_o, flat_d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
-    parts = []
-    for start in range(0, flat_o.shape[0], chunk_rays):
-        with torch.autocast(flat_o.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            extra = {} if background is None else {"background": background}
-            parts.append(renderer(flat_o[start:start + chunk_rays], flat_d[start:start + chunk_rays], **extra))
-    return Rendered(
-        rgb=torch.cat([p.rgb for p in parts]).reshape(*shape, 3).float(),
-        depth=torch.cat([p.depth for p in parts]).reshape(shape).float(),
-        acc=torch.cat([p.acc for p in parts]).reshape(shape).float(),
-        weights=torch.cat([p.weights for p in parts]).reshape(*shape, -1).float(),
-    )
-
-
-# --- 360-degree orbits: the one code path behind the training run's videos and `python render.py` -------------
-TINY_NERF_FOCAL_PER_PIXEL = 1.38889  # the tiny NeRF camera: focal 138.889 px at 100 px (~39.6 degree view)
-
-
-class Orbit(NamedTuple):
-    rgb: list[np.ndarray]  # per frame: uint8 [H, W, 3]
-    depth: list[np.ndarray]  # per frame: uint8 [H, W, 3], coloured on one range shared by all frames
-    raw_depth: list[np.ndarray]  # per frame: float32 [H, W] expected depth
-    acc: list[np.ndarray]  # per frame: float32 [H, W] opacity
-
-
-def render_orbit(renderer: nn.Module, height: int, width: int, focal: float, frames: int, radius: float,
-                 elevation: float, chunk_rays: int, progress: bool = True, autocast_dtype=None,
-                 background: torch.Tensor | None = None) -> Orbit:
-    """Render `frames` views on a full turn of azimuth at `elevation` degrees, `radius` from the origin (the
-    scene's centre: loaders put it there), composited on `background` [3] (None: black)."""
-    from tqdm import tqdm
-
-    device = next(renderer.parameters()).device
-    was_training = renderer.training
-    renderer.eval()
-    rgbs, depths, accs = [], [], []
-    for c2w in tqdm(orbit_poses(frames, radius, elevation), desc="render", disable=not progress, leave=False):
-        rays_o, rays_d = get_rays(height, width, focal, c2w.to(device))
-        out = render_image(renderer, rays_o, rays_d, chunk_rays, autocast_dtype, background)
-        rgbs.append(to_uint8(out.rgb))
-        depths.append(out.depth.cpu().numpy())
-        accs.append(out.acc.cpu().numpy())
-    renderer.train(was_training)
-    # one depth range for the whole video, so colours mean the same distance in every frame
-    fg = np.concatenate([d[a > 0.5] for d, a in zip(depths, accs)])
-    lo, hi = (float(fg.min()), float(fg.max())) if fg.size else (0.0, 1.0)
-    return Orbit(rgbs, [colourise_depth(d, a, lo, hi) for d, a in zip(depths, accs)], depths, accs)
-
-
-def still_frames(n_frames: int, n_stills: int) -> list[int]:
-    """Up to n_stills frame indices spread evenly over the orbit, starting at frame 0."""
-    return sorted({k * n_frames // n_stills for k in range(min(n_stills, n_frames))})
-
-
-def write_orbit(orbit: Orbit, out_dir: str, fps: int, gif: bool = False, stills: int = 0) -> list[str]:
-    """video_rgb.mp4 and video_depth.mp4 (+ .gif if asked) and `stills` PNGs (rgb | depth | opacity) of
-    evenly spaced frames into out_dir. Returns the paths written."""
-    import imageio.v3 as iio
-
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for kind, frames in (("rgb", orbit.rgb), ("depth", orbit.depth)):
-        for ext in ("mp4", "gif") if gif else ("mp4",):
-            paths.append(os.path.join(out_dir, f"video_{kind}.{ext}"))
-            write_video(frames, paths[-1], fps)
-    for k in still_frames(len(orbit.rgb), stills):
-        opacity = to_uint8(np.repeat(orbit.acc[k][..., None], 3, axis=-1))
-        paths.append(os.path.join(out_dir, f"still{k:03d}.png"))
-        iio.imwrite(paths[-1], np.concatenate([orbit.rgb[k], orbit.depth[k], opacity], axis=1))
-    return paths
-
-
-# --- command line: python render.py --ckpt RUN/ckpt.pt ---------------------------------------------------------
 if __name__ == "__main__":
-    # Run as a program this file is an entry point, above the assembly layer that loads a model: the command
-    # line lives there (assembly.render_main). Imported as `render`, this file imports nothing above it.
-    from assembly import render_main
-
-    sys.exit(render_main())
+    sys.exit(main())

@@ -122,7 +122,7 @@ def note(name: str, shared: dict) -> str:
         if shared["nproc"] == 1:
             notes.append("world size 1 (one GPU): the same computation as without DDP")
         elif not shared["cuda"]:
-            notes.append(f"{shared['nproc']} processes share {shared['cores']} CPU cores "
+            notes.append(f"{shared['nproc']} processes share {shared['cores']} CPU core{'s' * (shared['cores'] > 1)} "
                          f"({shared['threads'] or 'default'} thread(s) each); single-process runs use the same cores")
     return "; ".join(notes)
 
@@ -204,7 +204,7 @@ def compare(key: str, new: list[Finished], base: list[Finished]) -> str | None:
         head = f"points/s {ratio:.2f}×"
         if interval:
             return f"{head} [{interval.low:.2f}, {interval.high:.2f}], {verdict(interval, 1.0)}"
-        return f"{head} (one seed: no interval)"
+        return f"{head} (one seed, no interval over seeds)"
     digits, unit = UNITS[key]
     diff = sum(x - y for x, y in zip(a, b)) / len(a)
     head = f"{NAMES[key]} {signed(diff, digits)}{unit} ({sum(a) / len(a):.{digits}f} vs {sum(b) / len(b):.{digits}f})"
@@ -213,7 +213,7 @@ def compare(key: str, new: list[Finished], base: list[Finished]) -> str | None:
         return (f"{head}, 95% interval [{signed(interval.low, digits)}, {signed(interval.high, digits)}]{unit} over "
                 f"{interval.n} seeds, {verdict(interval)}")
     views = views_interval(key, new[0], base[0])
-    return f"{head} (one seed: no interval" + (f"; {views}" if views else "") + ")"
+    return f"{head} (one seed, no interval over seeds" + (f"; {views}" if views else "") + ")"
 
 
 def views_interval(key: str, new: Finished, base: Finished) -> str:
@@ -225,8 +225,8 @@ def views_interval(key: str, new: Finished, base: Finished) -> str:
     if interval is None:
         return ""
     digits, unit = UNITS[key]
-    return (f"over its {interval.n} held-out views the difference lies in [{signed(interval.low, digits)}, "
-            f"{signed(interval.high, digits)}]{unit} (95%, how views differ, not how runs do)")
+    return (f"over the {interval.n} held-out views [{signed(interval.low, digits)}, "
+            f"{signed(interval.high, digits)}]{unit}, 95%: how views differ, not how runs do")
 
 
 def extra_facts(name: str, groups: dict, shared: dict) -> list[str]:
@@ -356,7 +356,8 @@ def setup_lines(groups: dict, shared: dict) -> list[str]:
     seeds = ", ".join(str(FIRST_SEED + k) for k in range(shared["seeds"]))
     return [f"- scale **{shared['scale']}**{' (auto)' if shared['scale_auto'] else ''}, data `{shared['data']}`, "
             f"budget {budget or 'the schedule of the scale'} per run, {shared['seeds']} seed(s) ({seeds}), run "
-            f"seed by seed; device {any_run.run.summary.get('device', '?')}, {shared['cores']} CPU cores",
+            f"seed by seed; device {any_run.run.summary.get('device', '?')}, {shared['cores']} CPU "
+            f"core{'s' if shared['cores'] > 1 else ''}",
             (f"- {', '.join(ddp)} under torchrun with {shared['nproc']} process(es); " if ddp else "- ") +
             f"every run `--video=false` unless overridden; overrides for all: `{' '.join(shared['extras']) or 'none'}`",
             f"- reproduce (skips what is done): `python study.py {shlex.join(shared['argv'])}`"]

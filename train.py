@@ -22,10 +22,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from assembly import build_renderer, field_state_dict
 from bitnerf_ddp import assert_replicas_agree
 from cameras import CAPTURE_RADIUS
-from configs import EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli, scale_line
+from configs import (EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli, rays_per_chunk,
+                     scale_line)
 from dataset import RayBatcher, Views, train_val_views
 from experiments import REGISTRY
-from render import VolumeRenderer, render_image, render_orbit, write_orbit
+from orbit import render_orbit, write_orbit
+from renderer import VolumeRenderer, render_image
 from hardware import (amp_policy, compute_cleanup, compute_init, configure_backends, device_line,
                       integer_matmul_line, make_grad_scaler)
 from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json, atomic_torch_save,
@@ -169,7 +171,7 @@ class Trainer:
         n, chunk = samples.t.shape[0], self.cfg.chunk_points
         counts, per_ray = samples.counts(), self.points_per_ray
         if counts is None:
-            parts = even_chunks(n, max(1, chunk // per_ray))
+            parts = even_chunks(n, rays_per_chunk(self.cfg))
             return [slice(k * (n // parts), (k + 1) * (n // parts)) for k in range(parts)], n * per_ray
         cumulative = torch.cumsum(counts, 0)
         part = (cumulative - 1).clamp_min(0) // chunk  # [N], non-decreasing

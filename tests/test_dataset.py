@@ -16,7 +16,7 @@ from cameras import Cameras, distort, normalise_capture, undistort
 from conftest import sphere_poses, trace_rays, write_blender_scene
 from dataset import Background, RayBatcher, Views, load_views, open_data, train_val_views, write_synthetic_capture
 from occupancy import OccupancyGrid
-from render import VolumeRenderer, composite
+from renderer import VolumeRenderer, composite
 from samplers import StratifiedSampler
 from scene_files import read_image
 from utils import DataError

@@ -20,7 +20,8 @@ from dataset import load_views, split_views
 from assembly import load_trained
 from export import main
 from nerf import NeRF
-from render import get_rays, pose_spherical, render_image
+from cameras import pose_spherical
+from renderer import get_rays, render_image
 from train import train
 from utils import UserError, atomic_torch_save, psnr
 

@@ -14,7 +14,7 @@ import train
 from configs import FAST, ConfigError, from_cli, points_per_ray
 from dataset import RayBatcher, load_views, split_views
 from grid_field import EMPTY_DENSITY_RAW, GridField
-from render import render_rays
+from renderer import render_rays
 from utils import Dist
 
 

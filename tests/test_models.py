@@ -133,7 +133,7 @@ def test_plain_state_dict_unwraps_quantized_weights():
 def test_density_gradient_alive_at_init_for_many_seeds():
     # The original (ReLU density) had every sigma pre-activation negative at init with its seed: zero gradient.
     # Softplus density gives a gradient for every seed.
-    from render import render_rays
+    from renderer import render_rays
 
     for seed in range(8):
         torch.manual_seed(seed)

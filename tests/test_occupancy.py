@@ -11,7 +11,7 @@ import assembly
 import train
 from dataset import load_views, split_views, synthetic_scene, views_from_arrays
 from occupancy import OccupancyGrid
-from render import VolumeRenderer, get_rays, render_image
+from renderer import VolumeRenderer, get_rays, render_image
 from samplers import OccupancyGridSampler, StratifiedSampler
 from utils import Dist, load_checkpoint
 

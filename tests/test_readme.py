@@ -121,7 +121,7 @@ def parse_tool(monkeypatch, main, args: list[str]) -> None:
 
 
 # tools whose main() starts by parsing its arguments (module, entry point)
-TOOL_MAINS = {"evaluate.py": ("evaluate", "main"), "render.py": ("assembly", "render_main"),
+TOOL_MAINS = {"evaluate.py": ("evaluate", "main"), "render.py": ("render", "main"),
               "report.py": ("report", "main"), "export.py": ("export", "main")}
 
 

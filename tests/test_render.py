@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nerf import positional_encoding
-from render import composite, get_rays, pixel_rays, pose_spherical, render_rays, sample_pdf
+from cameras import pose_spherical
+from renderer import composite, get_rays, pixel_rays, render_rays, sample_pdf
 from samplers import stratified_samples
 
 
@@ -159,7 +160,7 @@ def test_positional_encoding_matches_float64():
 def test_the_renderer_with_a_stratified_sampler_renders_as_render_rays_does():
     # the sampler draws the jitter, then the importance uniforms, from the generator it is handed: the renderer
     # with those samples is render_rays with the same uniforms, bit for bit, coarse and fine
-    from render import VolumeRenderer
+    from renderer import VolumeRenderer
     from samplers import StratifiedSampler
 
     field = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))

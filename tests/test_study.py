@@ -96,8 +96,8 @@ def test_comparisons_with_one_seed_give_no_interval_and_say_so(study_out):
     assert len(claims) == 2  # the study's arms compared with their baselines: exp4 and exp5 with exp1
     bit = next(line for line in claims if "(exp4 vs exp1)" in line)
     assert "held-out PSNR" in bit and "SSIM" in bit and "points/s" in bit and "packed .bitnerf" in bit
-    assert bit.count("one seed: no interval") == 3 and "a difference" not in bit
-    assert "held-out views the difference lies in" in bit  # the per-view spread, named as such
+    assert bit.count("one seed, no interval over seeds") == 3 and "a difference" not in bit
+    assert "held-out views [" in bit and "how views differ, not how runs do" in bit  # the per-view spread
     assert "(exp6 vs exp4)" not in text  # not in this study: not a line of its page
 
 
@@ -172,7 +172,7 @@ def test_a_comparison_pairs_seeds_and_claims_only_an_interval_without_zero():
     assert study_page.paired(fake("exp4", [22.0, 22.7], [1, 1]), base, "psnr") == ([22.0, 22.7], [20.0, 20.5])
     assert study_page.paired(fake("exp4", [22.0, 22.7], [1, 1])[1:], base, "psnr") == ([22.7], [20.5])
     one = study_page.compare("psnr", fake("exp4", [25.0], [1]), base[:1])
-    assert one == "held-out PSNR +5.00 dB (25.00 vs 20.00) (one seed: no interval)"
+    assert one == "held-out PSNR +5.00 dB (25.00 vs 20.00) (one seed, no interval over seeds)"
 
 
 def test_variants_sweeps_and_plan_files_parse_into_arms(tmp_path):

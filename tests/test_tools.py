@@ -13,13 +13,14 @@ import torch
 
 import assembly
 import evaluate
+import orbit
 import render
 import report
 import train
 from dataset import load_npz, views_from_arrays
-from render import Rendered, get_rays, render_image
+from renderer import Rendered, VolumeRenderer, get_rays, render_image
 from samplers import StratifiedSampler
-from utils import psnr
+from utils import colourise_depth, psnr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -167,7 +168,7 @@ def test_render_writes_requested_frames(ckpt, tmp_path):
     out = tmp_path / "render"
     argv = ["--ckpt", ckpt, "--out", str(out), "--frames", "6", "--fps", "6", "--size", "16", "--gif",
             "--stills", "2", "--device", "cpu"]
-    assert assembly.render_main(argv) == 0
+    assert render.main(argv) == 0
     for name in ("video_rgb.mp4", "video_depth.mp4"):
         frames = imageio.mimread(str(out / name), format="FFMPEG")
         assert len(frames) == 6 and frames[0].shape == (16, 16, 3)
@@ -191,14 +192,14 @@ def test_orbit_depth_shares_one_colour_scale():
             sigma = torch.where(inside, 50.0, -50.0)
             return torch.stack([torch.zeros_like(sigma)] * 3 + [sigma], dim=-1)
 
-    renderer = render.VolumeRenderer(Slab(), StratifiedSampler(near=0.5, far=6.0, n_samples=128))
-    orbit = render.render_orbit(renderer, 8, 8, 10.0, frames=2, radius=2.0, elevation=-30.0, chunk_rays=64,
-                                progress=False)
-    assert len(orbit.rgb) == 2 and orbit.depth[0].shape == (8, 8, 3)
-    assert orbit.raw_depth[0].min() > orbit.raw_depth[1].max()  # the setup: frame 0 is farther everywhere
-    brightest = render.colourise_depth(np.zeros((1, 1)), lo=0.0, hi=1.0)[0, 0].astype(int).sum()
-    assert orbit.depth[1].astype(int).sum(-1).max() == brightest
-    assert orbit.depth[0].astype(int).sum(-1).max() < brightest - 50
+    renderer = VolumeRenderer(Slab(), StratifiedSampler(near=0.5, far=6.0, n_samples=128))
+    video = orbit.render_orbit(renderer, 8, 8, 10.0, frames=2, radius=2.0, elevation=-30.0, chunk_rays=64,
+                               progress=False)
+    assert len(video.rgb) == 2 and video.depth[0].shape == (8, 8, 3)
+    assert video.raw_depth[0].min() > video.raw_depth[1].max()  # the setup: frame 0 is farther everywhere
+    brightest = colourise_depth(np.zeros((1, 1)), lo=0.0, hi=1.0)[0, 0].astype(int).sum()
+    assert video.depth[1].astype(int).sum(-1).max() == brightest
+    assert video.depth[0].astype(int).sum(-1).max() < brightest - 50
 
 
 # --- report --------------------------------------------------------------------------------------------------------
@@ -261,8 +262,8 @@ def test_bad_inputs_in_process(ckpt, bad_inputs, capsys):
     cases = [(evaluate.main, ["--ckpt", bad_inputs["not_ckpt"]], "notes.pt"),
              (evaluate.main, ["--ckpt", ckpt, "--data", bad_inputs["bad_data"]], "bad.npz"),
              (evaluate.main, ["--ckpt", ckpt, "--data", bad_inputs["too_small"]], "4x4"),
-             (assembly.render_main, ["--ckpt", ckpt, "--frames", "many"], "--frames"),
-             (assembly.render_main, ["--ckpt", ckpt, "--frames", "0", "--out", bad_inputs["out"]], "--frames")]
+             (render.main, ["--ckpt", ckpt, "--frames", "many"], "--frames"),
+             (render.main, ["--ckpt", ckpt, "--frames", "0", "--out", bad_inputs["out"]], "--frames")]
     for main, argv, must_name in cases:
         capsys.readouterr()
         assert main(argv) == 2, argv
