@@ -27,11 +27,14 @@ from utils import UserError, load_checkpoint
 # --- building --------------------------------------------------------------------------------------------------
 def build_field(cfg: Config) -> nn.Module:
     """The float field of `cfg.model` (BitNeRF's quantization is applied separately, see build_renderer); the MLP
-    sizes are ignored by the grid field, the grid sizes by the MLPs, and bitnet_norm by all but BitNeRF."""
+    sizes and viewdirs are ignored by the grid field (configs refuses viewdirs with it), the grid sizes by the
+    MLPs, and bitnet_norm by all but BitNeRF."""
     if cfg.model == "nerf":
-        return NeRF(cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer)
+        return NeRF(cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer, viewdirs=cfg.viewdirs,
+                    n_freqs_dirs=cfg.n_freqs_dirs)
     if cfg.model == "bitnerf":
-        return BitNeRF(cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer, cfg.bitnet_norm)
+        return BitNeRF(cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer, cfg.bitnet_norm, cfg.viewdirs,
+                       cfg.n_freqs_dirs)
     if cfg.model == "grid":
         return GridField(cfg.grid_resolution, cfg.grid_bound)
     raise ValueError(f"unknown model kind {cfg.model!r}")
@@ -112,7 +115,8 @@ def load_exported(path: str, device: torch.device | str = "cpu", mode: str = "in
         if occupied.shape != occupancy.occupied.shape:
             raise UserError(f"{path}: its occupancy grid does not fit its config")
         occupancy.occupied.copy_(occupied)
-    field = ternary_field(cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer, mode, cfg.bitnet_norm)
+    field = ternary_field(cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer, mode, cfg.bitnet_norm, cfg.viewdirs,
+                          cfg.n_freqs_dirs)
     try:
         field.load_state_dict(state)
     except RuntimeError as err:

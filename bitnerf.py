@@ -2,8 +2,9 @@
 
 BitNet b1.58 (the arithmetic of torchao's `bitnet_training`): in the forward pass each quantized Linear uses
 ternary weights {-1, 0, +1} times one absmean scale per tensor and int8 per-row activations; gradients pass
-straight through to the float latent weights. Only the hidden layers are quantized; the input (99 -> 256) and
-output (256 -> 4) layers stay in float, as BitNet keeps its embedding and head in full precision.
+straight through to the float latent weights. Only the hidden layers (and, with the direction branch, its feature
+and direction layers) are quantized; the input (99 -> 256) and output (256 -> 4; with the direction branch, its
+density and RGB heads) layers stay in float, as BitNet keeps its embedding and head in full precision.
 
 Training does not use torchao's weight tensor subclass: `quantize_bitnet` makes each hidden layer one
 autograd.Function (RMSNorm + BitLinear, `rmsnorm_bitlinear`) on plain nn.Parameters. Against torchao's subclass +
@@ -275,26 +276,40 @@ class BitRMSNormLinear(nn.Sequential):
 
 class BitNeRF(NeRF):
     """NeRF whose hidden layers are RMSNorm + Linear (`norm`, BitNet b1.58's layer), or a plain Linear that
-    quantizes its raw input (norm=False); `quantize_bitnet` makes them BitNet b1.58 QAT layers."""
+    quantizes its raw input (norm=False); `quantize_bitnet` makes them BitNet b1.58 QAT layers. With `viewdirs`
+    the direction branch's `feature` and `view` layers are built and quantized the same way; its `sigma` and `rgb`
+    heads stay float, as the output layer does."""
 
-    def __init__(self, n_freqs: int = 16, width: int = 256, depth: int = 8, skip_layer: int = 4, norm: bool = True):
-        # pad the encoding to a multiple of 8 so the skip layer's K (width + encoding) suits CUDA int8 matmul
+    def __init__(self, n_freqs: int = 16, width: int = 256, depth: int = 8, skip_layer: int = 4, norm: bool = True,
+                 viewdirs: bool = False, n_freqs_dirs: int = 4):
+        # pad the encodings to a multiple of 8 so the skip layer's K (width + encoding), and the direction layer's,
+        # suit CUDA int8 matmul
         super().__init__(n_freqs, width, depth, skip_layer, hidden_layer=RMSNormLinear if norm else nn.Linear,
-                         pad_input_to=8)
+                         pad_input_to=8, viewdirs=viewdirs, n_freqs_dirs=n_freqs_dirs)
         self.norm = norm
 
+    def quantized_layers(self) -> list[nn.Module]:
+        """The layers `quantize_bitnet` quantizes, in the order of quantized_layer_names."""
+        return [self.get_submodule(name) for name in quantized_layer_names(len(self.hidden), self.viewdirs)]
+
     def quantized_linears(self) -> list[nn.Linear]:
-        return [layer.linear if self.norm else layer for layer in self.hidden]
+        return [layer.linear if self.norm else layer for layer in self.quantized_layers()]
+
+
+def quantized_layer_names(depth: int, viewdirs: bool = False) -> list[str]:
+    """Module names of a BitNeRF's quantized layers (RMSNorm + Linear, or a Linear without the norm): the hidden
+    layers, then, with the direction branch, its feature and direction layers."""
+    return [f"hidden.{i}" for i in range(depth)] + (["feature", "view"] if viewdirs else [])
 
 
 def quantize_bitnet(model: BitNeRF) -> BitNeRF:
-    """Make the hidden layers BitNet b1.58 QAT layers (RMSNorm + BitLinear, or a BitLinear alone without the norm;
-    torchao bitnet_training's math in one autograd.Function), in place. Returns the model. The parameters stay the
-    same plain nn.Parameters (state dict unchanged). Apply after loading float weights and before torch.compile /
-    DDP.
+    """Make the hidden layers (and the direction branch's feature and direction layers) BitNet b1.58 QAT layers
+    (RMSNorm + BitLinear, or a BitLinear alone without the norm; torchao bitnet_training's math in one
+    autograd.Function), in place. Returns the model. The parameters stay the same plain nn.Parameters (state dict
+    unchanged). Apply after loading float weights and before torch.compile / DDP.
     """
     int_mm_available(next(model.parameters()).device)  # decided now, eagerly: a constant under torch.compile
-    for layer in model.hidden:
+    for layer in model.quantized_layers():
         if type(layer) is RMSNormLinear:
             layer.__class__ = BitRMSNormLinear
     for linear in model.quantized_linears():

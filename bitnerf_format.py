@@ -8,8 +8,9 @@ Encodings: "float16"/"float32" (little-endian IEEE), "ternary-base3"/"ternary-2b
 "bits-zlib" (the occupancy grid `occupancy.occupied`, when the run skipped empty space: numpy.packbits, big-endian
 within a byte, then zlib-compressed; a grid is mostly empty space in large runs, so a 128^3 grid of 256 KiB of bits
 takes ~10 KB) and "bits" (the same without compression, read for files that hold it).
-Hidden Linear weights are ternary (each with its fp32 absmean scale); everything else (input and output layers,
-biases, RMSNorm weights) stays float. export.py writes it; assembly.load_trained (or assembly.load_exported)
+The quantized Linears' weights (the hidden layers'; with the direction branch also its feature and direction
+layers') are ternary, each with its fp32 absmean scale; everything else (input and output layers or heads, biases,
+RMSNorm weights) stays float. export.py writes it; assembly.load_trained (or assembly.load_exported)
 loads it as a renderer around bitnerf_packed.ternary_field.
 """
 

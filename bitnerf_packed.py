@@ -1,8 +1,9 @@
 """BitNeRF inference with its exported ternary weights: the field a `.bitnerf` file loads into.
 
-Each hidden Linear becomes a `TernaryLinear`: int8 ternary weights {-1, 0, +1} [out, in] and one float32 absmean
-scale, as the training forward quantizes the latent weights (bitnerf.ternary_weight), and int8 per-row activations
-with an exact integer product, so that its forward equals the trained model's bit for bit in float32
+Each quantized Linear (the hidden layers; with the direction branch also its feature and direction layers)
+becomes a `TernaryLinear`: int8 ternary weights {-1, 0, +1} [out, in] and one float32 absmean scale, as the
+training forward quantizes the latent weights (bitnerf.ternary_weight), and int8 per-row activations with an
+exact integer product, so that its forward equals the trained model's bit for bit in float32
 (tests/test_export.py). Everything else (encoding, input and output layers, RMSNorms, biases) is the trained
 BitNeRF's. How the weights are packed into bytes is the file's business (bitnerf_format.py).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitnerf import BitNeRF, scale_and_bias, int8_mm, ternary_weight
+from bitnerf import BitNeRF, int8_mm, quantized_layer_names, scale_and_bias, ternary_weight
 from hardware import int_mm_available
 
 
@@ -73,28 +74,30 @@ class TernaryLinear(nn.Module):
 
 
 def ternary_field(n_freqs: int, width: int, depth: int, skip_layer: int, mode: str = "int8",
-                  norm: bool = True) -> BitNeRF:
-    """An empty inference BitNeRF: every hidden Linear replaced by a TernaryLinear (fill it with
-    `load_state_dict(ternary_state_dict(...))`). Same forward, encoding, skip and (with `norm`) RMSNorms as the
+                  norm: bool = True, viewdirs: bool = False, n_freqs_dirs: int = 4) -> BitNeRF:
+    """An empty inference BitNeRF: every quantized Linear (the hidden layers and, with `viewdirs`, the direction
+    branch's feature and direction layers) replaced by a TernaryLinear (fill it with
+    `load_state_dict(ternary_state_dict(...))`). Same forward, encodings, skip and (with `norm`) RMSNorms as the
     trained model."""
-    field = BitNeRF(n_freqs, width, depth, skip_layer, norm)
-    for i, linear in enumerate(field.quantized_linears()):
+    field = BitNeRF(n_freqs, width, depth, skip_layer, norm, viewdirs, n_freqs_dirs)
+    for name, linear in zip(quantized_layer_names(depth, viewdirs), field.quantized_linears()):
         ternary = TernaryLinear(linear.in_features, linear.out_features, mode)
         if norm:
-            field.hidden[i][1] = ternary
+            field.get_submodule(name)[1] = ternary
         else:
-            field.hidden[i] = ternary
+            parent, _, child = name.rpartition(".")
+            setattr(field.get_submodule(parent), child, ternary)
     return field.requires_grad_(False)
 
 
-def ternary_state_dict(float_state: dict[str, torch.Tensor], depth: int,
-                       norm: bool = True) -> dict[str, torch.Tensor]:
-    """A trained BitNeRF's plain float state dict -> the state dict of `ternary_field` (with the same `norm`):
-    each hidden Linear's latent weight becomes (ternary int8, fp32 scale) exactly as training's forward quantizes
-    it."""
+def ternary_state_dict(float_state: dict[str, torch.Tensor], depth: int, norm: bool = True,
+                       viewdirs: bool = False) -> dict[str, torch.Tensor]:
+    """A trained BitNeRF's plain float state dict -> the state dict of `ternary_field` (with the same `norm` and
+    `viewdirs`): each quantized Linear's latent weight becomes (ternary int8, fp32 scale) exactly as training's
+    forward quantizes it."""
     state = dict(float_state)
-    for i in range(depth):
-        prefix = f"hidden.{i}.1." if norm else f"hidden.{i}."
+    for name in quantized_layer_names(depth, viewdirs):
+        prefix = f"{name}.1." if norm else f"{name}."
         ternary, scale = ternary_weight(state.pop(prefix + "weight").float())
         state[prefix + "ternary"], state[prefix + "scale"] = ternary, scale
     return state

@@ -62,6 +62,10 @@ class Config:
     width: int = 256  # MLP width
     depth: int = 8  # hidden layers
     skip_layer: int = 4  # the encoded input is concatenated back before this hidden layer
+    # the original NeRF's direction branch: the colour also depends on the viewing direction, positionally
+    # encoded with n_freqs_dirs frequencies; off in the six presets, so they stay the original's experiments
+    viewdirs: bool = False
+    n_freqs_dirs: int = 4  # viewdirs=true: positional encoding frequencies of the direction (the original's L=4)
     # model=bitnerf: the RMSNorm before each BitLinear, as in BitNet b1.58; false quantizes the layer's raw input
     bitnet_norm: bool = True
     grid_resolution: int = 128  # model=grid: vertices per axis
@@ -160,7 +164,7 @@ def _problems(c: Config):
         if getattr(c, key) < 1:
             yield f"{key} must be >= 1 (got {getattr(c, key)})"
     for key in ("steps", "max_time_s", "warmup_steps", "grad_clip", "weight_decay", "eval_every", "ckpt_every",
-                "n_importance", "val_views", "bg_opacity_weight"):
+                "n_importance", "val_views", "bg_opacity_weight", "n_freqs_dirs"):
         if getattr(c, key) < 0:
             yield f"{key} must be >= 0 (got {getattr(c, key)})"
     for f in fields(c):  # nan passes every comparison below and inf trains straight to NaN
@@ -175,6 +179,10 @@ def _problems(c: Config):
         yield f"need 0 <= near < far (got near={c.near}, far={c.far})"
     if not 0 <= c.skip_layer < c.depth:
         yield f"skip_layer must be in [0, depth) (got {c.skip_layer} with depth={c.depth})"
+    if c.viewdirs and c.width < 2:  # the direction branch's hidden layer is width / 2 wide
+        yield f"viewdirs=true needs width >= 2 (got {c.width})"
+    if c.viewdirs and c.model == "grid":
+        yield "model=grid has no direction branch: set --viewdirs=false"
     if c.model == "grid" and c.grid_resolution < 2:
         yield f"grid_resolution must be >= 2 (got {c.grid_resolution})"
     if c.model == "grid" and not c.grid_bound > 0:

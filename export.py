@@ -35,7 +35,8 @@ def export_checkpoint(ckpt_path: str, out_path: str, packing: str = "base3", flo
         field.load_state_dict(ckpt["model"])
     except RuntimeError as err:
         raise UserError(f"{ckpt_path}: weights do not fit its config: {str(err).splitlines()[0]}") from None
-    state = ternary_state_dict({k: v.float() for k, v in field.state_dict().items()}, cfg.depth, cfg.bitnet_norm)
+    state = ternary_state_dict({k: v.float() for k, v in field.state_dict().items()}, cfg.depth, cfg.bitnet_norm,
+                               cfg.viewdirs)
     if cfg.skip and ckpt.get("occupancy"):  # inference skips the same empty space as training's renders
         state[OCCUPIED_KEY] = ckpt["occupancy"]["occupied"]
     size = write_bitnerf(out_path, state, cfg, packing, floats)
@@ -50,8 +51,9 @@ def describe(path: str) -> str:
     for e in header["tensors"].values():
         kinds[e["encoding"]] = kinds.get(e["encoding"], 0) + e["nbytes"]
     parts = ", ".join(f"{k} {v:,} B" for k, v in sorted(kinds.items()))
+    dirs = f", viewdirs L={cfg.n_freqs_dirs}" if cfg.viewdirs else ""
     return (f"{path}: ok (sha256 verified), {os.path.getsize(path):,} bytes, {cfg.model} {cfg.depth}x{cfg.width} "
-            f"L={cfg.n_freqs}, {len(state)} tensors ({parts})")
+            f"L={cfg.n_freqs}{dirs}, {len(state)} tensors ({parts})")
 
 
 # --- command line ---------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """A field that is fast on CPUs: a dense voxel grid of (RGB logits, density), trilinearly interpolated.
 
-In the spirit of Plenoxels / DVGO (without view dependence: the fields here see positions only): the raw output
-at a point is the trilinear interpolation of the values stored at the 8 grid vertices around it, so one point
-costs a few dozen multiply-adds instead of an MLP's ~0.5 MFLOP. Used by the `fast` preset only.
+In the spirit of Plenoxels / DVGO (without view dependence: its colour depends on the position alone): the raw
+output at a point is the trilinear interpolation of the values stored at the 8 grid vertices around it, so one
+point costs a few dozen multiply-adds instead of an MLP's ~0.5 MFLOP. Used by the `fast` preset only.
 
 Two things make it fast on a CPU:
 - interpolation is `F.embedding_bag` (8 vertex rows per point, weighted sum: one fused, threaded kernel), and its
@@ -89,8 +89,9 @@ class GridField(nn.Module):
         w = (wx[:, 0, :, None, None] * wx[:, 1, None, :, None] * wx[:, 2, None, None, :]).reshape(-1, 8)
         return idx, w, inside
 
-    def forward(self, points: torch.Tensor) -> torch.Tensor:
-        """points: [..., 3] -> raw [..., 4] (RGB logits, density pre-activation)."""
+    def forward(self, points: torch.Tensor, dirs: torch.Tensor | None = None) -> torch.Tensor:
+        """points: [..., 3] -> raw [..., 4] (RGB logits, density pre-activation); dirs (viewing directions) are
+        ignored: the grid has no direction branch."""
         flat = points.reshape(-1, 3)
         idx, w, inside = self.corners(flat)
         with torch.no_grad():  # which points matter: a cheap forward-only pass over all of them

@@ -1,4 +1,6 @@
-"""Volume rendering as pure functions; the field is any callable `points [..., 3] -> raw [..., 4]`.
+"""Volume rendering as pure functions; the field is any callable `points [..., 3] -> raw [..., 4]`, or, where
+its `viewdirs` attribute is true (a NeRF with the direction branch), `(points [P, 3], dirs [P, 3]) -> raw [P, 4]`
+with dirs the unit direction of each point's ray (uses_dirs).
 
 Conventions (cameras.py states them in full): camera-to-world poses [4, 4], camera looks along -z with +y up,
 pixel (i, j) is sampled at its centre, ray directions have camera-space z = -1 so the ray parameter t is the
@@ -19,7 +21,18 @@ from configs import rays_per_chunk
 from nerf import colour, density
 from samplers import OccupancyGridSampler, Samples, StratifiedSampler, stratified_samples
 
-Field = Callable[[torch.Tensor], torch.Tensor]
+Field = Callable[..., torch.Tensor]
+
+
+def uses_dirs(field) -> bool:
+    """Whether `field`'s colour depends on the viewing direction: it is then called as field(points, dirs)."""
+    return bool(getattr(field, "viewdirs", False))
+
+
+def sample_dirs(rays_d: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """The unit viewing direction of every sample: rays_d [N, 3] (any length) -> [N, S, 3], each ray's
+    normalised direction repeated over its S samples (a view, not a copy)."""
+    return F.normalize(rays_d, dim=-1)[:, None, :].expand(-1, n_samples, -1)
 
 
 class Rendered(NamedTuple):
@@ -127,7 +140,9 @@ def render_samples(field: Field, rays_o: torch.Tensor, rays_d: torch.Tensor, t: 
 
 def _render_at(field: Field, rays_o, rays_d, t, delta, background) -> Rendered:
     points = rays_o[:, None, :] + t[..., None] * rays_d[:, None, :]  # [N, S, 3]
-    raw = field(points.reshape(-1, 3)).reshape(*t.shape, 4).float()
+    flat = points.reshape(-1, 3)
+    raw = field(flat, sample_dirs(rays_d, t.shape[1]).reshape(-1, 3)) if uses_dirs(field) else field(flat)
+    raw = raw.reshape(*t.shape, 4).float()
     return composite(raw, delta, t, rays_d, background)
 
 
@@ -165,8 +180,9 @@ class VolumeRenderer(nn.Module):
         field = self.field
         # dynamic: the chunks' sizes vary with the occupied samples. Padding them to one static size (8192) would
         # waste about 1/3 of a cpu-scale step's field evaluations (~11 k occupied samples fill two 8192-point
-        # chunks), and the dynamic graph runs as fast per point as a static one
-        self.compiled_field = torch.compile(lambda points: field(points), fullgraph=True, dynamic=True)
+        # chunks), and the dynamic graph runs as fast per point as a static one. Called as the field is:
+        # (points) or (points, dirs)
+        self.compiled_field = torch.compile(lambda *inputs: field(*inputs), fullgraph=True, dynamic=True)
 
     def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor, samples: Samples | None = None,
                 background: torch.Tensor | None = None) -> Rendered:
@@ -178,26 +194,33 @@ class VolumeRenderer(nn.Module):
             return render_samples(self.field, rays_o, rays_d, samples.t, samples.delta, self.sampler.near,
                                   self.sampler.far, self.sampler.n_importance, samples.importance_u, background)
         points = rays_o[:, None, :] + samples.t[..., None] * rays_d[:, None, :]
-        raw_kept = self.evaluate(points[samples.keep])  # [P, 4]
+        # the directions of exactly the evaluated samples
+        dirs = sample_dirs(rays_d, samples.t.shape[1])[samples.keep] if uses_dirs(self.field) else None
+        raw_kept = self.evaluate(points[samples.keep], dirs)  # [P, 4]
         raw = empty_raw(samples.keep.shape, raw_kept.device).index_put((samples.keep,), raw_kept.float())
         return composite(raw, samples.delta, samples.t, rays_d, background)
 
-    def evaluate(self, points: torch.Tensor) -> torch.Tensor:
-        """raw [P, 4] of the field at points [P, 3], in chunks of at most `chunk_points` (memory). At least one
-        point is evaluated, so that every parameter takes part in every step, as DDP requires. Compiled, the
-        points are padded to a multiple of COMPILED_SIZE_STEP: few distinct sizes, because oneDNN (CPU bf16
-        matmuls under AMP) keeps a primitive per shape: with every size distinct an exp2 run grows to 1.4 GB (0.5 GB
-        this way)."""
+    def evaluate(self, points: torch.Tensor, dirs: torch.Tensor | None = None) -> torch.Tensor:
+        """raw [P, 4] of the field at points [P, 3], seen along dirs [P, 3] (unit; needed by, and only passed to,
+        a field that uses directions), in chunks of at most `chunk_points` (memory). At least one point is
+        evaluated, so that every parameter takes part in every step, as DDP requires. Compiled, the points are
+        padded to a multiple of COMPILED_SIZE_STEP: few distinct sizes, because oneDNN (CPU bf16 matmuls under
+        AMP) keeps a primitive per shape: with every size distinct an exp2 run grows to 1.4 GB (0.5 GB this way)."""
         n, chunk = points.shape[0], self.chunk_points
         step = COMPILED_SIZE_STEP if self.compiled_field is not None else 1
         size = max(-(-n // step) * step, step)
-        padded = F.pad(points, (0, 0, 0, size - n))
         field = self.compiled_field or self.field
-        return torch.cat([field(part) for part in padded.split(chunk)])[:n]
+        parts = F.pad(points, (0, 0, 0, size - n)).split(chunk)
+        if not uses_dirs(self.field):
+            return torch.cat([field(part) for part in parts])[:n]
+        dir_parts = F.pad(dirs, (0, 0, 0, size - n)).split(chunk)
+        return torch.cat([field(part, d) for part, d in zip(parts, dir_parts)])[:n]
 
     def density(self, points: torch.Tensor) -> torch.Tensor:
-        """The field's density [P] at points [P, 3] (what a sampler's refresh asks for)."""
-        return density(self.evaluate(points)[:, 3].float())
+        """The field's density [P] at points [P, 3] (what a sampler's refresh asks for). Density does not depend
+        on the viewing direction, so a field that takes one is given any (+z)."""
+        dirs = points.new_tensor([0.0, 0.0, 1.0]).expand_as(points) if uses_dirs(self.field) else None
+        return density(self.evaluate(points, dirs)[:, 3].float())
 
     def eval_chunk_rays(self) -> int:
         """Rays per no-grad forward when rendering images: configs.rays_per_chunk of this renderer's sizes. With

@@ -86,6 +86,8 @@ def test_explicit_overrides_win_over_the_scale_and_auto_follows_the_device():
     (["--device=tpu"], "device='tpu'"),
     (["--wandb=maybe"], "wandb='maybe' is not one of"),
     (["--steps=-1"], "steps must be >= 0"),
+    (["--preset=fast", "--viewdirs=true"], "model=grid has no direction branch: set --viewdirs=false"),
+    (["--viewdirs", "--n_freqs_dirs=-1"], "n_freqs_dirs must be >= 0"),
     (["--preset=exp9"], "unknown preset"),
     (["lr=1"], "unexpected argument"),
 ])
@@ -113,6 +115,18 @@ def test_saved_config_without_bitnet_norm_loads_with_the_norm():
     del saved["bitnet_norm"]  # a config.json written before the key existed
     assert config_from_dict(saved) == EXP4 and config_from_dict(saved).bitnet_norm is True
     assert from_cli(EXP4, ["--bitnet_norm=false"]).bitnet_norm is False
+
+
+def test_viewdirs_is_off_in_every_preset_and_a_saved_config_without_it_loads_without_it():
+    assert not any(preset.viewdirs for preset in PRESETS.values())
+    assert all(preset.n_freqs_dirs == 4 for preset in PRESETS.values())  # the original NeRF's L for directions
+    for scale in ("paper", "cpu"):
+        assert not from_cli(EXP1, [f"--scale={scale}"]).viewdirs
+    saved = EXP1.to_dict()
+    del saved["viewdirs"], saved["n_freqs_dirs"]  # a config.json or .bitnerf header written before the keys
+    assert config_from_dict(saved) == EXP1
+    cfg = from_cli(EXP4, ["--viewdirs", "--n_freqs_dirs=2"])
+    assert cfg.viewdirs and cfg.n_freqs_dirs == 2 and cfg.model == "bitnerf"
 
 
 def test_points_per_ray_and_rays_per_chunk_are_one_rule_for_sampler_renderer_and_bench():

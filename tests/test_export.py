@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import numpy as np
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +18,7 @@ from bitnerf_format import is_bitnerf_file, pack_ternary, read_bitnerf, unpack_t
 from bitnerf_packed import TernaryLinear, set_ternary_mode, ternary_matmul, ternary_state_dict
 from configs import EXP1, EXP4
 from dataset import load_views, split_views
+import assembly
 from assembly import load_trained
 from export import main
 from nerf import NeRF
@@ -102,11 +104,11 @@ def test_dequant_mode_matches_float64_reference():
 
 
 # --- the file ------------------------------------------------------------------------------------------------------
-def _tiny_file(path, floats="float32", packing="base3", bitnet_norm=True):
+def _tiny_file(path, floats="float32", packing="base3", bitnet_norm=True, viewdirs=False):
     torch.manual_seed(0)
-    field = BitNeRF(**TINY_ARCH, norm=bitnet_norm)
-    cfg = replace(EXP4, model="bitnerf", bitnet_norm=bitnet_norm, **TINY_ARCH)
-    state = ternary_state_dict(field.state_dict(), cfg.depth, bitnet_norm)
+    field = BitNeRF(**TINY_ARCH, norm=bitnet_norm, viewdirs=viewdirs)
+    cfg = replace(EXP4, model="bitnerf", bitnet_norm=bitnet_norm, viewdirs=viewdirs, **TINY_ARCH)
+    state = ternary_state_dict(field.state_dict(), cfg.depth, bitnet_norm, viewdirs)
     write_bitnerf(str(path), state, cfg, packing, floats)
     return state
 
@@ -133,6 +135,33 @@ def test_file_without_norm_round_trips_and_loads_without_rmsnorm(tmp_path):
     renderer, _ = load_trained(str(path))
     assert all(isinstance(layer, TernaryLinear) for layer in renderer.field.hidden)
     assert not any(isinstance(m, torch.nn.RMSNorm) for m in renderer.field.modules())
+
+
+@pytest.mark.parametrize("bitnet_norm", [True, False])
+def test_viewdirs_file_packs_the_direction_branch_and_loads_as_the_qat_field(tmp_path, bitnet_norm):
+    """The direction branch's feature and direction layers are stored ternary like the hidden ones, its density
+    and RGB heads as floats; the loaded field computes the QAT field's forward bit for bit (float32 storage),
+    and renders as it does."""
+    path = tmp_path / "m.bitnerf"
+    state = _tiny_file(path, bitnet_norm=bitnet_norm, viewdirs=True)
+    cfg, loaded, header = read_bitnerf(str(path))
+    assert cfg.viewdirs and all(torch.equal(loaded[k], v) for k, v in state.items())
+    encodings = {name: entry["encoding"] for name, entry in header["tensors"].items()}
+    ternary = [name for name, kind in encodings.items() if kind.startswith("ternary-")]
+    layers = [f"hidden.{i}" for i in range(TINY_ARCH["depth"])] + ["feature", "view"]
+    assert ternary == [f"{layer}{'.1' if bitnet_norm else ''}.ternary" for layer in layers]
+    assert encodings["sigma.weight"] == encodings["rgb.weight"] == "float32"
+    assert main(["--info", str(path)]) == 0
+    exported, _ = load_trained(str(path))
+    assert isinstance(exported.field.view[1] if bitnet_norm else exported.field.view, TernaryLinear)
+    torch.manual_seed(0)  # _tiny_file's weights
+    qat = assembly.build_renderer(replace(cfg, skip=False), torch.device("cpu"),
+                                  BitNeRF(**TINY_ARCH, norm=bitnet_norm, viewdirs=True).state_dict()).eval()
+    gen = torch.Generator().manual_seed(1)
+    points, dirs = torch.randn(64, 3, generator=gen), F.normalize(torch.randn(64, 3, generator=gen), dim=-1)
+    assert torch.equal(exported.field(points, dirs), qat.field(points, dirs))
+    rays_o, rays_d = get_rays(20, 20, 25.0, pose_spherical(30.0, -30.0, 4.0))
+    assert torch.equal(render_image(exported, rays_o, rays_d, 128).rgb, render_image(qat, rays_o, rays_d, 128).rgb)
 
 
 def _assert_refused(path, capsys, words):
@@ -210,9 +239,10 @@ def test_uncompressed_grid_bits_still_read():
 
 # --- export of a trained model -----------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.parametrize("viewdirs", [False, True])
 @pytest.mark.parametrize("bitnet_norm", [True, False])
-def test_exported_model_renders_like_the_qat_model(tiny_cfg, tmp_path, bitnet_norm):
-    cfg = replace(tiny_cfg, model="bitnerf", steps=2, log_every=10, bitnet_norm=bitnet_norm)
+def test_exported_model_renders_like_the_qat_model(tiny_cfg, tmp_path, bitnet_norm, viewdirs):
+    cfg = replace(tiny_cfg, model="bitnerf", steps=2, log_every=10, bitnet_norm=bitnet_norm, viewdirs=viewdirs)
     train(cfg)
     ckpt = os.path.join(cfg.run_dir, "ckpt.pt")
     qat, _ = load_trained(ckpt)
@@ -221,8 +251,9 @@ def test_exported_model_renders_like_the_qat_model(tiny_cfg, tmp_path, bitnet_no
         out = str(tmp_path / f"{floats}.bitnerf")
         assert main(["--ckpt", ckpt, "--out", out, "--floats", floats]) == 0
         exported, saved = load_trained(out)  # a .bitnerf path goes through the export loader
-        hidden = exported.field.hidden[0]
-        assert saved == cfg and isinstance(hidden[1] if bitnet_norm else hidden, TernaryLinear)
+        quantized = [exported.field.hidden[0]] + ([exported.field.feature, exported.field.view] if viewdirs else [])
+        assert saved == cfg and all(isinstance(layer[1] if bitnet_norm else layer, TernaryLinear)
+                                    for layer in quantized)
         assert any(isinstance(m, torch.nn.RMSNorm) for m in exported.field.modules()) == bitnet_norm
         for mode in ("int8", "dequant"):
             set_ternary_mode(exported.field, mode)
@@ -260,9 +291,10 @@ def test_cuda_int8_layer_matches_cpu(rows, in_features, out_features):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_exported_render_matches_cpu(tmp_path):
+@pytest.mark.parametrize("viewdirs", [False, True])
+def test_cuda_exported_render_matches_cpu(tmp_path, viewdirs):
     path = str(tmp_path / "m.bitnerf")
-    _tiny_file(path)
+    _tiny_file(path, viewdirs=viewdirs)
     rays_o, rays_d = get_rays(20, 20, 25.0, pose_spherical(30.0, -30.0, 4.0))
     cpu, _ = load_trained(path)
     gpu, _ = load_trained(path, "cuda")

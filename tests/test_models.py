@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from bitnerf import BitNeRF, is_quantized, plain_state_dict, quantize_bitnet, ternary_weight
@@ -142,6 +143,76 @@ def test_density_gradient_alive_at_init_for_many_seeds():
                           torch.randn(16, 3) * 0.1 + torch.tensor([0.0, 0.0, -1.0]), 2.0, 6.0, 8)
         out.rgb.sum().backward()
         assert model.output.weight.grad[3].abs().sum() > 0, f"dead density gradient for seed {seed}"
+
+
+# --- the direction branch (viewdirs) -----------------------------------------------------------------------------
+TINY = dict(n_freqs=2, width=16, depth=3, skip_layer=1)
+
+
+def _directional(kind: str) -> nn.Module:
+    """A tiny field with the direction branch: NeRF, or BitNeRF (QAT layers) with or without its RMSNorms."""
+    if kind == "nerf":
+        return NeRF(**TINY, viewdirs=True)
+    return quantize_bitnet(BitNeRF(**TINY, norm=kind == "bitnerf", viewdirs=True))
+
+
+def test_viewdirs_architecture_is_the_original_nerfs():
+    """Density from the last hidden layer (W -> 1); a feature vector (W -> W, no activation) concatenated with the
+    direction encoded with L_dirs = 4 (3 + 24 values) -> W/2 + ReLU -> RGB (W/2 -> 3)."""
+    model = NeRF(viewdirs=True)
+    assert not hasattr(model, "output")
+    shapes = {name: (layer.in_features, layer.out_features)
+              for name, layer in (("sigma", model.sigma), ("feature", model.feature), ("view", model.view),
+                                  ("rgb", model.rgb))}
+    assert shapes == {"sigma": (256, 1), "feature": (256, 256), "view": (256 + 27, 128), "rgb": (128, 3)}
+    points, dirs = torch.randn(5, 7, 3), F.normalize(torch.randn(5, 7, 3), dim=-1)
+    assert model(points, dirs).shape == (5, 7, 4)
+    with pytest.raises(ValueError, match="viewing direction"):
+        model(points)
+    # BitNeRF: the feature and direction layers are RMSNorm + BitLinear like the hidden ones (the direction
+    # encoding padded for int8 matmuls); the density and RGB heads stay float, as the output layer does
+    bit = quantize_bitnet(BitNeRF(viewdirs=True))
+    assert bit.quantized_layers()[-2:] == [bit.feature, bit.view]
+    assert all(type(layer).__name__ == "BitRMSNormLinear" for layer in (bit.feature, bit.view))
+    assert bit.view.linear.in_features == 256 + 32 and type(bit.sigma) is type(bit.rgb) is nn.Linear
+
+
+@pytest.mark.parametrize("kind", ["nerf", "bitnerf", "bitnerf_no_norm"])
+def test_viewdirs_colour_depends_on_the_direction_and_density_does_not(kind):
+    torch.manual_seed(0)
+    model = _directional(kind)
+    points = torch.randn(1, 3).expand(32, 3)  # one point, seen from 32 directions
+    gen = torch.Generator().manual_seed(1)
+    dirs_a, dirs_b = (F.normalize(torch.randn(32, 3, generator=gen), dim=-1) for _ in range(2))
+    dirs_a.requires_grad_(True)
+    raw_a, raw_b = model(points, dirs_a), model(points, dirs_b)
+    assert torch.equal(raw_a[:, 3], raw_b[:, 3])  # the same density bits, whatever the directions
+    grad = torch.autograd.grad(raw_a[:, 3].sum(), dirs_a, retain_graph=True, allow_unused=True)[0]
+    assert grad is None or not grad.any()  # nor a gradient towards them
+    assert (raw_a[:, :3] - raw_b[:, :3]).abs().amax(dim=-1).min() > 1e-4  # every direction's colour moves
+    assert (raw_a[:, :3] - raw_a[:1, :3]).abs().amax() > 1e-3  # and the one point's colour varies with it
+    raw_a.square().sum().backward()  # every parameter learns, the direction branch's included
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_without_viewdirs_the_fields_are_unchanged_and_ignore_directions():
+    """viewdirs=false (every preset): the same modules and parameter names (checkpoints and .bitnerf files keep
+    theirs), and directions, if given, change nothing."""
+    hidden = [f"hidden.{i}.{p}" for i in range(3) for p in ("weight", "bias")]
+    normed = [f"hidden.{i}.{m}.{p}" for i in range(3) for m, p in (("0", "weight"), ("1", "weight"), ("1", "bias"))]
+    ends = (["input.weight", "input.bias"], ["output.weight", "output.bias"])
+    torch.manual_seed(0)
+    points, dirs = torch.randn(40, 3), F.normalize(torch.randn(40, 3), dim=-1)
+    for model, keys in ((NeRF(**TINY), hidden), (BitNeRF(**TINY), normed), (BitNeRF(**TINY, norm=False), hidden)):
+        assert list(model.state_dict()) == ends[0] + keys + ends[1]
+        assert not model.viewdirs and not any(hasattr(model, m) for m in ("sigma", "feature", "view", "rgb"))
+        for field in (model, quantize_bitnet(model) if isinstance(model, BitNeRF) else model):
+            assert torch.equal(field(points, dirs), field(points))
+    torch.manual_seed(0)
+    default = NeRF(**TINY)
+    torch.manual_seed(0)
+    explicit = NeRF(**TINY, viewdirs=False, n_freqs_dirs=7)
+    assert torch.equal(default(points), explicit(points))  # the same initialisation draws
 
 
 def test_exact_float_int8_matmul_equals_torchao_int_mm():

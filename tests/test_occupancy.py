@@ -95,6 +95,41 @@ def test_skipping_renders_the_known_scene_as_plain_sampling_does():
     assert field.dummy.grad is not None and torch.isfinite(field.dummy.grad)
 
 
+class DirectionBoxField(BoxField):
+    """BoxField's density; colour (d + 1) / 2 of the viewing direction d it is given, wherever the point is."""
+
+    viewdirs = True  # the renderer calls it as field(points, dirs)
+
+    def forward(self, points, dirs):
+        raw = super().forward(points)
+        return torch.cat([torch.logit((dirs + 1) / 2), raw[..., 3:]], dim=-1)
+
+
+def test_the_renderer_gives_the_field_the_direction_of_each_sample_it_evaluates():
+    """A field whose colour is (d + 1) / 2 of the direction d it is given renders every ray in the colour
+    acc * (d + 1) / 2 of that ray's normalised direction: with skipping (the occupied samples of many rays
+    packed together, in several chunks), without it, and with importance samples."""
+    field = DirectionBoxField()
+    gen = torch.Generator().manual_seed(1)
+    rays_o, rays_d = random_rays(300, gen)
+    rays_d = rays_d * (0.5 + torch.rand(300, 1, generator=gen))  # any length: the field sees unit directions
+    # a hand-made ray through the box's centre along (0.6, 0, -0.8): colour (0.8, 0.5, 0.1)
+    rays_o[0], rays_d[0] = torch.tensor([-2.4, 0.0, 3.2]), torch.tensor([0.6, 0.0, -0.8])
+    skipping = VolumeRenderer(field, OccupancyGridSampler(2.0, 6.0, 64, OccupancyGrid(8, 1.0)), chunk_points=512)
+    skipping.update_sampler(0, torch.Generator().manual_seed(0))  # the density refresh, through the same field
+    assert skipping.occupancy.occupied.sum() == 4**3  # the box, as for BoxField
+    expected = (torch.nn.functional.normalize(rays_d, dim=-1) + 1) / 2
+    assert skipping.sampler.sample(rays_o, rays_d).counts().sum() < 0.25 * 300 * 64  # few samples evaluated
+    for renderer in (skipping, VolumeRenderer(field, StratifiedSampler(2.0, 6.0, 64)),
+                     VolumeRenderer(field, StratifiedSampler(2.0, 6.0, 32, 16))):
+        with torch.no_grad():
+            out = renderer(rays_o, rays_d, renderer.sampler.sample(rays_o, rays_d, torch.Generator().manual_seed(2)))
+        assert float(out.acc.max()) > 0.9 and float(out.acc.min()) < 1e-6  # rays that hit the box, rays that miss
+        torch.testing.assert_close(out.rgb, out.acc[:, None] * expected, atol=1e-5, rtol=0)
+        assert float(out.acc[0]) > 0.99
+        torch.testing.assert_close(out.rgb[0] / out.acc[0], torch.tensor([0.8, 0.5, 0.1]), atol=1e-5, rtol=0)
+
+
 def test_carving_keeps_every_surface_point_and_empties_most_of_the_box():
     views = views_from_arrays(synthetic_scene(n_views=12, size=32, seed=3))
     grid = OccupancyGrid(32, 1.5)
@@ -144,13 +179,16 @@ def test_a_checkpoint_from_before_skipping_loads_without_a_grid(tiny_cfg, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["nerf", "bitnerf"])
-def test_compiled_field_with_skipping_has_no_graph_breaks(tiny_cfg, model):
+@pytest.mark.parametrize("model,viewdirs", [pytest.param("nerf", False, id="nerf"),
+                                            pytest.param("bitnerf", False, id="bitnerf"),
+                                            pytest.param("nerf", True, id="nerf-viewdirs"),
+                                            pytest.param("bitnerf", True, id="bitnerf-viewdirs")])
+def test_compiled_field_with_skipping_has_no_graph_breaks(tiny_cfg, model, viewdirs):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    cfg = replace(tiny_cfg, model=model, compile=True, chunk_points=1024)
+    cfg = replace(tiny_cfg, model=model, compile=True, chunk_points=1024, viewdirs=viewdirs)
     trainer = train.Trainer(cfg, assembly.build_renderer(cfg, torch.device("cpu")), Dist(), torch.device("cpu"))
     views = split_views(load_views(cfg.data), 2)[0]
     trainer.raw.occupancy.carve(views.see_through(views.images), views.poses, views.cameras, cfg.near)

@@ -44,6 +44,46 @@ def test_bitnerf_training_raises_held_out_psnr(tiny_cfg):
     assert summary["val_psnr"] > black_image_psnr(cfg) + 2.0
 
 
+def test_viewdirs_training_raises_held_out_psnr(tiny_cfg):
+    """The direction branch trains through the same micro-batched, skipping render path: held-out PSNR rises far
+    above the untrained field's and over the run, and the checkpoint loads as a field with the branch."""
+    cfg = replace(tiny_cfg, viewdirs=True, width=64, steps=150, lr=5e-3, eval_every=25)
+    torch.manual_seed(cfg.seed)
+    before = held_out_psnr(cfg, assembly.build_renderer(cfg, torch.device("cpu")))
+    summary = train.train(cfg)
+    # measured (seeds 0, 1, 2, 42): ~7.5 dB untrained, 16.2-16.5 at step 25, 17.5-17.9 at step 150
+    records = [json.loads(line) for line in open(os.path.join(cfg.run_dir, "metrics.jsonl"))]
+    first, *_, last = [r["val_psnr"] for r in records if "val_psnr" in r]
+    assert last == pytest.approx(summary["val_psnr"]) and last > first + 0.5
+    assert summary["val_psnr"] > before + 8.0 and summary["val_psnr"] > black_image_psnr(cfg) + 3.0
+    renderer, loaded = assembly.load_trained(os.path.join(cfg.run_dir, "ckpt.pt"))
+    assert loaded.viewdirs and renderer.field.viewdirs and not hasattr(renderer.field, "output")
+    assert held_out_psnr(cfg, renderer) == pytest.approx(summary["val_psnr"])
+
+
+def test_viewdirs_learns_a_colour_that_depends_on_the_viewing_direction(tiny_cfg, tmp_path):
+    """The procedural scene seen with a view-dependent colour (each pixel's colour times (1 + d) / 2, d the unit
+    direction of its ray: a radiance base(x) (1 + d) / 2): the field with the direction branch fits the held-out
+    views far better than the same field without it. Measured (seeds 0, 1, 42): 26.0-26.8 dB against
+    21.8-22.7 dB."""
+    from dataset import synthetic_scene
+    from renderer import pixel_rays
+
+    scene = synthetic_scene(n_views=32, size=24, seed=1)
+    py, px = torch.meshgrid(torch.arange(24.0, dtype=torch.float64), torch.arange(24.0, dtype=torch.float64),
+                            indexing="ij")
+    _, dirs = pixel_rays(torch.from_numpy(scene["poses"]).double()[:, None, None], px, py, float(scene["focal"]),
+                         24, 24)
+    shade = 0.5 + 0.5 * torch.nn.functional.normalize(dirs, dim=-1).numpy()  # [views, 24, 24, 3]
+    np.savez(tmp_path / "view_dependent.npz", **{**scene, "images": (scene["images"] * shade).astype(np.float32)})
+    psnrs = {}
+    for viewdirs in (True, False):
+        cfg = replace(tiny_cfg, data=str(tmp_path / "view_dependent.npz"), viewdirs=viewdirs, width=64, steps=150,
+                      lr=5e-3, out_dir=str(tmp_path / f"run_{viewdirs}"))
+        psnrs[viewdirs] = train.train(cfg)["val_psnr"]
+    assert psnrs[True] > psnrs[False] + 2.5, psnrs
+
+
 def _train_step(renderer, gen):
     rays_o = torch.zeros(64, 3) + torch.tensor([0.0, 0.0, 4.0])
     rays_d = torch.randn(64, 3, generator=gen) * 0.2 + torch.tensor([0.0, 0.0, -1.0])
@@ -54,13 +94,16 @@ def _train_step(renderer, gen):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["nerf", "bitnerf"])
-def test_compiled_train_step_has_no_graph_breaks(tiny_cfg, model):
+@pytest.mark.parametrize("model,viewdirs", [pytest.param("nerf", False, id="nerf"),
+                                            pytest.param("bitnerf", False, id="bitnerf"),
+                                            pytest.param("nerf", True, id="nerf-viewdirs")])
+def test_compiled_train_step_has_no_graph_breaks(tiny_cfg, model, viewdirs):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    cfg = replace(tiny_cfg, model=model, n_importance=8, skip=False)  # the whole render as one graph
+    # the whole render as one graph
+    cfg = replace(tiny_cfg, model=model, n_importance=8, skip=False, viewdirs=viewdirs)
     raw = assembly.build_renderer(cfg, torch.device("cpu"))
     compiled = torch.compile(raw, fullgraph=True)  # fullgraph: any graph break raises
     gen = torch.Generator().manual_seed(0)
