@@ -123,7 +123,8 @@ def note(name: str, shared: dict) -> str:
             notes.append("world size 1 (one GPU): the same computation as without DDP")
         elif not shared["cuda"]:
             notes.append(f"{shared['nproc']} processes share {shared['cores']} CPU core{'s' * (shared['cores'] > 1)} "
-                         f"({shared['threads'] or 'default'} thread(s) each); single-process runs use the same cores")
+                         f"({shared['threads'] or 'default'} thread(s) each); single-process runs use the same "
+                             f"core{'s' * (shared['cores'] > 1)}")
     return "; ".join(notes)
 
 
@@ -239,7 +240,7 @@ def extra_facts(name: str, groups: dict, shared: dict) -> list[str]:
     if packed and params and shared["configs"][arm.base].model != "bitnerf":
         facts.append(f"packed .bitnerf {stats.mean_sd(packed)[0]:.1f} KB vs {arm.base}'s {params * 4 / 1e3:.1f} KB "
                      f"of fp32 weights ({params:,} parameters; ckpt.pt also holds the optimizer state)")
-    if values(group, "steps") != values(groups[arm.base], "steps"):
+    if stats.mean_sd(values(group, "steps") or [0])[0] != stats.mean_sd(values(groups[arm.base], "steps") or [0])[0]:
         steps = [stat_cell(values(groups[n], "steps"), ".0f") for n in (name, arm.base)]
         facts.append(f"steps done {steps[0]} vs {steps[1]}")
     return facts
