@@ -20,6 +20,7 @@ from configs import EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, Config
 # the numbers a comparison can name: held-out PSNR / SSIM / depth error (eval.json), sample points per second of
 # training (summary.json), and the noise of the training loss around its moving average (metrics.jsonl)
 METRICS = ("psnr", "ssim", "depth_mae", "points", "loss_noise")
+FIRST_SEED = 42  # a study's run k uses seed FIRST_SEED + k
 
 
 @dataclass(frozen=True)

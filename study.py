@@ -39,11 +39,10 @@ import configs
 import report
 import study_page
 from configs import RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli
-from experiments import METRICS, REGISTRY
+from experiments import FIRST_SEED, METRICS, REGISTRY
 from utils import ArgParser, UserError, atomic_json, run_cli
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-FIRST_SEED = 42
 DEFAULT_MINUTES = 3.0
 # the study sets these per run; the rest of the config can be overridden for every experiment
 STUDY_KEYS = ("out_dir", "seed", "name", "preset")
@@ -72,6 +71,11 @@ def registered_arms() -> dict[str, Arm]:
     return {e.name: Arm(e.name, e.name, (), e.baseline, e.question, e.metrics) for e in REGISTRY.values()}
 
 
+def override_key(arg: str) -> str:
+    """The config key of a `--key=value` override ("" for anything else)."""
+    return arg[2:].partition("=")[0].replace("-", "_") if arg.startswith("--") else ""
+
+
 def parse_variant(spec: str, arms: dict[str, Arm]) -> Arm:
     """`NAME = BASE --key=value ...` -> a variant of the arm BASE (a registered experiment or an earlier variant)."""
     name, eq, rest = spec.partition(" = ") if " = " in spec else spec.partition("=")  # a name may hold '='
@@ -85,7 +89,7 @@ def parse_variant(spec: str, arms: dict[str, Arm]) -> Arm:
         raise UserError(f"variant {spec!r}: {base!r} is neither an experiment ({', '.join(REGISTRY)}) nor a "
                         f"variant defined before it")
     for arg in overrides:
-        key = arg[2:].partition("=")[0].replace("-", "_") if arg.startswith("--") else ""
+        key = override_key(arg)
         if not key or key in STUDY_KEYS:
             raise UserError(f"variant {spec!r}: {arg!r} is not a --key=value override the study leaves to you")
     parent = arms[base]
@@ -209,7 +213,7 @@ def parse_args(argv: list[str]):
 def check_overrides(extras: list[str]) -> Config:
     """Refuse overrides the study sets itself, and anything configs refuses; returns exp1 with the overrides."""
     for arg in extras:
-        key = arg[2:].partition("=")[0].replace("-", "_") if arg.startswith("--") else ""
+        key = override_key(arg)
         if key in STUDY_KEYS:
             raise UserError(f"--{key} is set by the study for each run (use --out and --seeds)")
     return from_cli(configs.EXP1, ["--scale=paper", *extras])  # ConfigError: one line, exit 2

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import report
 import stats
+from experiments import FIRST_SEED, REGISTRY
 
-FIRST_SEED = 42
 
 
 @dataclass
@@ -82,8 +82,6 @@ IGNORED = {"name", "out_dir", "seed"}
 
 def differs(name: str, shared: dict, world: int) -> str:
     """What the arm changes relative to the one it derives from, from the two configs (and the process count)."""
-    from experiments import REGISTRY
-
     arm, c = shared["arms"][name], shared["configs"]
     if not arm.base or arm.base not in c:
         return REGISTRY[name].what if name in REGISTRY else "—"
@@ -200,9 +198,8 @@ def compare(key: str, new: list[Finished], base: list[Finished]) -> str | None:
     if not a:
         return None
     if key == "points":
-        ratio = math.exp(sum(math.log(x / y) for x, y in zip(a, b)) / len(a))
         interval = stats.paired_ratio(a, b)
-        head = f"points/s {ratio:.2f}×"
+        head = f"points/s {interval.mean if interval else a[0] / b[0]:.2f}×"
         if interval:
             return f"{head} [{interval.low:.2f}, {interval.high:.2f}], {verdict(interval, 1.0)}"
         return f"{head} (one seed, no interval over seeds)"
