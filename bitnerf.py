@@ -25,6 +25,7 @@ import functools
 import torch
 from torch import nn
 
+import cpu_kernels
 from hardware import int_mm_available
 from nerf import NeRF
 
@@ -128,11 +129,21 @@ class _RMSNormBitLinear(torch.autograd.Function):
         x = x.reshape(-1, k)
         parts = (x,) if extra is None else (x, extra.reshape(x.shape[0], -1))
         eager = not torch.compiler.is_compiling()
+        if (dtype is None and cpu_kernels.active(x) and all(p.dtype == torch.float32 for p in parts)
+                and (norm_weight is None or norm_weight.dtype == torch.float32)):
+            # the same arithmetic in three C++ passes (cpu_kernels.py): same bits
+            r = rms_factor(parts, eps, eager) if norm_weight is not None else None
+            y_q, row_scale, deq = cpu_kernels.quantize_rows(*_x_and_extra(parts), r, norm_weight, want_deq=True)
+            out = _integer_mm(y_q if ternary.dtype == torch.int8 else y_q.float(), ternary)
+            out = cpu_kernels.scale_bias(out, row_scale, scale, bias)
+            ctx.save_for_backward(deq, ternary, scale, *((r, norm_weight, *parts) if r is not None else ()))
+            ctx.x_dtype, ctx.lead, ctx.weight_dtype = x.dtype, lead, weight.dtype
+            return out.view(*lead, -1)
         if norm_weight is not None:
             # nn.RMSNorm's arithmetic (same bits): y = (x * r) * g, r = rsqrt(mean(x^2) + eps) [M, 1], in float32,
             # one [M, K] buffer holding x^2, then x * r, then y and y_q in turn
             buffer = _cat_times(parts, parts, eager)
-            r = torch.rsqrt(buffer.mean(-1, keepdim=True).add_(eps))
+            r = torch.rsqrt(buffer.mean(-1, keepdim=True).add_(eps))  # as rms_factor, keeping the buffer
             y = _cat_times(parts, (r,) * len(parts), eager, out=buffer if eager else None)
             y = y.mul_(norm_weight) if eager else y * norm_weight
             y = y.to(functools.reduce(torch.promote_types, (p.dtype for p in parts)))
@@ -187,6 +198,10 @@ class _RMSNormBitLinear(torch.autograd.Function):
                 r, g, *parts = ctx.saved_tensors[3:]
                 grad_y = grad_y.float()
                 eager, k = not torch.compiler.is_compiling(), parts[0].shape[1]
+                if cpu_kernels.active(grad_y) and g.dtype == torch.float32:  # one C++ pass
+                    grad_x, grad_norm = cpu_kernels.rms_norm_backward(grad_y, *_x_and_extra(parts), r, g)
+                    return (grad_x.to(ctx.x_dtype).view(*ctx.lead, -1), None, grad_norm if needs[2] else None,
+                            grad_weight, grad_bias, None, None, None, None)
                 columns = (grad_y,) if len(parts) == 1 else (grad_y[:, :k], grad_y[:, k:])
                 product = _cat_times(parts, columns, eager)  # grad_y * xhat / r
                 if needs[2]:
@@ -196,6 +211,16 @@ class _RMSNormBitLinear(torch.autograd.Function):
                 grad_x = grad_x.mul_(r).addcmul_(parts[0].float(), r.square().mul_(c), value=-1).to(ctx.x_dtype)
             grad_x = grad_x.view(*ctx.lead, -1)
         return grad_x, None, grad_norm, grad_weight, grad_bias, None, None, None, None
+
+
+def rms_factor(parts: tuple[torch.Tensor, ...], eps: float, eager: bool) -> torch.Tensor:
+    """nn.RMSNorm's r = rsqrt(mean(x^2) + eps) [M, 1] of the row cat(parts), in float32 and its bits (the mean
+    over one [M, K] buffer of squares: torch's summation order)."""
+    return torch.rsqrt(_cat_times(parts, parts, eager).mean(-1, keepdim=True).add_(eps))
+
+
+def _x_and_extra(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return parts[0], parts[1] if len(parts) > 1 else None
 
 
 def _cat_times(parts: tuple[torch.Tensor, ...], factors: tuple[torch.Tensor, ...], eager: bool,

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitnerf import BitNeRF, int8_mm, quantized_layer_names, scale_and_bias, ternary_weight
+import cpu_kernels
+from bitnerf import BitNeRF, int8_mm, quantized_layer_names, rms_factor, scale_and_bias, ternary_weight
 from hardware import int_mm_available
 
 
@@ -63,6 +64,8 @@ class TernaryLinear(nn.Module):
             x, scale = x.to(dtype), scale.to(dtype)
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
+        if dtype is None and cpu_kernels.active(x):
+            return _fused_cpu_forward((x,), None, None, self).view(*lead, -1)
         # torchao's quantize_int8_rowwise(eps=1e-5) in fewer passes with the same roundings (equal bits): max |x|
         # per row as max(amax, -amin) (torch.aminmax measured 5x slower than the two on a CPU); its clip to
         # [-128, 127] is left out because |x| * 127 / max|x| rounds to at most 127 (three float32 roundings are far
@@ -71,6 +74,35 @@ class TernaryLinear(nn.Module):
         x_q = (x.float() * (1.0 / row_scale.float().clip(1e-5)).view(-1, 1)).round_()
         out = ternary_matmul(x_q, self.ternary)
         return scale_and_bias(out, scale, row_scale.view(-1, 1), self.bias, dtype).view(*lead, -1)
+
+
+class TernaryRMSNormLinear(nn.Sequential):
+    """RMSNorm then TernaryLinear (the packed form of bitnerf.RMSNormLinear, same state dict keys): on a CPU the
+    normalisation, quantization and scaling run as fused passes (cpu_kernels.py), with the same bits."""
+
+    takes_skip_input = True  # NeRF's skip layer calls it with (h, encoding), not their concatenation
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [..., K] (and extra: [..., E]) -> [..., N]: the layer of cat([x, extra], -1)."""
+        norm, linear = self
+        fused = (linear.mode == "int8" and cpu_kernels.active(x) and norm.weight.dtype == torch.float32
+                 and (extra is None or extra.dtype == torch.float32))
+        if not fused:
+            return linear(norm(x if extra is None else torch.cat([x, extra], dim=-1)))
+        lead = x.shape[:-1]
+        parts = tuple(p.reshape(-1, p.shape[-1]) for p in ((x,) if extra is None else (x, extra)))
+        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+        r = rms_factor(parts, eps, eager=True)
+        return _fused_cpu_forward(parts, r, norm.weight, linear).view(*lead, -1)
+
+
+def _fused_cpu_forward(parts: tuple[torch.Tensor, ...], r: torch.Tensor | None, norm_weight: torch.Tensor | None,
+                       linear: TernaryLinear) -> torch.Tensor:
+    """TernaryLinear's int8 forward of cat(parts) [M, K] (RMSNorm'd by r [M, 1] and norm_weight [K] when given)
+    in the fused C++ passes -> [M, N] float32."""
+    x_q, row_scale, _ = cpu_kernels.quantize_rows(parts[0], parts[1] if len(parts) > 1 else None, r, norm_weight,
+                                               want_deq=False)
+    return cpu_kernels.scale_bias(ternary_matmul(x_q, linear.ternary), row_scale, linear.scale, linear.bias)
 
 
 def ternary_field(n_freqs: int, width: int, depth: int, skip_layer: int, mode: str = "int8",
@@ -83,7 +115,9 @@ def ternary_field(n_freqs: int, width: int, depth: int, skip_layer: int, mode: s
     for name, linear in zip(quantized_layer_names(depth, viewdirs), field.quantized_linears()):
         ternary = TernaryLinear(linear.in_features, linear.out_features, mode)
         if norm:
-            field.get_submodule(name)[1] = ternary
+            layer = field.get_submodule(name)
+            layer[1] = ternary
+            layer.__class__ = TernaryRMSNormLinear
         else:
             parent, _, child = name.rpartition(".")
             setattr(field.get_submodule(parent), child, ternary)

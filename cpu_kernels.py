@@ -1,0 +1,239 @@
+"""BitNeRF's passes around the integer product, fused in C++ for the CPU.
+
+Around each ternary matmul a BitNet layer normalises, quantizes and rescales its activations. As torch ops that
+is a dozen passes over an [M, K] tensor, each memory-bound; at width 128 they cost more than the int8 matmul
+itself. Here each is one pass that handles a row while it sits in the L1 cache:
+
+- `quantize_rows`: y = (x * r) * g (the RMSNorm, given r from torch), q = round(y / s) with s = max|y| / 127 per row
+  (int8), and the dequantized q * s the weight gradient needs;
+- `scale_bias`: float(acc) * s * w + b for the int32 product (optionally the ReLU that follows in inference);
+- `rms_norm_backward`: the RMSNorm's input gradient and its gain's gradient in one pass.
+
+The forward kernels perform the same float32 operations in the same order as the torch ops they replace
+(no FMA contraction, round half to even), so their results are bit for bit those of the torch path
+(tests/test_cpu_kernels.py); the backward sums in another order (float tolerance, as any two BLAS differ).
+
+They are built on first use with torch's C++ extension tools (needs a C++ compiler: the one torch.compile uses on a
+CPU) for this CPU's instruction set, cached under torch's extensions folder. Where the build fails, or with
+NERF_CPU_KERNELS=off, BitNeRF uses the torch ops: same results, slower. Under torch.compile the torch ops are used
+too: inductor fuses them itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+
+import torch
+
+from utils import UserError
+
+_SOURCE = r"""
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+// rows per task: a task's rows are handled one at a time, each while it sits in L1
+constexpr int64_t GRAIN = 64;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(
+    const at::Tensor& x, const at::Tensor& extra, const at::Tensor& r, const at::Tensor& g, bool want_deq) {
+  const int64_t M = x.size(0), Kx = x.size(1), Ke = extra.numel() ? extra.size(1) : 0, K = Kx + Ke;
+  auto q = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto row_scale = at::empty({M, 1}, x.options());
+  auto deq = at::empty({want_deq ? M : 0, K}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* ep = Ke ? extra.data_ptr<float>() : nullptr;
+  const float* rp = r.numel() ? r.data_ptr<float>() : nullptr;
+  const float* gp = rp ? g.data_ptr<float>() : nullptr;
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = row_scale.data_ptr<float>();
+  float* dp = want_deq ? deq.data_ptr<float>() : nullptr;
+  at::parallel_for(0, M, GRAIN, [&](int64_t begin, int64_t end) {
+    std::vector<float> y(K);
+    for (int64_t m = begin; m < end; ++m) {
+      const float* xr = xp + m * Kx;
+      if (rp) {  // RMSNorm: (x * r) * g, two roundings, as torch computes it
+        const float rm = rp[m];
+        for (int64_t k = 0; k < Kx; ++k) y[k] = (xr[k] * rm) * gp[k];
+        for (int64_t k = 0; k < Ke; ++k) y[Kx + k] = (ep[m * Ke + k] * rm) * gp[Kx + k];
+      } else {
+        for (int64_t k = 0; k < Kx; ++k) y[k] = xr[k];
+        for (int64_t k = 0; k < Ke; ++k) y[Kx + k] = ep[m * Ke + k];
+      }
+      float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
+      for (int64_t k = 0; k < K; ++k) { hi = std::max(hi, y[k]); lo = std::min(lo, y[k]); }
+      const float s = std::max(hi, -lo) / 127.0f;
+      const float inv = 1.0f / std::max(s, 1e-5f);
+      int8_t* qr = qp + m * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = std::nearbyint(y[k] * inv);
+        qr[k] = static_cast<int8_t>(v);
+        y[k] = v;
+      }
+      if (dp) for (int64_t k = 0; k < K; ++k) dp[m * K + k] = y[k] * s;
+      sp[m] = s;
+    }
+  });
+  return {q, row_scale, deq};
+}
+
+template <typename T>
+at::Tensor scale_bias_of(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor& scale,
+                         const at::Tensor& bias, bool relu);
+
+at::Tensor scale_bias(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor& scale,
+                      const at::Tensor& bias, bool relu) {
+  if (acc.scalar_type() == at::kFloat) return scale_bias_of<float>(acc, row_scale, scale, bias, relu);
+  return scale_bias_of<int32_t>(acc, row_scale, scale, bias, relu);
+}
+
+// acc: int32 from _int_mm, or float32 holding the same integers (the float product)
+template <typename T>
+at::Tensor scale_bias_of(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor& scale,
+                         const at::Tensor& bias, bool relu) {
+  const int64_t M = acc.size(0), N = acc.size(1);
+  auto out = at::empty({M, N}, row_scale.options());
+  const T* ap = acc.data_ptr<T>();
+  const float* sp = row_scale.data_ptr<float>();
+  const float w = scale.item<float>();
+  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, GRAIN, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float s = sp[m];
+      const T* ar = ap + m * N;
+      float* orow = op + m * N;
+      if (bp) for (int64_t n = 0; n < N; ++n) orow[n] = (static_cast<float>(ar[n]) * s) * w + bp[n];
+      else for (int64_t n = 0; n < N; ++n) orow[n] = (static_cast<float>(ar[n]) * s) * w;
+      if (relu) for (int64_t n = 0; n < N; ++n) orow[n] = orow[n] < 0.0f ? 0.0f : orow[n];
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& extra, const at::Tensor& r,
+    const at::Tensor& g) {
+  const int64_t M = x.size(0), Kx = x.size(1), Ke = extra.numel() ? extra.size(1) : 0, K = Kx + Ke;
+  auto grad_x = at::empty({M, Kx}, x.options());
+  const int64_t threads = at::get_num_threads();
+  auto grad_g = at::zeros({threads, K}, x.options());  // one partial sum per thread, added up by the caller
+  const float* gyp = grad_y.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* ep = Ke ? extra.data_ptr<float>() : nullptr;
+  const float* rp = r.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  float* gxp = grad_x.data_ptr<float>();
+  float* ggp = grad_g.data_ptr<float>();
+  at::parallel_for(0, M, GRAIN, [&](int64_t begin, int64_t end) {
+    float* acc = ggp + at::get_thread_num() * K;
+    for (int64_t m = begin; m < end; ++m) {
+      const float* gy = gyp + m * K;
+      const float* xr = xp + m * Kx;
+      const float* er = ep ? ep + m * Ke : nullptr;
+      const float rm = rp[m];
+      float dot = 0.0f;  // sum_k grad_y g x: the gain-weighted product
+      for (int64_t k = 0; k < Kx; ++k) { const float p = gy[k] * xr[k]; dot += p * gp[k]; acc[k] += p * rm; }
+      for (int64_t k = 0; k < Ke; ++k) {
+        const float p = gy[Kx + k] * er[k]; dot += p * gp[Kx + k]; acc[Kx + k] += p * rm;
+      }
+      const float c = rm * rm * (dot * rm / static_cast<float>(K));
+      float* gx = gxp + m * Kx;
+      for (int64_t k = 0; k < Kx; ++k) gx[k] = (gy[k] * gp[k]) * rm - xr[k] * c;
+    }
+  });
+  return {grad_x, grad_g};
+}
+
+TORCH_LIBRARY(nerf_cpu, m) {
+  m.def("quantize_rows(Tensor x, Tensor extra, Tensor r, Tensor g, bool want_deq) -> (Tensor, Tensor, Tensor)");
+  m.def("scale_bias(Tensor acc, Tensor row_scale, Tensor scale, Tensor bias, bool relu) -> Tensor");
+  m.def("rms_norm_backward(Tensor grad_y, Tensor x, Tensor extra, Tensor r, Tensor g) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(nerf_cpu, CPU, m) {
+  m.impl("quantize_rows", &quantize_rows);
+  m.impl("scale_bias", &scale_bias);
+  m.impl("rms_norm_backward", &rms_norm_backward);
+}
+"""
+
+# the compiler may not contract a * b + c into one rounding, nor assume finite numbers: the forward kernels
+# must round exactly as the torch ops they replace
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+
+
+@functools.lru_cache(maxsize=1)
+def decide() -> tuple[bool, str]:
+    """(use the fused C++ passes, why): built once per process (cached on disk across processes)."""
+    mode = os.environ.get("NERF_CPU_KERNELS", "auto")
+    if mode not in ("auto", "on", "off"):
+        raise UserError(f"NERF_CPU_KERNELS={mode!r} is not auto, on or off")
+    if mode == "off":
+        return False, "torch ops (NERF_CPU_KERNELS=off)"
+    try:
+        _build()
+    except Exception as error:  # no compiler, no ninja, a failed build: the torch ops give the same results
+        if mode == "on":
+            raise UserError(f"NERF_CPU_KERNELS=on but the C++ passes did not build: {str(error).splitlines()[0]}")
+        return False, f"torch ops (the C++ passes did not build: {str(error).splitlines()[0][:120]})"
+    return True, "fused C++ passes"
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load_inline
+
+    from hardware import cpu_flags
+
+    # built with -march=native: a cache shared by machines with other instruction sets must not reuse it
+    key = hashlib.sha256((_SOURCE + " ".join(_CFLAGS) + " ".join(sorted(cpu_flags()))).encode()).hexdigest()[:12]
+    load_inline(f"nerf_cpu_kernels_{key}", cpp_sources=_SOURCE, extra_cflags=_CFLAGS, is_python_module=False,
+                verbose=False)
+
+
+def active(x: torch.Tensor) -> bool:
+    """Whether the fused passes serve this float32 CPU tensor now (eager; never inside a compiled graph)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and decide()[0])
+
+
+def kernels_line() -> str:
+    return f"BitNeRF activation passes on the CPU: {decide()[1]}"
+
+
+_EMPTY = torch.empty(0)
+
+
+def quantize_rows(x: torch.Tensor, extra: torch.Tensor | None, r: torch.Tensor | None, g: torch.Tensor | None,
+               want_deq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, Kx] (extra [M, Ke]: the rest of the row, never concatenated), r [M, 1] and g [K] (RMSNorm; None:
+    none) -> (int8 q [M, K], row scale [M, 1], q * row scale [M, K] float32, or an empty tensor)."""
+    return torch.ops.nerf_cpu.quantize_rows(x.contiguous(), _EMPTY if extra is None else extra.float().contiguous(),
+                                         _EMPTY if r is None else r.contiguous(),
+                                         _EMPTY if g is None else g.float().contiguous(), want_deq)
+
+
+def scale_bias(acc: torch.Tensor, row_scale: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+               relu: bool = False) -> torch.Tensor:
+    """acc [M, N] int32 (or float32 holding integers), row_scale [M, 1], scale [] -> (acc * row_scale) * scale + bias [N], float32 [M, N]."""
+    return torch.ops.nerf_cpu.scale_bias(acc.contiguous(), row_scale.contiguous(), scale.float(),
+                                         _EMPTY if bias is None else bias.float().contiguous(), relu)
+
+
+def rms_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, extra: torch.Tensor | None, r: torch.Tensor,
+                      g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of y = cat(x, extra) * r * g, r = rsqrt(mean(cat^2) + eps) for grad_y [M, K]: (grad x [M, Kx],
+    grad g [K])."""
+    grad_x, partial = torch.ops.nerf_cpu.rms_norm_backward(
+        grad_y.contiguous(), x.float().contiguous(), _EMPTY if extra is None else extra.float().contiguous(),
+        r.contiguous(), g.float().contiguous())
+    return grad_x, partial.sum(0)
