@@ -333,7 +333,10 @@ def quantize_bitnet(model: BitNeRF) -> BitNeRF:
     autograd.Function), in place. Returns the model. The parameters stay the same plain nn.Parameters (state dict
     unchanged). Apply after loading float weights and before torch.compile / DDP.
     """
-    int_mm_available(next(model.parameters()).device)  # decided now, eagerly: a constant under torch.compile
+    device = next(model.parameters()).device
+    int_mm_available(device)  # decided now, eagerly: a constant under torch.compile
+    if device.type == "cpu":
+        cpu_kernels.enabled()  # likewise (builds the C++ passes on first use)
     for layer in model.quantized_layers():
         if type(layer) is RMSNormLinear:
             layer.__class__ = BitRMSNormLinear

@@ -15,8 +15,8 @@ The forward kernels perform the same float32 operations in the same order as the
 
 They are built on first use with torch's C++ extension tools (needs a C++ compiler: the one torch.compile uses on a
 CPU) for this CPU's instruction set, cached under torch's extensions folder. Where the build fails, or with
-NERF_CPU_KERNELS=off, BitNeRF uses the torch ops: same results, slower. Under torch.compile the torch ops are used
-too: inductor fuses them itself.
+NERF_CPU_KERNELS=off, BitNeRF uses the torch ops: same results, slower. Under torch.compile they are opaque
+operators (registered with their output shapes), as the integer product is.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ _SOURCE = r"""
 #include <torch/library.h>
 #include <algorithm>
 #include <cmath>
-#include <limits>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -69,9 +70,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(
         for (int64_t k = 0; k < Kx; ++k) y[k] = xr[k];
         for (int64_t k = 0; k < Ke; ++k) y[Kx + k] = ep[m * Ke + k];
       }
-      float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
-      for (int64_t k = 0; k < K; ++k) { hi = std::max(hi, y[k]); lo = std::min(lo, y[k]); }
-      const float s = std::max(hi, -lo) / 127.0f;
+      // max |y| (torch: max(amax, -amin)) as the largest bit pattern of |y|: an integer reduction, which the
+      // compiler vectorizes (a float max reduction it may not reorder); a NaN stays a NaN
+      uint32_t top = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        uint32_t bits;
+        std::memcpy(&bits, &y[k], sizeof bits);
+        bits &= 0x7fffffffu;
+        top = top > bits ? top : bits;
+      }
+      float amax;
+      std::memcpy(&amax, &top, sizeof amax);
+      const float s = amax / 127.0f;
       const float inv = 1.0f / std::max(s, 1e-5f);
       int8_t* qr = qp + m * K;
       for (int64_t k = 0; k < K; ++k) {
@@ -126,14 +136,14 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(
   const int64_t M = x.size(0), Kx = x.size(1), Ke = extra.numel() ? extra.size(1) : 0, K = Kx + Ke;
   auto grad_x = at::empty({M, Kx}, x.options());
   const int64_t threads = at::get_num_threads();
-  auto grad_g = at::zeros({threads, K}, x.options());  // one partial sum per thread, added up by the caller
+  auto partial = at::zeros({threads, K}, x.options());  // one partial sum per thread, added up in order below
   const float* gyp = grad_y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const float* ep = Ke ? extra.data_ptr<float>() : nullptr;
   const float* rp = r.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
   float* gxp = grad_x.data_ptr<float>();
-  float* ggp = grad_g.data_ptr<float>();
+  float* ggp = partial.data_ptr<float>();
   at::parallel_for(0, M, GRAIN, [&](int64_t begin, int64_t end) {
     float* acc = ggp + at::get_thread_num() * K;
     for (int64_t m = begin; m < end; ++m) {
@@ -151,6 +161,13 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(
       for (int64_t k = 0; k < Kx; ++k) gx[k] = (gy[k] * gp[k]) * rm - xr[k] * c;
     }
   });
+  auto grad_g = at::empty({K}, x.options());
+  float* out = grad_g.data_ptr<float>();
+  for (int64_t k = 0; k < K; ++k) {
+    float sum = 0.0f;
+    for (int64_t t = 0; t < threads; ++t) sum += ggp[t * K + k];
+    out[k] = sum;
+  }
   return {grad_x, grad_g};
 }
 
@@ -198,15 +215,50 @@ def _build() -> None:
     key = hashlib.sha256((_SOURCE + " ".join(_CFLAGS) + " ".join(sorted(cpu_flags()))).encode()).hexdigest()[:12]
     load_inline(f"nerf_cpu_kernels_{key}", cpp_sources=_SOURCE, extra_cflags=_CFLAGS, is_python_module=False,
                 verbose=False)
+    _register_fakes()
+
+
+@functools.lru_cache(maxsize=1)
+def _register_fakes() -> None:
+    """Output shapes for torch.compile, which then calls the kernels as opaque operators (no graph break)."""
+    def quantize_rows_fake(x, extra, r, g, want_deq):
+        m, k = x.shape[0], x.shape[1] + (extra.shape[1] if extra.dim() == 2 else 0)
+        return x.new_empty(m, k, dtype=torch.int8), x.new_empty(m, 1), x.new_empty(m if want_deq else 0, k)
+
+    def scale_bias_fake(acc, row_scale, scale, bias, relu):
+        return row_scale.new_empty(acc.shape)
+
+    def rms_norm_backward_fake(grad_y, x, extra, r, g):
+        return x.new_empty(x.shape), x.new_empty(g.shape)
+
+    for name, fake in (("quantize_rows", quantize_rows_fake), ("scale_bias", scale_bias_fake),
+                       ("rms_norm_backward", rms_norm_backward_fake)):
+        torch.library.register_fake(f"nerf_cpu::{name}", fake)
+
+
+_ENABLED: dict[str, bool] = {}  # "cpu" -> decide()'s choice, looked up as a constant under torch.compile
+
+
+def enabled() -> bool:
+    """decide()'s choice, made once per process, eagerly (bitnerf.quantize_bitnet asks first)."""
+    choice = _ENABLED.get("cpu")
+    if choice is None:
+        if torch.compiler.is_compiling():  # no build inside a graph: the torch ops, same bits
+            return False
+        choice = _ENABLED["cpu"] = decide()[0]
+    return choice
 
 
 def active(x: torch.Tensor) -> bool:
-    """Whether the fused passes serve this float32 CPU tensor now (eager; never inside a compiled graph)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
-            and decide()[0])
+    """Whether the fused passes serve this float32 CPU tensor."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and enabled()
 
 
-def kernels_line() -> str:
+def kernels_line(compiled: bool = False) -> str:
+    """The run's first lines say which passes run (compiled: inductor's own fused code)."""
+    if compiled:
+        return "BitNeRF activation passes on the CPU: fused by torch.compile (C++ passes for eager evaluation: " \
+               f"{decide()[1]})"
     return f"BitNeRF activation passes on the CPU: {decide()[1]}"
 
 
@@ -233,7 +285,6 @@ def rms_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, extra: torch.Tensor
                       g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of y = cat(x, extra) * r * g, r = rsqrt(mean(cat^2) + eps) for grad_y [M, K]: (grad x [M, Kx],
     grad g [K])."""
-    grad_x, partial = torch.ops.nerf_cpu.rms_norm_backward(
+    return torch.ops.nerf_cpu.rms_norm_backward(
         grad_y.contiguous(), x.float().contiguous(), _EMPTY if extra is None else extra.float().contiguous(),
         r.contiguous(), g.float().contiguous())
-    return grad_x, partial.sum(0)

@@ -24,6 +24,7 @@ from bitnerf_ddp import assert_replicas_agree
 from cameras import CAPTURE_RADIUS
 from configs import (EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli, rays_per_chunk,
                      scale_line)
+from cpu_kernels import kernels_line
 from dataset import RayBatcher, Views, train_val_views
 from experiments import REGISTRY
 from orbit import render_orbit, write_orbit
@@ -427,6 +428,8 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
     print0(device_line(device, trainer.amp, cfg.tf32))
     if cfg.model == "bitnerf":
         print0(integer_matmul_line(device))
+        if device.type == "cpu":
+            print0(kernels_line(compiled=cfg.compile))
     start_step, train_time = 0, 0.0
     if ckpt:
         trainer.optimizer.load_state_dict(ckpt["optimizer"])

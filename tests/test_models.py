@@ -293,10 +293,15 @@ def test_fused_bitlinear_edge_rows_equal_torchao():
     assert torch.equal(rmsnorm_bitlinear(y, None, None, layer[1]), layer[1](y))
 
 
-def test_ternary_weights_follow_every_weight_update():
+def test_ternary_weights_follow_every_weight_update(monkeypatch):
     """The ternary weights must be those of the current latent weights after every optimizer step, also with the
     fused AdamW training uses, which updates weights without advancing their version counter (a cache keyed on
-    it went stale: resumed runs then diverged from uninterrupted ones)."""
+    it went stale: resumed runs then diverged from uninterrupted ones). The torch ops' gradients, which track
+    torchao's to the last bits: Adam's first steps amplify the fused C++ backward's other summation order enough to
+    flip a ternary weight (that backward is checked in tests/test_cpu_kernels.py)."""
+    import cpu_kernels
+
+    monkeypatch.setitem(cpu_kernels._ENABLED, "cpu", False)
     reference, fused = _twins(dict(n_freqs=2, width=32, depth=3, skip_layer=1))
     opts = [torch.optim.AdamW(reference.parameters(), lr=1e-2), torch.optim.AdamW(fused.parameters(), lr=1e-2, fused=True)]
     for step in range(3):

@@ -1,0 +1,169 @@
+"""The fused C++ passes around BitNeRF's integer product (cpu_kernels.py): the forward ones give the torch ops'
+bits, the RMSNorm backward matches a float64 autograd reference, and whole fields give the same renders with
+and without them."""
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+import cpu_kernels
+from bitnerf import BitNeRF, plain_state_dict, quantize_bitnet, rms_factor, scale_and_bias
+from bitnerf_packed import ternary_field, ternary_state_dict
+from utils import UserError
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="needs a C++ compiler (torch.compile on a CPU needs one too)")
+
+
+@pytest.fixture(autouse=True)
+def built():
+    assert cpu_kernels.decide()[0], cpu_kernels.decide()[1]  # with a compiler the build must succeed
+
+
+def _rows(m: int, k: int, seed: int) -> torch.Tensor:
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    x[1], x[2], x[3] = 0.0, x[2] * 1e-7, x[3] * 1e6  # a zero row, one below the scale's clip, a huge one
+    x[4] = -x[4].abs()  # max |x| negative: quantizes to -127
+    return x
+
+
+def _torch_quantize(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchao's quantize_int8_rowwise (eps 1e-5) as torch ops: (int8 q, row scale)."""
+    row_scale = y.abs().amax(-1, keepdim=True) / 127
+    return (y * (1.0 / row_scale.clip(1e-5))).round().clip(-128, 127).to(torch.int8), row_scale
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("with_norm,extra_width", [(True, 0), (True, 24), (False, 0), (False, 8)])
+def test_quantize_rows_gives_the_torch_ops_bits(threads, with_norm, extra_width):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, extra = _rows(300, 40, seed=1), (torch.randn(300, extra_width) if extra_width else None)
+        parts = (x,) if extra is None else (x, extra)
+        whole = torch.cat(parts, -1)
+        g = torch.rand(whole.shape[1]) + 0.5
+        if with_norm:
+            r = rms_factor(parts, 1e-6, eager=True)
+            y = torch.nn.functional.rms_norm(whole, (whole.shape[1],), g, eps=1e-6)  # nn.RMSNorm's arithmetic
+        else:
+            r, y = None, whole
+        q, row_scale, deq = cpu_kernels.quantize_rows(x, extra, r, g if with_norm else None, want_deq=True)
+        expected_q, expected_scale = _torch_quantize(y)
+        assert torch.equal(q, expected_q) and torch.equal(row_scale, expected_scale)
+        assert torch.equal(deq, expected_q.float() * expected_scale)
+        assert cpu_kernels.quantize_rows(x, extra, r, g if with_norm else None, want_deq=False)[2].numel() == 0
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("acc_dtype", [torch.int32, torch.float32])
+def test_scale_bias_gives_the_torch_ops_bits(acc_dtype):
+    gen = torch.Generator().manual_seed(2)
+    acc = torch.randint(-40000, 40000, (130, 24), generator=gen).to(acc_dtype)
+    row_scale, scale, bias = torch.rand(130, 1, generator=gen), torch.tensor(0.037), torch.randn(24, generator=gen)
+    expected = scale_and_bias(acc.clone(), scale, row_scale, bias, None)
+    assert torch.equal(cpu_kernels.scale_bias(acc, row_scale, scale, bias), expected)
+    assert torch.equal(cpu_kernels.scale_bias(acc, row_scale, scale, None), (acc.float() * row_scale) * scale)
+    assert torch.equal(cpu_kernels.scale_bias(acc, row_scale, scale, bias, relu=True), torch.relu(expected))
+
+
+@pytest.mark.parametrize("extra_width", [0, 16])
+def test_rms_norm_backward_matches_float64_autograd(extra_width):
+    torch.manual_seed(3)
+    x, extra = torch.randn(200, 32), (torch.randn(200, extra_width) if extra_width else None)
+    g, grad_y, eps = torch.rand(32 + extra_width) + 0.5, torch.randn(200, 32 + extra_width), 1e-6
+    # reference: y = cat * rsqrt(mean(cat^2) + eps) * g in float64, differentiated by autograd
+    x64, g64 = x.double().requires_grad_(True), g.double().requires_grad_(True)
+    whole = x64 if extra is None else torch.cat([x64, extra.double()], -1)
+    y = whole * torch.rsqrt(whole.square().mean(-1, keepdim=True) + eps) * g64
+    y.backward(grad_y.double())
+    r = rms_factor((x,) if extra is None else (x, extra), eps, eager=True)
+    grad_x, grad_g = cpu_kernels.rms_norm_backward(grad_y, x, extra, r, g)
+    torch.testing.assert_close(grad_x.double(), x64.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_g.double(), g64.grad, rtol=1e-5, atol=1e-5)
+
+
+def _without_kernels(monkeypatch):
+    monkeypatch.setitem(cpu_kernels._ENABLED, "cpu", False)
+
+
+def test_bitnerf_training_forward_and_gradients_equal_the_torch_path(monkeypatch):
+    torch.manual_seed(4)
+    fused = quantize_bitnet(BitNeRF(n_freqs=3, width=64, depth=4, skip_layer=2))
+    plain = copy.deepcopy(fused)
+    x = torch.randn(700, 3)
+    out = fused(x)
+    (out.square().mean() + out[:, 0].sum()).backward()
+    with monkeypatch.context() as patch:
+        _without_kernels(patch)
+        expected = plain(x)
+        (expected.square().mean() + expected[:, 0].sum()).backward()
+    assert torch.equal(out, expected)  # same forward bits
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6 * q.grad.abs().max().item(), msg=name)
+
+
+def test_packed_field_renders_the_same_bits_with_and_without_kernels(monkeypatch):
+    arch = dict(n_freqs=3, width=64, depth=4, skip_layer=2)
+    torch.manual_seed(5)
+    trained = quantize_bitnet(BitNeRF(**arch))
+    packed = ternary_field(**arch)
+    packed.load_state_dict(ternary_state_dict(plain_state_dict(trained), arch["depth"]))
+    x = torch.randn(500, 3)
+    with torch.no_grad():
+        out, qat = packed(x), trained(x)
+        with monkeypatch.context() as patch:
+            _without_kernels(patch)
+            expected = packed(x)
+    assert torch.equal(out, expected) and torch.equal(out, qat)
+
+
+def test_the_switch(monkeypatch):
+    monkeypatch.setenv("NERF_CPU_KERNELS", "off")
+    cpu_kernels.decide.cache_clear()
+    try:
+        assert cpu_kernels.decide() == (False, "torch ops (NERF_CPU_KERNELS=off)")
+        monkeypatch.setenv("NERF_CPU_KERNELS", "sometimes")
+        cpu_kernels.decide.cache_clear()
+        with pytest.raises(UserError, match="NERF_CPU_KERNELS"):
+            cpu_kernels.decide()
+    finally:
+        monkeypatch.delenv("NERF_CPU_KERNELS")
+        cpu_kernels.decide.cache_clear()
+    assert "fused C++ passes" in cpu_kernels.kernels_line()
+    assert cpu_kernels.active(torch.zeros(2)) and not cpu_kernels.active(torch.zeros(2, dtype=torch.float64))
+    monkeypatch.setitem(cpu_kernels._ENABLED, "cpu", False)
+    assert not cpu_kernels.active(torch.zeros(2))
+
+
+def test_compiled_bitnerf_calls_the_kernels_without_graph_breaks():
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(6)
+    model = quantize_bitnet(BitNeRF(n_freqs=2, width=16, depth=2, skip_layer=1))
+    x = torch.randn(50, 3)
+    compiled = torch.compile(model, fullgraph=True)
+
+    def step():
+        out = compiled(x)
+        out.square().mean().backward()  # compiles the backward graph too
+        return out
+
+    out, code = run_and_get_code(step)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    code = "".join(code)
+    assert all(f"torch.ops.nerf_cpu.{name}" in code for name in ("quantize_rows", "scale_bias", "rms_norm_backward"))
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = model(x)
+    expected.square().mean().backward()
+    # inductor's own encoding and RMS reductions may round differently: an activation can cross a rounding boundary
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    for got, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(got, p.grad, rtol=5e-2, atol=5e-3)
