@@ -131,19 +131,18 @@ class _RMSNormBitLinear(torch.autograd.Function):
         eager = not torch.compiler.is_compiling()
         if (dtype is None and cpu_kernels.active(x) and all(p.dtype == torch.float32 for p in parts)
                 and (norm_weight is None or norm_weight.dtype == torch.float32)):
-            # the same arithmetic in three C++ passes (cpu_kernels.py): same bits
-            r = rms_factor(parts, eps, eager) if norm_weight is not None else None
-            y_q, row_scale, deq = cpu_kernels.quantize_rows(*_x_and_extra(parts), r, norm_weight, want_deq=True)
+            # the same arithmetic in two C++ passes (cpu_kernels.py; the RMS summed in its own order)
+            y_q, row_scale, deq, r = cpu_kernels.quantize_rows(*_x_and_extra(parts), norm_weight, eps, want_deq=True)
             out = _integer_mm(y_q if ternary.dtype == torch.int8 else y_q.float(), ternary)
             out = cpu_kernels.scale_bias(out, row_scale, scale, bias)
-            ctx.save_for_backward(deq, ternary, scale, *((r, norm_weight, *parts) if r is not None else ()))
+            ctx.save_for_backward(deq, ternary, scale, *((r, norm_weight, *parts) if norm_weight is not None else ()))
             ctx.x_dtype, ctx.lead, ctx.weight_dtype = x.dtype, lead, weight.dtype
             return out.view(*lead, -1)
         if norm_weight is not None:
             # nn.RMSNorm's arithmetic (same bits): y = (x * r) * g, r = rsqrt(mean(x^2) + eps) [M, 1], in float32,
             # one [M, K] buffer holding x^2, then x * r, then y and y_q in turn
             buffer = _cat_times(parts, parts, eager)
-            r = torch.rsqrt(buffer.mean(-1, keepdim=True).add_(eps))  # as rms_factor, keeping the buffer
+            r = torch.rsqrt(buffer.mean(-1, keepdim=True).add_(eps))
             y = _cat_times(parts, (r,) * len(parts), eager, out=buffer if eager else None)
             y = y.mul_(norm_weight) if eager else y * norm_weight
             y = y.to(functools.reduce(torch.promote_types, (p.dtype for p in parts)))
@@ -211,12 +210,6 @@ class _RMSNormBitLinear(torch.autograd.Function):
                 grad_x = grad_x.mul_(r).addcmul_(parts[0].float(), r.square().mul_(c), value=-1).to(ctx.x_dtype)
             grad_x = grad_x.view(*ctx.lead, -1)
         return grad_x, None, grad_norm, grad_weight, grad_bias, None, None, None, None
-
-
-def rms_factor(parts: tuple[torch.Tensor, ...], eps: float, eager: bool) -> torch.Tensor:
-    """nn.RMSNorm's r = rsqrt(mean(x^2) + eps) [M, 1] of the row cat(parts), in float32 and its bits (the mean
-    over one [M, K] buffer of squares: torch's summation order)."""
-    return torch.rsqrt(_cat_times(parts, parts, eager).mean(-1, keepdim=True).add_(eps))
 
 
 def _x_and_extra(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:

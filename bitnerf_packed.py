@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import cpu_kernels
-from bitnerf import BitNeRF, int8_mm, quantized_layer_names, rms_factor, scale_and_bias, ternary_weight
+from bitnerf import BitNeRF, int8_mm, quantized_layer_names, scale_and_bias, ternary_weight
 from hardware import int_mm_available
 
 
@@ -65,7 +65,7 @@ class TernaryLinear(nn.Module):
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         if dtype is None and cpu_kernels.active(x):
-            return _fused_cpu_forward((x,), None, None, self).view(*lead, -1)
+            return _fused_cpu_forward((x,), None, 0.0, self).view(*lead, -1)
         # torchao's quantize_int8_rowwise(eps=1e-5) in fewer passes with the same roundings (equal bits): max |x|
         # per row as max(amax, -amin) (torch.aminmax measured 5x slower than the two on a CPU); its clip to
         # [-128, 127] is left out because |x| * 127 / max|x| rounds to at most 127 (three float32 roundings are far
@@ -92,16 +92,15 @@ class TernaryRMSNormLinear(nn.Sequential):
         lead = x.shape[:-1]
         parts = tuple(p.reshape(-1, p.shape[-1]) for p in ((x,) if extra is None else (x, extra)))
         eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-        r = rms_factor(parts, eps, eager=True)
-        return _fused_cpu_forward(parts, r, norm.weight, linear).view(*lead, -1)
+        return _fused_cpu_forward(parts, norm.weight, eps, linear).view(*lead, -1)
 
 
-def _fused_cpu_forward(parts: tuple[torch.Tensor, ...], r: torch.Tensor | None, norm_weight: torch.Tensor | None,
+def _fused_cpu_forward(parts: tuple[torch.Tensor, ...], norm_weight: torch.Tensor | None, eps: float,
                        linear: TernaryLinear) -> torch.Tensor:
-    """TernaryLinear's int8 forward of cat(parts) [M, K] (RMSNorm'd by r [M, 1] and norm_weight [K] when given)
-    in the fused C++ passes -> [M, N] float32."""
-    x_q, row_scale, _ = cpu_kernels.quantize_rows(parts[0], parts[1] if len(parts) > 1 else None, r, norm_weight,
-                                               want_deq=False)
+    """TernaryLinear's int8 forward of cat(parts) [M, K] (RMSNorm'd with gain norm_weight [K] when given) in the
+    fused C++ passes, as training's forward computes it -> [M, N] float32."""
+    x_q, row_scale, _, _ = cpu_kernels.quantize_rows(parts[0], parts[1] if len(parts) > 1 else None, norm_weight,
+                                                     eps, want_deq=False)
     return cpu_kernels.scale_bias(ternary_matmul(x_q, linear.ternary), row_scale, linear.scale, linear.bias)
 
 

@@ -4,19 +4,22 @@ Around each ternary matmul a BitNet layer normalises, quantizes and rescales its
 is a dozen passes over an [M, K] tensor, each memory-bound; at width 128 they cost more than the int8 matmul
 itself. Here each is one pass that handles a row while it sits in the L1 cache:
 
-- `quantize_rows`: y = (x * r) * g (the RMSNorm, given r from torch), q = round(y / s) with s = max|y| / 127 per row
-  (int8), and the dequantized q * s the weight gradient needs;
-- `scale_bias`: float(acc) * s * w + b for the int32 product (optionally the ReLU that follows in inference);
+- `quantize_rows`: the RMSNorm (r = 1 / sqrt(mean(x^2) + eps), y = (x * r) * g; optional), then per-row absmax
+  int8 quantization q = round(y / s), s = max|y| / 127 (torchao's quantize_int8_rowwise, eps 1e-5), and the
+  dequantized q * s that the weight gradient needs;
+- `scale_bias`: float(acc) * s * w + b for the int32 product (optionally the ReLU that follows, in inference);
 - `rms_norm_backward`: the RMSNorm's input gradient and its gain's gradient in one pass.
 
-The forward kernels perform the same float32 operations in the same order as the torch ops they replace
-(no FMA contraction, round half to even), so their results are bit for bit those of the torch path
-(tests/test_cpu_kernels.py); the backward sums in another order (float tolerance, as any two BLAS differ).
+Quantization and scaling perform the torch ops' float32 operations in their order (no FMA contraction, round
+half to even): the same bits. The RMS is summed in the kernel's own order (vector lanes, then pairwise), so r
+may differ from torch's in its last bit, and now and then an activation on a rounding boundary quantizes one
+step off; training and the packed model use the same kernel, so a packed model still computes exactly what its
+trained forward computed (tests/test_cpu_kernels.py).
 
-They are built on first use with torch's C++ extension tools (needs a C++ compiler: the one torch.compile uses on a
-CPU) for this CPU's instruction set, cached under torch's extensions folder. Where the build fails, or with
-NERF_CPU_KERNELS=off, BitNeRF uses the torch ops: same results, slower. Under torch.compile they are opaque
-operators (registered with their output shapes), as the integer product is.
+They are built on first use with torch's C++ extension tools (needs a C++ compiler, as torch.compile on a CPU
+does) for this CPU's instruction set and cached under torch's extensions folder. Where the build fails, or with
+NERF_CPU_KERNELS=off, BitNeRF uses the torch ops. Under torch.compile they are opaque operators (registered with
+their output shapes), as the integer product is.
 """
 
 from __future__ import annotations
@@ -44,31 +47,46 @@ _SOURCE = r"""
 
 // rows per task: a task's rows are handled one at a time, each while it sits in L1
 constexpr int64_t GRAIN = 64;
+constexpr int64_t LANES = 16;  // partial sums of a row reduction: one AVX-512 register's worth
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(
-    const at::Tensor& x, const at::Tensor& extra, const at::Tensor& r, const at::Tensor& g, bool want_deq) {
+float pairwise_sum(float* part) {
+  for (int64_t width = LANES / 2; width > 0; width /= 2)
+    for (int64_t j = 0; j < width; ++j) part[j] += part[j + width];
+  return part[0];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_rows(
+    const at::Tensor& x, const at::Tensor& extra, const at::Tensor& g, double eps, bool want_deq) {
   const int64_t M = x.size(0), Kx = x.size(1), Ke = extra.numel() ? extra.size(1) : 0, K = Kx + Ke;
+  const bool norm = g.numel() > 0;
   auto q = at::empty({M, K}, x.options().dtype(at::kChar));
   auto row_scale = at::empty({M, 1}, x.options());
   auto deq = at::empty({want_deq ? M : 0, K}, x.options());
+  auto r = at::empty({norm ? M : 0, 1}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* ep = Ke ? extra.data_ptr<float>() : nullptr;
-  const float* rp = r.numel() ? r.data_ptr<float>() : nullptr;
-  const float* gp = rp ? g.data_ptr<float>() : nullptr;
+  const float* gp = norm ? g.data_ptr<float>() : nullptr;
+  const float epsf = static_cast<float>(eps);
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = row_scale.data_ptr<float>();
   float* dp = want_deq ? deq.data_ptr<float>() : nullptr;
-  at::parallel_for(0, M, GRAIN, [&](int64_t begin, int64_t end) {
-    std::vector<float> y(K);
+  float* rp = norm ? r.data_ptr<float>() : nullptr;
+  at::parallel_for(0, M, GRAIN, [=](int64_t begin, int64_t end) {
+    std::vector<float> row(K);
+    float* __restrict__ y = row.data();
     for (int64_t m = begin; m < end; ++m) {
-      const float* xr = xp + m * Kx;
-      if (rp) {  // RMSNorm: (x * r) * g, two roundings, as torch computes it
-        const float rm = rp[m];
-        for (int64_t k = 0; k < Kx; ++k) y[k] = (xr[k] * rm) * gp[k];
-        for (int64_t k = 0; k < Ke; ++k) y[Kx + k] = (ep[m * Ke + k] * rm) * gp[Kx + k];
-      } else {
-        for (int64_t k = 0; k < Kx; ++k) y[k] = xr[k];
-        for (int64_t k = 0; k < Ke; ++k) y[Kx + k] = ep[m * Ke + k];
+      const float* __restrict__ xr = xp + m * Kx;
+      for (int64_t k = 0; k < Kx; ++k) y[k] = xr[k];
+      for (int64_t k = 0; k < Ke; ++k) y[Kx + k] = ep[m * Ke + k];
+      if (norm) {  // RMSNorm: r = 1 / sqrt(mean(y^2) + eps), y = (y * r) * g
+        float part[LANES] = {};
+        int64_t k = 0;
+        for (; k + LANES <= K; k += LANES)
+          for (int64_t j = 0; j < LANES; ++j) part[j] += y[k + j] * y[k + j];
+        for (; k < K; ++k) part[0] += y[k] * y[k];
+        const float rm = 1.0f / std::sqrt(pairwise_sum(part) / static_cast<float>(K) + epsf);
+        for (k = 0; k < K; ++k) y[k] = (y[k] * rm) * gp[k];
+        rp[m] = rm;
       }
       // max |y| (torch: max(amax, -amin)) as the largest bit pattern of |y|: an integer reduction, which the
       // compiler vectorizes (a float max reduction it may not reorder); a NaN stays a NaN
@@ -83,17 +101,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(
       std::memcpy(&amax, &top, sizeof amax);
       const float s = amax / 127.0f;
       const float inv = 1.0f / std::max(s, 1e-5f);
-      int8_t* qr = qp + m * K;
-      for (int64_t k = 0; k < K; ++k) {
+      // an int8 store may alias anything (the captured K too): restrict, and the bound in a local
+      int8_t* __restrict__ qr = qp + m * K;
+      const int64_t n = K;
+      for (int64_t k = 0; k < n; ++k) {
         const float v = std::nearbyint(y[k] * inv);
         qr[k] = static_cast<int8_t>(v);
         y[k] = v;
       }
-      if (dp) for (int64_t k = 0; k < K; ++k) dp[m * K + k] = y[k] * s;
+      if (dp) {
+        float* __restrict__ dr = dp + m * K;
+        for (int64_t k = 0; k < K; ++k) dr[k] = y[k] * s;
+      }
       sp[m] = s;
     }
   });
-  return {q, row_scale, deq};
+  return {q, row_scale, deq, r};
 }
 
 template <typename T>
@@ -117,11 +140,11 @@ at::Tensor scale_bias_of(const at::Tensor& acc, const at::Tensor& row_scale, con
   const float w = scale.item<float>();
   const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, M, GRAIN, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, M, GRAIN, [=](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const float s = sp[m];
-      const T* ar = ap + m * N;
-      float* orow = op + m * N;
+      const T* __restrict__ ar = ap + m * N;
+      float* __restrict__ orow = op + m * N;
       if (bp) for (int64_t n = 0; n < N; ++n) orow[n] = (static_cast<float>(ar[n]) * s) * w + bp[n];
       else for (int64_t n = 0; n < N; ++n) orow[n] = (static_cast<float>(ar[n]) * s) * w;
       if (relu) for (int64_t n = 0; n < N; ++n) orow[n] = orow[n] < 0.0f ? 0.0f : orow[n];
@@ -144,20 +167,30 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(
   const float* gp = g.data_ptr<float>();
   float* gxp = grad_x.data_ptr<float>();
   float* ggp = partial.data_ptr<float>();
-  at::parallel_for(0, M, GRAIN, [&](int64_t begin, int64_t end) {
-    float* acc = ggp + at::get_thread_num() * K;
+  at::parallel_for(0, M, GRAIN, [=](int64_t begin, int64_t end) {
+    float* __restrict__ acc = ggp + at::get_thread_num() * K;
     for (int64_t m = begin; m < end; ++m) {
-      const float* gy = gyp + m * K;
-      const float* xr = xp + m * Kx;
-      const float* er = ep ? ep + m * Ke : nullptr;
+      const float* __restrict__ gy = gyp + m * K;
+      const float* __restrict__ xr = xp + m * Kx;
+      const float* __restrict__ er = ep ? ep + m * Ke : nullptr;
       const float rm = rp[m];
-      float dot = 0.0f;  // sum_k grad_y g x: the gain-weighted product
-      for (int64_t k = 0; k < Kx; ++k) { const float p = gy[k] * xr[k]; dot += p * gp[k]; acc[k] += p * rm; }
-      for (int64_t k = 0; k < Ke; ++k) {
-        const float p = gy[Kx + k] * er[k]; dot += p * gp[Kx + k]; acc[Kx + k] += p * rm;
+      // dot = sum_k grad_y g x (the gain-weighted product) in LANES partial sums, which the compiler vectorizes
+      // (a single float sum it may not reorder)
+      float part[LANES] = {};
+      int64_t k = 0;
+      for (; k + LANES <= Kx; k += LANES)
+        for (int64_t j = 0; j < LANES; ++j) {
+          const float p = gy[k + j] * xr[k + j];
+          part[j] += p * gp[k + j];
+          acc[k + j] += p * rm;
+        }
+      for (; k < Kx; ++k) { const float p = gy[k] * xr[k]; part[0] += p * gp[k]; acc[k] += p * rm; }
+      for (k = 0; k < Ke; ++k) {
+        const float p = gy[Kx + k] * er[k]; part[k % LANES] += p * gp[Kx + k]; acc[Kx + k] += p * rm;
       }
+      const float dot = pairwise_sum(part);
       const float c = rm * rm * (dot * rm / static_cast<float>(K));
-      float* gx = gxp + m * Kx;
+      float* __restrict__ gx = gxp + m * Kx;
       for (int64_t k = 0; k < Kx; ++k) gx[k] = (gy[k] * gp[k]) * rm - xr[k] * c;
     }
   });
@@ -172,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(
 }
 
 TORCH_LIBRARY(nerf_cpu, m) {
-  m.def("quantize_rows(Tensor x, Tensor extra, Tensor r, Tensor g, bool want_deq) -> (Tensor, Tensor, Tensor)");
+  m.def("quantize_rows(Tensor x, Tensor extra, Tensor g, float eps, bool want_deq) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("scale_bias(Tensor acc, Tensor row_scale, Tensor scale, Tensor bias, bool relu) -> Tensor");
   m.def("rms_norm_backward(Tensor grad_y, Tensor x, Tensor extra, Tensor r, Tensor g) -> (Tensor, Tensor)");
 }
@@ -221,9 +254,10 @@ def _build() -> None:
 @functools.lru_cache(maxsize=1)
 def _register_fakes() -> None:
     """Output shapes for torch.compile, which then calls the kernels as opaque operators (no graph break)."""
-    def quantize_rows_fake(x, extra, r, g, want_deq):
+    def quantize_rows_fake(x, extra, g, eps, want_deq):
         m, k = x.shape[0], x.shape[1] + (extra.shape[1] if extra.dim() == 2 else 0)
-        return x.new_empty(m, k, dtype=torch.int8), x.new_empty(m, 1), x.new_empty(m if want_deq else 0, k)
+        return (x.new_empty(m, k, dtype=torch.int8), x.new_empty(m, 1), x.new_empty(m if want_deq else 0, k),
+                x.new_empty(m if g.shape[0] else 0, 1))
 
     def scale_bias_fake(acc, row_scale, scale, bias, relu):
         return row_scale.new_empty(acc.shape)
@@ -265,13 +299,13 @@ def kernels_line(compiled: bool = False) -> str:
 _EMPTY = torch.empty(0)
 
 
-def quantize_rows(x: torch.Tensor, extra: torch.Tensor | None, r: torch.Tensor | None, g: torch.Tensor | None,
-               want_deq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, Kx] (extra [M, Ke]: the rest of the row, never concatenated), r [M, 1] and g [K] (RMSNorm; None:
-    none) -> (int8 q [M, K], row scale [M, 1], q * row scale [M, K] float32, or an empty tensor)."""
+def quantize_rows(x: torch.Tensor, extra: torch.Tensor | None, g: torch.Tensor | None, eps: float,
+                  want_deq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows cat(x [M, Kx], extra [M, Ke]) (never concatenated), RMSNorm'd with gain g [K] (None: as they
+    are) and quantized per row: (int8 q [M, K], row scale [M, 1], q * row scale [M, K] float32 or an empty
+    tensor, the RMSNorm's r [M, 1] or an empty tensor)."""
     return torch.ops.nerf_cpu.quantize_rows(x.contiguous(), _EMPTY if extra is None else extra.float().contiguous(),
-                                         _EMPTY if r is None else r.contiguous(),
-                                         _EMPTY if g is None else g.float().contiguous(), want_deq)
+                                            _EMPTY if g is None else g.float().contiguous(), eps, want_deq)
 
 
 def scale_bias(acc: torch.Tensor, row_scale: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

@@ -1,6 +1,6 @@
-"""The fused C++ passes around BitNeRF's integer product (cpu_kernels.py): the forward ones give the torch ops'
-bits, the RMSNorm backward matches a float64 autograd reference, and whole fields give the same renders with
-and without them."""
+"""The fused C++ passes around BitNeRF's integer product (cpu_kernels.py): quantization and scaling give the torch
+ops' bits, the RMSNorm (forward and backward) matches float64, whole fields agree with the torch ops path, and
+the packed model computes exactly what training's forward computes."""
 
 import copy
 import shutil
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cpu_kernels
-from bitnerf import BitNeRF, plain_state_dict, quantize_bitnet, rms_factor, scale_and_bias
+from bitnerf import BitNeRF, plain_state_dict, quantize_bitnet, scale_and_bias
 from bitnerf_packed import ternary_field, ternary_state_dict
 from utils import UserError
 
@@ -36,25 +36,41 @@ def _torch_quantize(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("with_norm,extra_width", [(True, 0), (True, 24), (False, 0), (False, 8)])
-def test_quantize_rows_gives_the_torch_ops_bits(threads, with_norm, extra_width):
+@pytest.mark.parametrize("extra_width", [0, 8])
+def test_quantize_rows_without_norm_gives_the_torch_ops_bits(threads, extra_width):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         x, extra = _rows(300, 40, seed=1), (torch.randn(300, extra_width) if extra_width else None)
-        parts = (x,) if extra is None else (x, extra)
-        whole = torch.cat(parts, -1)
-        g = torch.rand(whole.shape[1]) + 0.5
-        if with_norm:
-            r = rms_factor(parts, 1e-6, eager=True)
-            y = torch.nn.functional.rms_norm(whole, (whole.shape[1],), g, eps=1e-6)  # nn.RMSNorm's arithmetic
-        else:
-            r, y = None, whole
-        q, row_scale, deq = cpu_kernels.quantize_rows(x, extra, r, g if with_norm else None, want_deq=True)
-        expected_q, expected_scale = _torch_quantize(y)
+        whole = x if extra is None else torch.cat([x, extra], -1)
+        q, row_scale, deq, r = cpu_kernels.quantize_rows(x, extra, None, 0.0, want_deq=True)
+        expected_q, expected_scale = _torch_quantize(whole)
         assert torch.equal(q, expected_q) and torch.equal(row_scale, expected_scale)
-        assert torch.equal(deq, expected_q.float() * expected_scale)
-        assert cpu_kernels.quantize_rows(x, extra, r, g if with_norm else None, want_deq=False)[2].numel() == 0
+        assert torch.equal(deq, expected_q.float() * expected_scale) and r.numel() == 0
+        assert cpu_kernels.quantize_rows(x, extra, None, 0.0, want_deq=False)[2].numel() == 0
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("extra_width", [0, 24])
+def test_quantize_rows_with_norm_matches_float64(threads, extra_width):
+    """The RMS is summed in the kernel's own order: r equals float64's to float32 rounding, and a quantized value
+    may differ from the torch ops' by one step where y lies on a rounding boundary (here: none or very few)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, extra = _rows(300, 40, seed=2), (torch.randn(300, extra_width) if extra_width else None)
+        whole = x if extra is None else torch.cat([x, extra], -1)
+        g, eps = torch.rand(whole.shape[1]) + 0.5, 1e-6
+        q, row_scale, deq, r = cpu_kernels.quantize_rows(x, extra, g, eps, want_deq=True)
+        r64 = torch.rsqrt(whole.double().square().mean(-1, keepdim=True) + eps)
+        torch.testing.assert_close(r.double(), r64, rtol=1e-6, atol=0)
+        expected_q, expected_scale = _torch_quantize(torch.nn.functional.rms_norm(whole, (whole.shape[1],), g, eps))
+        torch.testing.assert_close(row_scale, expected_scale, rtol=1e-6, atol=0)
+        steps = (q.int() - expected_q.int()).abs()
+        assert steps.max() <= 1 and (steps > 0).float().mean() < 1e-3
+        assert torch.equal(deq, q.float() * row_scale)
     finally:
         torch.set_num_threads(previous)
 
@@ -80,17 +96,26 @@ def test_rms_norm_backward_matches_float64_autograd(extra_width):
     whole = x64 if extra is None else torch.cat([x64, extra.double()], -1)
     y = whole * torch.rsqrt(whole.square().mean(-1, keepdim=True) + eps) * g64
     y.backward(grad_y.double())
-    r = rms_factor((x,) if extra is None else (x, extra), eps, eager=True)
+    whole32 = x if extra is None else torch.cat([x, extra], -1)
+    r = torch.rsqrt(whole32.square().mean(-1, keepdim=True) + eps)
     grad_x, grad_g = cpu_kernels.rms_norm_backward(grad_y, x, extra, r, g)
     torch.testing.assert_close(grad_x.double(), x64.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_g.double(), g64.grad, rtol=1e-5, atol=1e-5)
+
+
+def _assert_equal_but_for_rare_steps(out: torch.Tensor, expected: torch.Tensor):
+    """The RMS summed in another order changes r in its last bit: now and then an activation on a rounding
+    boundary quantizes one step off, which moves a few outputs slightly; everything else agrees to float32."""
+    diff = (out - expected).abs()
+    assert diff.max() <= 1e-2 * expected.abs().max()
+    assert (diff > 1e-5 * expected.abs().max()).float().mean() <= 0.02
 
 
 def _without_kernels(monkeypatch):
     monkeypatch.setitem(cpu_kernels._ENABLED, "cpu", False)
 
 
-def test_bitnerf_training_forward_and_gradients_equal_the_torch_path(monkeypatch):
+def test_bitnerf_training_forward_and_gradients_match_the_torch_path(monkeypatch):
     torch.manual_seed(4)
     fused = quantize_bitnet(BitNeRF(n_freqs=3, width=64, depth=4, skip_layer=2))
     plain = copy.deepcopy(fused)
@@ -101,12 +126,12 @@ def test_bitnerf_training_forward_and_gradients_equal_the_torch_path(monkeypatch
         _without_kernels(patch)
         expected = plain(x)
         (expected.square().mean() + expected[:, 0].sum()).backward()
-    assert torch.equal(out, expected)  # same forward bits
+    _assert_equal_but_for_rare_steps(out, expected)
     for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6 * q.grad.abs().max().item(), msg=name)
 
 
-def test_packed_field_renders_the_same_bits_with_and_without_kernels(monkeypatch):
+def test_packed_field_renders_as_the_trained_model_with_and_without_kernels(monkeypatch):
     arch = dict(n_freqs=3, width=64, depth=4, skip_layer=2)
     torch.manual_seed(5)
     trained = quantize_bitnet(BitNeRF(**arch))
@@ -118,7 +143,8 @@ def test_packed_field_renders_the_same_bits_with_and_without_kernels(monkeypatch
         with monkeypatch.context() as patch:
             _without_kernels(patch)
             expected = packed(x)
-    assert torch.equal(out, expected) and torch.equal(out, qat)
+    assert torch.equal(out, qat)  # the packed model computes what training's forward computes
+    _assert_equal_but_for_rare_steps(out, expected)
 
 
 def test_the_switch(monkeypatch):

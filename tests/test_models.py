@@ -68,11 +68,14 @@ class TorchCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_bitnerf_without_norm_quantizes_the_raw_input():
+def test_bitnerf_without_norm_quantizes_the_raw_input(monkeypatch):
     """bitnet_norm=false: each hidden layer is a BitLinear alone (no RMSNorm parameters, no normalisation), and its
     output is the hand-built BitNet b1.58 path on the raw input: per-row absmax int8 activations times the ternary
-    weight, scaled back, plus the bias."""
+    weight, scaled back, plus the bias. (The torch ops, whose calls a TorchFunctionMode sees.)"""
+    import cpu_kernels
     from bitnerf import BitLinear
+
+    monkeypatch.setitem(cpu_kernels._ENABLED, "cpu", False)
 
     torch.manual_seed(0)
     model = quantize_bitnet(BitNeRF(n_freqs=2, width=16, depth=2, skip_layer=1, norm=False))
@@ -256,7 +259,11 @@ def _assert_grads_close(reference: nn.Module, fused: nn.Module, rtol: float = 1e
         assert (param.grad - expected).abs().max() <= rtol * scale, name
 
 
-def test_fused_bitnerf_equals_torchao_bitnet_forward_bits_and_gradients():
+def test_fused_bitnerf_equals_torchao_bitnet_forward_bits_and_gradients(monkeypatch):
+    """The torch ops path (the C++ passes sum the RMS in another order: tests/test_cpu_kernels.py)."""
+    import cpu_kernels
+
+    monkeypatch.setitem(cpu_kernels._ENABLED, "cpu", False)
     for arch in (dict(n_freqs=3, width=64, depth=4, skip_layer=2), dict(n_freqs=2, width=24, depth=2, skip_layer=1)):
         reference, fused = _twins(arch)
         assert is_quantized(fused) and all(type(p) is nn.Parameter for p in fused.parameters())
