@@ -81,27 +81,29 @@ class TernaryRMSNormLinear(nn.Sequential):
     normalisation, quantization and scaling run as fused passes (cpu_kernels.py), with the same bits."""
 
     takes_skip_input = True  # NeRF's skip layer calls it with (h, encoding), not their concatenation
+    fuses_relu = True  # nerf.relu_of asks it for relu(layer(...)): the ReLU runs in the scaling pass
 
-    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [..., K] (and extra: [..., E]) -> [..., N]: the layer of cat([x, extra], -1)."""
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+        """x: [..., K] (and extra: [..., E]) -> [..., N]: the layer of cat([x, extra], -1), ReLU'd if `relu`."""
         norm, linear = self
         fused = (linear.mode == "int8" and cpu_kernels.active(x) and norm.weight.dtype == torch.float32
                  and (extra is None or extra.dtype == torch.float32))
         if not fused:
-            return linear(norm(x if extra is None else torch.cat([x, extra], dim=-1)))
+            out = linear(norm(x if extra is None else torch.cat([x, extra], dim=-1)))
+            return torch.relu(out) if relu else out
         lead = x.shape[:-1]
         parts = tuple(p.reshape(-1, p.shape[-1]) for p in ((x,) if extra is None else (x, extra)))
         eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-        return _fused_cpu_forward(parts, norm.weight, eps, linear).view(*lead, -1)
+        return _fused_cpu_forward(parts, norm.weight, eps, linear, relu).view(*lead, -1)
 
 
 def _fused_cpu_forward(parts: tuple[torch.Tensor, ...], norm_weight: torch.Tensor | None, eps: float,
-                       linear: TernaryLinear) -> torch.Tensor:
+                       linear: TernaryLinear, relu: bool = False) -> torch.Tensor:
     """TernaryLinear's int8 forward of cat(parts) [M, K] (RMSNorm'd with gain norm_weight [K] when given) in the
-    fused C++ passes, as training's forward computes it -> [M, N] float32."""
+    fused C++ passes, as training's forward computes it (then the ReLU if `relu`) -> [M, N] float32."""
     x_q, row_scale, _, _ = cpu_kernels.quantize_rows(parts[0], parts[1] if len(parts) > 1 else None, norm_weight,
                                                      eps, want_deq=False)
-    return cpu_kernels.scale_bias(ternary_matmul(x_q, linear.ternary), row_scale, linear.scale, linear.bias)
+    return cpu_kernels.scale_bias(ternary_matmul(x_q, linear.ternary), row_scale, linear.scale, linear.bias, relu)
 
 
 def ternary_field(n_freqs: int, width: int, depth: int, skip_layer: int, mode: str = "int8",

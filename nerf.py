@@ -92,14 +92,23 @@ class NeRF(nn.Module):
         enc = self.encode(points)
         h = torch.relu(self.input(enc))
         for i, layer in enumerate(self.hidden):
-            h = torch.relu(skip_linear(layer, h, enc) if i == self.skip_layer else layer(h))
+            h = relu_of(layer, h, enc if i == self.skip_layer else None)
         if not self.viewdirs:
             return self.output(h)
         if dirs is None:
             raise ValueError("this field's colour depends on the viewing direction: call it as field(points, dirs)")
         sigma = self.sigma(h)
-        h = torch.relu(skip_linear(self.view, self.feature(h), self.encode_dirs(dirs)))
+        h = relu_of(self.view, self.feature(h), self.encode_dirs(dirs))
         return torch.cat([self.rgb(h), sigma], dim=-1)
+
+
+def relu_of(layer: nn.Module, h: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """relu(layer(h)), or relu of the layer of cat([h, extra], -1) (skip_linear). A layer that says `fuses_relu`
+    (the packed BitNeRF's, in inference) applies the ReLU in its own last pass: one pass over the activations
+    fewer."""
+    if getattr(layer, "fuses_relu", False):
+        return layer(h, extra, relu=True)
+    return torch.relu(layer(h) if extra is None else skip_linear(layer, h, extra))
 
 
 def skip_linear(layer: nn.Module, h: torch.Tensor, enc: torch.Tensor) -> torch.Tensor:
