@@ -8,11 +8,12 @@ density and RGB heads) layers stay in float, as BitNet keeps its embedding and h
 
 Training does not use torchao's weight tensor subclass: `quantize_bitnet` makes each hidden layer one
 autograd.Function (RMSNorm + BitLinear, `rmsnorm_bitlinear`) on plain nn.Parameters. Against torchao's subclass +
-nn.RMSNorm (the reference, tests/torchao_reference.py): the same forward bits in float32 eager, the same
-gradients to float tolerance (tests/test_models.py). BitNeRF/NeRF time per training step (bench.py --ratio
---threads 1, a shared 2-core CPU): 1.11x compiled / 1.24x eager at 8x256, L=16; 1.23x compiled / 1.35x eager at
-the cpu scale's 4x128, L=8 (torchao's subclass there: 1.66x compiled). Plain parameters also let AdamW be fused and DDP
-all-reduce .grad as for NeRF; checkpoints hold the same state dict keys.
+nn.RMSNorm (the reference, tests/torchao_reference.py): the same forward bits in float32 eager with torch ops,
+the same gradients to float tolerance (tests/test_models.py). On a CPU the passes around the integer product run
+as fused C++ kernels where they build (cpu_kernels.py: the RMS summed in their own order, so equal to float32
+rounding rather than bit for bit); their speed against NeRF's is measured by `bench.py --ratio`
+(README, "BitNeRF's speed on a CPU"). Plain parameters also let AdamW be fused and DDP all-reduce .grad as for
+NeRF; checkpoints hold the same state dict keys.
 
 `BitNeRF(norm=False)` (config `bitnet_norm=false`) leaves the RMSNorm out: each hidden layer is a BitLinear that
 quantizes its raw input. Packed inference with the exported ternary weights is bitnerf_packed.py's.
@@ -89,7 +90,7 @@ def ternary_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rmsnorm_bitlinear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float | None,
-                      linear: nn.Linear, extra: torch.Tensor | None = None) -> torch.Tensor:
+                      linear: nn.Linear, extra: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
     """linear(rms_norm(x)) with `linear` a BitNet b1.58 QAT Linear (torchao bitnet_training's arithmetic):
     per-row absmax int8 activations (eps 1e-5) times the ternary weight, an exact integer product, scaled by the
     weight's absmean and the row scales, plus the bias. Gradients are the straight-through ones torchao computes:
@@ -98,14 +99,15 @@ def rmsnorm_bitlinear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_ep
 
     `extra` [..., E] (no gradient; with an RMSNorm only): the layer's input is cat([x, extra], -1), never built
     (a NeRF skip layer's encoding). Autocast: as torchao, under CUDA autocast input, weight and bias are cast to
-    its dtype; the integer product itself never runs in a low precision (a bf16 product would round)."""
+    its dtype; the integer product itself never runs in a low precision (a bf16 product would round).
+    `relu`: relu(layer) in the same function (on a CPU in the scaling pass; its gradient with the bias's)."""
     if extra is not None and norm_weight is None:
         x, extra = torch.cat([x, extra.to(x.dtype)], dim=-1), None
     dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else None
     ternary, scale = linear.ternary(dtype)
     if norm_eps is None:
         norm_eps = torch.finfo(x.dtype).eps
-    args = (x, extra, norm_weight, linear.weight, linear.bias, ternary, scale, norm_eps, dtype)
+    args = (x, extra, norm_weight, linear.weight, linear.bias, ternary, scale, norm_eps, dtype, relu)
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
             return _RMSNormBitLinear.apply(*args)
@@ -124,7 +126,7 @@ class _RMSNormBitLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, extra, norm_weight, weight, bias, ternary, scale, eps, dtype):
+    def forward(ctx, x, extra, norm_weight, weight, bias, ternary, scale, eps, dtype, relu):
         lead, k = x.shape[:-1], x.shape[-1]
         x = x.reshape(-1, k)
         parts = (x,) if extra is None else (x, extra.reshape(x.shape[0], -1))
@@ -134,8 +136,9 @@ class _RMSNormBitLinear(torch.autograd.Function):
             # the same arithmetic in two C++ passes (cpu_kernels.py; the RMS summed in its own order)
             y_q, row_scale, deq, r = cpu_kernels.quantize_rows(*_x_and_extra(parts), norm_weight, eps, want_deq=True)
             out = _integer_mm(y_q if ternary.dtype == torch.int8 else y_q.float(), ternary)
-            out = cpu_kernels.scale_bias(out, row_scale, scale, bias)
-            ctx.save_for_backward(deq, ternary, scale, *((r, norm_weight, *parts) if norm_weight is not None else ()))
+            out = cpu_kernels.scale_bias(out, row_scale, scale, bias, relu)
+            ctx.save_for_backward(deq, ternary, scale, out if relu else None,
+                                  *((r, norm_weight, *parts) if norm_weight is not None else ()))
             ctx.x_dtype, ctx.lead, ctx.weight_dtype = x.dtype, lead, weight.dtype
             return out.view(*lead, -1)
         if norm_weight is not None:
@@ -163,25 +166,30 @@ class _RMSNormBitLinear(torch.autograd.Function):
         # exact: int32 from int8 operands, or float32 holding the same integers
         out = _integer_mm(y_q.to(torch.int8) if ternary.dtype == torch.int8 else y_q, ternary)
         out = scale_and_bias(out, scale, row_scale, bias, dtype)
+        if relu:
+            out = out.relu_()
         # the weight gradient's operand: the dequantized activations (torchao: int8 activations * row scale),
         # in y_q's own buffer when it is float32
         deq = y_q.mul_(row_scale) if y_q.dtype == torch.float32 and eager \
             else y_q.to(row_scale.dtype) * row_scale
-        if norm_weight is not None:
-            ctx.save_for_backward(deq, ternary, scale, r, norm_weight, *parts)
-        else:
-            ctx.save_for_backward(deq, ternary, scale)
+        ctx.save_for_backward(deq, ternary, scale, out if relu else None,
+                              *((r, norm_weight, *parts) if norm_weight is not None else ()))
         ctx.x_dtype, ctx.lead = x.dtype, lead
         ctx.weight_dtype = weight.dtype
         return out.view(*lead, -1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        deq, ternary, scale = ctx.saved_tensors[:3]
+        deq, ternary, scale, h = ctx.saved_tensors[:4]
         grad_out = grad_out.reshape(-1, ternary.shape[0])
         needs = ctx.needs_input_grad
         grad_x = grad_norm = grad_weight = grad_bias = None
-        if needs[4]:
+        if h is not None:  # through the ReLU: the gradient passes where the output is positive
+            if needs[4] and cpu_kernels.active(grad_out) and h.dtype == torch.float32:
+                grad_out, grad_bias = cpu_kernels.relu_backward(grad_out, h)  # and the bias's, in one pass
+            else:
+                grad_out = torch.ops.aten.threshold_backward(grad_out, h, 0)
+        if needs[4] and grad_bias is None:
             grad_bias = grad_out.sum(0)
         if needs[3]:  # torchao: grad_out^T @ (int8 activations * row scale)
             grad_weight = (grad_out.t() @ deq.to(grad_out.dtype)).to(ctx.weight_dtype)
@@ -189,18 +197,18 @@ class _RMSNormBitLinear(torch.autograd.Function):
             # torchao: grad of the Linear's input = grad_out @ ternary * scale (straight through the rounding);
             # the scale folded into the small weight saves a pass over the activations
             grad_y = grad_out @ (ternary.to(grad_out.dtype) * scale.to(grad_out.dtype))
-            if len(ctx.saved_tensors) == 3:
+            if len(ctx.saved_tensors) == 4:  # no RMSNorm
                 grad_x = grad_y.to(ctx.x_dtype)
             else:  # through y = xhat * g, xhat = x * r, r = rsqrt(mean(x^2) + eps), with c = mean(grad_y * g * xhat):
                 # grad x = r * (grad_y * g - xhat * c) = (grad_y * g) * r - x * (r^2 c), grad g = sum over rows
                 # of grad_y * xhat (x: the whole input, the extra part included; only x's part needs its grad)
-                r, g, *parts = ctx.saved_tensors[3:]
+                r, g, *parts = ctx.saved_tensors[4:]
                 grad_y = grad_y.float()
                 eager, k = not torch.compiler.is_compiling(), parts[0].shape[1]
                 if cpu_kernels.active(grad_y) and g.dtype == torch.float32:  # one C++ pass
                     grad_x, grad_norm = cpu_kernels.rms_norm_backward(grad_y, *_x_and_extra(parts), r, g)
                     return (grad_x.to(ctx.x_dtype).view(*ctx.lead, -1), None, grad_norm if needs[2] else None,
-                            grad_weight, grad_bias, None, None, None, None)
+                            grad_weight, grad_bias, None, None, None, None, None)
                 columns = (grad_y,) if len(parts) == 1 else (grad_y[:, :k], grad_y[:, k:])
                 product = _cat_times(parts, columns, eager)  # grad_y * xhat / r
                 if needs[2]:
@@ -209,7 +217,7 @@ class _RMSNormBitLinear(torch.autograd.Function):
                 grad_x = (grad_y if k == grad_y.shape[1] else grad_y[:, :k]) * g[:k]
                 grad_x = grad_x.mul_(r).addcmul_(parts[0].float(), r.square().mul_(c), value=-1).to(ctx.x_dtype)
             grad_x = grad_x.view(*ctx.lead, -1)
-        return grad_x, None, grad_norm, grad_weight, grad_bias, None, None, None, None
+        return grad_x, None, grad_norm, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _x_and_extra(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -281,11 +289,13 @@ class BitRMSNormLinear(nn.Sequential):
     """RMSNormLinear after `quantize_bitnet`: RMSNorm and BitLinear in one autograd.Function (fewer passes)."""
 
     takes_skip_input = True  # NeRF's skip layer calls it with (h, encoding), not their concatenation
+    fuses_relu = True  # nerf.relu_of asks it for relu(layer(...)): one function, fewer passes
 
-    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [..., K] (and extra: [..., E], no gradient) -> [..., N]: the layer of cat([x, extra], -1)."""
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+        """x: [..., K] (and extra: [..., E], no gradient) -> [..., N]: the layer of cat([x, extra], -1), ReLU'd
+        if `relu`."""
         norm = self[0]
-        return rmsnorm_bitlinear(x, norm.weight, norm.eps, self[1], extra)
+        return rmsnorm_bitlinear(x, norm.weight, norm.eps, self[1], extra, relu)
 
     @property
     def linear(self) -> nn.Linear:

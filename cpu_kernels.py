@@ -7,8 +7,9 @@ itself. Here each is one pass that handles a row while it sits in the L1 cache:
 - `quantize_rows`: the RMSNorm (r = 1 / sqrt(mean(x^2) + eps), y = (x * r) * g; optional), then per-row absmax
   int8 quantization q = round(y / s), s = max|y| / 127 (torchao's quantize_int8_rowwise, eps 1e-5), and the
   dequantized q * s that the weight gradient needs;
-- `scale_bias`: float(acc) * s * w + b for the int32 product (optionally the ReLU that follows, in inference);
-- `rms_norm_backward`: the RMSNorm's input gradient and its gain's gradient in one pass.
+- `scale_bias`: float(acc) * s * w + b for the int32 product, and the ReLU that follows;
+- `rms_norm_backward`: the RMSNorm's input gradient and its gain's gradient in one pass;
+- `relu_backward`: the gradient through the ReLU and the bias's gradient in one pass.
 
 Quantization and scaling perform the torch ops' float32 operations in their order (no FMA contraction, round
 half to even): the same bits. The RMS is summed in the kernel's own order (vector lanes, then pairwise), so r
@@ -204,16 +205,49 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(
   return {grad_x, grad_g};
 }
 
+std::tuple<at::Tensor, at::Tensor> relu_backward(const at::Tensor& grad_h, const at::Tensor& h) {
+  const int64_t M = h.size(0), N = h.size(1);
+  auto grad_z = at::empty({M, N}, h.options());
+  const int64_t threads = at::get_num_threads();
+  auto partial = at::zeros({threads, N}, h.options());  // one partial sum per thread, added up in order below
+  const float* gp = grad_h.data_ptr<float>();
+  const float* hp = h.data_ptr<float>();
+  float* zp = grad_z.data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, M, GRAIN, [=](int64_t begin, int64_t end) {
+    float* __restrict__ acc = pp + at::get_thread_num() * N;
+    for (int64_t m = begin; m < end; ++m) {
+      const float* __restrict__ g = gp + m * N;
+      const float* __restrict__ hr = hp + m * N;
+      float* __restrict__ z = zp + m * N;
+      for (int64_t n = 0; n < N; ++n) {
+        z[n] = hr[n] > 0.0f ? g[n] : 0.0f;
+        acc[n] += z[n];
+      }
+    }
+  });
+  auto grad_bias = at::empty({N}, h.options());
+  float* out = grad_bias.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    float sum = 0.0f;
+    for (int64_t t = 0; t < threads; ++t) sum += pp[t * N + n];
+    out[n] = sum;
+  }
+  return {grad_z, grad_bias};
+}
+
 TORCH_LIBRARY(nerf_cpu, m) {
   m.def("quantize_rows(Tensor x, Tensor extra, Tensor g, float eps, bool want_deq) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("scale_bias(Tensor acc, Tensor row_scale, Tensor scale, Tensor bias, bool relu) -> Tensor");
   m.def("rms_norm_backward(Tensor grad_y, Tensor x, Tensor extra, Tensor r, Tensor g) -> (Tensor, Tensor)");
+  m.def("relu_backward(Tensor grad_h, Tensor h) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(nerf_cpu, CPU, m) {
   m.impl("quantize_rows", &quantize_rows);
   m.impl("scale_bias", &scale_bias);
   m.impl("rms_norm_backward", &rms_norm_backward);
+  m.impl("relu_backward", &relu_backward);
 }
 """
 
@@ -265,8 +299,11 @@ def _register_fakes() -> None:
     def rms_norm_backward_fake(grad_y, x, extra, r, g):
         return x.new_empty(x.shape), x.new_empty(g.shape)
 
+    def relu_backward_fake(grad_h, h):
+        return h.new_empty(h.shape), h.new_empty(h.shape[1])
+
     for name, fake in (("quantize_rows", quantize_rows_fake), ("scale_bias", scale_bias_fake),
-                       ("rms_norm_backward", rms_norm_backward_fake)):
+                       ("rms_norm_backward", rms_norm_backward_fake), ("relu_backward", relu_backward_fake)):
         torch.library.register_fake(f"nerf_cpu::{name}", fake)
 
 
@@ -322,3 +359,9 @@ def rms_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, extra: torch.Tensor
     return torch.ops.nerf_cpu.rms_norm_backward(
         grad_y.contiguous(), x.float().contiguous(), _EMPTY if extra is None else extra.float().contiguous(),
         r.contiguous(), g.float().contiguous())
+
+
+def relu_backward(grad_h: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Through h = relu(z) [M, N]: (grad z = grad_h where h > 0, else 0; its column sums [N], the bias's
+    gradient) in one pass."""
+    return torch.ops.nerf_cpu.relu_backward(grad_h.contiguous(), h.contiguous())

@@ -86,6 +86,15 @@ def test_scale_bias_gives_the_torch_ops_bits(acc_dtype):
     assert torch.equal(cpu_kernels.scale_bias(acc, row_scale, scale, bias, relu=True), torch.relu(expected))
 
 
+def test_relu_backward_is_relus_gradient_and_the_bias_sum():
+    gen = torch.Generator().manual_seed(7)
+    h, grad_h = torch.relu(torch.randn(300, 24, generator=gen)), torch.randn(300, 24, generator=gen)
+    h[0, :5] = 0.0  # the ReLU's kink: no gradient at 0, as torch's
+    grad_z, grad_bias = cpu_kernels.relu_backward(grad_h, h)
+    assert torch.equal(grad_z, torch.ops.aten.threshold_backward(grad_h, h, 0))
+    torch.testing.assert_close(grad_bias.double(), grad_z.double().sum(0), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("extra_width", [0, 16])
 def test_rms_norm_backward_matches_float64_autograd(extra_width):
     torch.manual_seed(3)
@@ -184,7 +193,8 @@ def test_compiled_bitnerf_calls_the_kernels_without_graph_breaks():
     out, code = run_and_get_code(step)
     assert not counters["graph_break"], dict(counters["graph_break"])
     code = "".join(code)
-    assert all(f"torch.ops.nerf_cpu.{name}" in code for name in ("quantize_rows", "scale_bias", "rms_norm_backward"))
+    assert all(f"torch.ops.nerf_cpu.{name}" in code
+               for name in ("quantize_rows", "scale_bias", "rms_norm_backward", "relu_backward"))
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     expected = model(x)
