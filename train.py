@@ -429,7 +429,7 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
     if cfg.model == "bitnerf":
         print0(integer_matmul_line(device))
         if device.type == "cpu":
-            print0(kernels_line(compiled=cfg.compile))
+            print0(kernels_line())
     start_step, train_time = 0, 0.0
     if ckpt:
         trainer.optimizer.load_state_dict(ckpt["optimizer"])
