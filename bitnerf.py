@@ -115,13 +115,15 @@ def rmsnorm_bitlinear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_ep
 
 
 class _RMSNormBitLinear(torch.autograd.Function):
-    """RMSNorm (optional) + BitNet b1.58 Linear, forward and backward in few passes over the activations.
+    """RMSNorm (optional) + BitNet b1.58 Linear (+ the ReLU after it), forward and backward in few passes over the
+    activations.
 
     On a CPU a pass over an activation-sized tensor costs a fair part of this layer's matmul (the tensors
-    outgrow the cache), so: the forward fills one fresh [M, K] buffer with x^2, then x * r, y and y_q in turn; a
-    skip layer's concatenation is never built (each part is written straight into its columns); the backward
-    recomputes what it needs from the saved input, kept alive anyway (the previous ReLU saves it). Compiled, the
-    last two matter most: with the concatenation built outside, inductor saves a bool ReLU mask for the skip
+    outgrow the cache). With float32 on a CPU the passes are cpu_kernels' fused C++ ones (two forward, two
+    backward, besides the matmuls). Otherwise torch ops: the forward fills one fresh [M, K] buffer with x^2, then
+    x * r, y and y_q in turn. Either way a skip layer's concatenation is never built (each part is written
+    straight into its columns) and the backward recomputes what it needs from the saved input, kept alive anyway
+    (the previous layer's output). Compiled, the last two matter most: with the concatenation built outside, inductor saves a bool ReLU mask for the skip
     layer, and storing that mask makes the layer's forward kernel ~10x slower than the others (bench.py --ratio).
     """
 

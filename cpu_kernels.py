@@ -238,7 +238,8 @@ std::tuple<at::Tensor, at::Tensor> relu_backward(const at::Tensor& grad_h, const
 }
 
 TORCH_LIBRARY(nerf_cpu, m) {
-  m.def("quantize_rows(Tensor x, Tensor extra, Tensor g, float eps, bool want_deq) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("quantize_rows(Tensor x, Tensor extra, Tensor g, float eps, bool want_deq)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("scale_bias(Tensor acc, Tensor row_scale, Tensor scale, Tensor bias, bool relu) -> Tensor");
   m.def("rms_norm_backward(Tensor grad_y, Tensor x, Tensor extra, Tensor r, Tensor g) -> (Tensor, Tensor)");
   m.def("relu_backward(Tensor grad_h, Tensor h) -> (Tensor, Tensor)");
@@ -345,7 +346,8 @@ def quantize_rows(x: torch.Tensor, extra: torch.Tensor | None, g: torch.Tensor |
 
 def scale_bias(acc: torch.Tensor, row_scale: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                relu: bool = False) -> torch.Tensor:
-    """acc [M, N] int32 (or float32 holding integers), row_scale [M, 1], scale [] -> (acc * row_scale) * scale + bias [N], float32 [M, N]."""
+    """acc [M, N] int32 (or float32 holding integers), row_scale [M, 1], scale [] -> (acc * row_scale) * scale +
+    bias [N], float32 [M, N]; then the ReLU if `relu`."""
     return torch.ops.nerf_cpu.scale_bias(acc.contiguous(), row_scale.contiguous(), scale.float(),
                                          _EMPTY if bias is None else bias.float().contiguous(), relu)
 
