@@ -78,7 +78,8 @@ class TernaryLinear(nn.Module):
 
 class TernaryRMSNormLinear(nn.Sequential):
     """RMSNorm then TernaryLinear (the packed form of bitnerf.RMSNormLinear, same state dict keys): on a CPU the
-    normalisation, quantization and scaling run as fused passes (cpu_kernels.py), with the same bits."""
+    normalisation, quantization and scaling run as the training layer's fused passes (cpu_kernels.py), so the
+    packed model computes what the trained one did, bit for bit."""
 
     takes_skip_input = True  # NeRF's skip layer calls it with (h, encoding), not their concatenation
     fuses_relu = True  # nerf.relu_of asks it for relu(layer(...)): the ReLU runs in the scaling pass

@@ -104,8 +104,8 @@ class NeRF(nn.Module):
 
 def relu_of(layer: nn.Module, h: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
     """relu(layer(h)), or relu of the layer of cat([h, extra], -1) (skip_linear). A layer that says `fuses_relu`
-    (the packed BitNeRF's, in inference) applies the ReLU in its own last pass: one pass over the activations
-    fewer."""
+    (BitNeRF's quantized layers, trained or packed) applies the ReLU in its own last pass: one pass over the
+    activations fewer."""
     if getattr(layer, "fuses_relu", False):
         return layer(h, extra, relu=True)
     return torch.relu(layer(h) if extra is None else skip_linear(layer, h, extra))
