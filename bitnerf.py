@@ -123,8 +123,9 @@ class _RMSNormBitLinear(torch.autograd.Function):
     backward, besides the matmuls). Otherwise torch ops: the forward fills one fresh [M, K] buffer with x^2, then
     x * r, y and y_q in turn. Either way a skip layer's concatenation is never built (each part is written
     straight into its columns) and the backward recomputes what it needs from the saved input, kept alive anyway
-    (the previous layer's output). Compiled, the last two matter most: with the concatenation built outside, inductor saves a bool ReLU mask for the skip
-    layer, and storing that mask makes the layer's forward kernel ~10x slower than the others (bench.py --ratio).
+    (the previous layer's output). Compiled, the last two matter most: with the concatenation built outside, inductor
+    saves a bool ReLU mask for the skip layer, and storing that mask makes the layer's forward kernel ~10x slower than
+    the others (bench.py --ratio).
     """
 
     @staticmethod

@@ -65,7 +65,7 @@ class TernaryLinear(nn.Module):
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         if dtype is None and cpu_kernels.active(x):
-            return _fused_cpu_forward((x,), None, 0.0, self).view(*lead, -1)
+            return _fused_cpu_forward(x, None, None, 0.0, self).view(*lead, -1)
         # torchao's quantize_int8_rowwise(eps=1e-5) in fewer passes with the same roundings (equal bits): max |x|
         # per row as max(amax, -amin) (torch.aminmax measured 5x slower than the two on a CPU); its clip to
         # [-128, 127] is left out because |x| * 127 / max|x| rounds to at most 127 (three float32 roundings are far
@@ -92,18 +92,17 @@ class TernaryRMSNormLinear(nn.Sequential):
         if not fused:
             out = linear(norm(x if extra is None else torch.cat([x, extra], dim=-1)))
             return torch.relu(out) if relu else out
-        lead = x.shape[:-1]
-        parts = tuple(p.reshape(-1, p.shape[-1]) for p in ((x,) if extra is None else (x, extra)))
+        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        extra = None if extra is None else extra.reshape(x.shape[0], -1)
         eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-        return _fused_cpu_forward(parts, norm.weight, eps, linear, relu).view(*lead, -1)
+        return _fused_cpu_forward(x, extra, norm.weight, eps, linear, relu).view(*lead, -1)
 
 
-def _fused_cpu_forward(parts: tuple[torch.Tensor, ...], norm_weight: torch.Tensor | None, eps: float,
+def _fused_cpu_forward(x: torch.Tensor, extra: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
                        linear: TernaryLinear, relu: bool = False) -> torch.Tensor:
-    """TernaryLinear's int8 forward of cat(parts) [M, K] (RMSNorm'd with gain norm_weight [K] when given) in the
-    fused C++ passes, as training's forward computes it (then the ReLU if `relu`) -> [M, N] float32."""
-    x_q, row_scale, _, _ = cpu_kernels.quantize_rows(parts[0], parts[1] if len(parts) > 1 else None, norm_weight,
-                                                     eps, want_deq=False)
+    """TernaryLinear's int8 forward of cat([x, extra], -1) [M, K] (RMSNorm'd with gain norm_weight [K] when
+    given) in the fused C++ passes, as training's forward computes it (then the ReLU if `relu`) -> [M, N]."""
+    x_q, row_scale, _, _ = cpu_kernels.quantize_rows(x, extra, norm_weight, eps, want_deq=False)
     return cpu_kernels.scale_bias(ternary_matmul(x_q, linear.ternary), row_scale, linear.scale, linear.bias, relu)
 
 
