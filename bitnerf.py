@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import cpu_kernels
-from hardware import int_mm_available
+from hardware import int_mm_available, integer_product, onednn_int8_mm, pack_for_onednn
 from nerf import NeRF
 
 
@@ -267,8 +267,8 @@ def scale_and_bias(out: torch.Tensor, scale: torch.Tensor, row_scale: torch.Tens
 @torch.library.custom_op("nerf_experiments::int8_mm", mutates_args=())
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """torch._int_mm (a [M, K] int8 @ b [K, N] int8 -> int32) as one opaque operator: torch.compile calls the
-    library kernel (oneDNN's VNNI/AMX code, cuBLASLt) instead of lowering the product itself, which on a CPU ran
-    at about half the library's speed. No graph break: the fake implementation gives inductor the shape."""
+    library kernel (cuBLASLt, oneDNN) instead of lowering the product itself, which on a CPU ran at about half
+    the library's speed. No graph break: the fake implementation gives inductor the shape."""
     return torch._int_mm(a, b)
 
 
@@ -277,11 +277,49 @@ def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
 
 
+@torch.library.custom_op("nerf_experiments::ternary_mm_onednn", mutates_args=())
+def ternary_mm_onednn(a: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
+    """a [M, K] int8 @ ternary [N, K] int8 .T -> float32 [M, N], the exact integer product, by oneDNN's int8
+    matmul primitive (hardware.onednn_int8_mm) as one opaque operator, like int8_mm. The weight's packed layout
+    is reused while the ternary weight is unchanged (_PACKED)."""
+    return onednn_int8_mm(a, ternary, _PACKED.get(ternary))
+
+
+@ternary_mm_onednn.register_fake
+def _(a: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
+    return a.new_empty((a.shape[0], ternary.shape[0]), dtype=torch.float32)
+
+
+class PackedCache:
+    """The ternary weights recently multiplied, each with its copy in oneDNN's layout. Packing costs about
+    half the product itself at width 128 and a training step multiplies every weight once per micro-batch (a
+    .bitnerf, always the same): a look-up compares the weight's bytes (a few microseconds), so a changed weight
+    is never served a stale layout, whatever updated it."""
+
+    def __init__(self, size: int = 32):
+        self.size, self.entries = size, []  # [(ternary copy, packed)], most recent first
+
+    def get(self, ternary: torch.Tensor) -> torch.Tensor:
+        for i, (key, packed) in enumerate(self.entries):
+            if key.shape == ternary.shape and torch.equal(key, ternary):
+                self.entries.insert(0, self.entries.pop(i))
+                return packed
+        packed = pack_for_onednn(ternary)
+        self.entries = [(ternary.clone(), packed)] + self.entries[:self.size - 1]
+        return packed
+
+
+_PACKED = PackedCache()
+
+
 def _integer_mm(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
-    """x_q [M, K] @ ternary.T, both holding integers: torch._int_mm (int32) for an int8 ternary (where the device
-    runs it, see hardware.int_mm_available) and shapes it takes, else a float32 matmul, which is exact: every
-    partial sum is an integer of magnitude <= 128 K < 2^24 (bitnerf_packed.ternary_matmul)."""
+    """x_q [M, K] @ ternary.T, both holding integers, exactly: with an int8 ternary (where the device has an int8
+    kernel, see hardware.integer_product) oneDNN's int8 matmul (float32 out) or torch._int_mm (int32; shapes it
+    takes), else a float32 matmul, which is exact: every partial sum is an integer of magnitude <= 128 K < 2^24
+    (bitnerf_packed.ternary_matmul)."""
     if ternary.dtype == torch.int8:
+        if integer_product(x_q.device) == "onednn":
+            return ternary_mm_onednn(x_q, ternary)
         if x_q.shape[0] > 16 and x_q.shape[1] % 8 == 0 and ternary.shape[0] % 8 == 0:
             return int8_mm(x_q, ternary.t())
         x_q, ternary = x_q.float(), ternary.float()

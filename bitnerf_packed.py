@@ -14,21 +14,21 @@ import torch
 from torch import nn
 
 import cpu_kernels
-from bitnerf import BitNeRF, int8_mm, quantized_layer_names, scale_and_bias, ternary_weight
+from bitnerf import BitNeRF, _integer_mm, int8_mm, quantized_layer_names, scale_and_bias, ternary_weight
 from hardware import int_mm_available
 
 
 def ternary_matmul(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
     """Exact integer product x_q [M, K] @ ternary.T (ternary: int8 [N, K]) -> [M, N], int32 or float32.
 
-    x_q holds integers in [-128, 127] (any dtype). torch._int_mm where the device runs it (hardware.int_mm_available)
-    and its shape rules hold (M > 16, K and N multiples of 8). Elsewhere a float32 matmul of the same integers:
-    every partial sum is an integer of magnitude <= 128 K < 2^24, which float32 holds exactly, so the result
-    equals _int_mm's bit for bit.
+    x_q holds integers in [-128, 127] (any dtype). The device's int8 kernel where it has one
+    (hardware.integer_product: oneDNN's, or torch._int_mm where its shape rules hold). Elsewhere a float32 matmul
+    of the same integers: every partial sum is an integer of magnitude <= 128 K < 2^24, which float32 holds
+    exactly, so every path gives the same bits.
     """
-    m, k = x_q.shape
-    n = ternary.shape[0]
-    if (int_mm_available(x_q.device) and m > 16 and k % 8 == 0 and n % 8 == 0) or 128 * k >= 2**24:
+    if int_mm_available(x_q.device):
+        return _integer_mm(x_q.to(torch.int8), ternary)
+    if 128 * x_q.shape[1] >= 2**24:  # beyond float32's exact integers
         return int8_mm(x_q.to(torch.int8), ternary.T)
     return x_q.float() @ ternary.T.float()
 

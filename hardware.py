@@ -183,60 +183,102 @@ def make_grad_scaler(policy: AmpPolicy, device: torch.device) -> torch.amp.GradS
 
 # --- integer matmul ----------------------------------------------------------------------------------------------
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86 int8 dot-product units (VNNI, AMX)
-_INT_MM: dict[str, bool] = {}  # device type -> whether BitNeRF's ternary product uses torch._int_mm
+PRODUCTS = ("onednn", "int_mm", "float")  # BitNeRF's ternary product: see decide_integer_product
+_INT_MM: dict[str, str] = {}  # device type -> the product BitNeRF's ternary layers use there
 
 
-def int_mm_available(device: torch.device) -> bool:
-    """Whether BitNeRF's ternary product runs as torch._int_mm on `device`: decided once per process and device
-    type (decide_int_mm), then a dictionary look-up that torch.compile reads as a constant."""
+def integer_product(device: torch.device) -> str:
+    """BitNeRF's ternary product on `device`, one of PRODUCTS: decided once per process and device type
+    (decide_integer_product), then a dictionary look-up that torch.compile reads as a constant."""
     choice = _INT_MM.get(device.type)
     if choice is None:
         if torch.compiler.is_compiling():  # no probe inside a graph: the float product, same bits
-            return False
-        choice = _INT_MM[device.type] = decide_int_mm(device)[0]
+            return "float"
+        choice = _INT_MM[device.type] = decide_integer_product(device)[0]
     return choice
 
 
-def decide_int_mm(device: torch.device) -> tuple[bool, str]:
-    """(use torch._int_mm, why). Both products are exact and give the same bits; this only chooses the faster:
-    int8 tensor cores on CUDA, VNNI/AMX int8 units on x86 CPUs; elsewhere (an AVX2-only CPU, Arm, MPS) the float32
-    product of the integers. NERF_INT_MM=on|off overrides the choice (off: to compare, or to rule the kernel
-    out); a kernel that fails the probe is never used."""
+def int_mm_available(device: torch.device) -> bool:
+    """Whether BitNeRF's ternary product runs an int8 kernel on `device` (its ternary weights are then int8)."""
+    return integer_product(device) != "float"
+
+
+def decide_integer_product(device: torch.device) -> tuple[str, str]:
+    """(product, why). Every product is exact and gives the same bits; this only chooses the fastest:
+    "onednn" (oneDNN's int8 matmul primitive, whose AMX / VNNI kernels ran the CPU's product 2-4x faster than
+    torch._int_mm, which calls oneDNN's older int8 gemm), "int_mm" (torch._int_mm: int8 tensor cores on CUDA), or
+    "float" (a float32 matmul of the integers: an AVX2-only CPU, Arm, MPS). NERF_INT_MM overrides the choice:
+    onednn, on (torch._int_mm) or off (the float product, to compare or to rule the kernels out); a kernel that
+    fails its probe is never used."""
     mode = os.environ.get("NERF_INT_MM", "auto")
-    if mode not in ("auto", "on", "off"):
-        raise UserError(f"NERF_INT_MM={mode!r} is not auto, on or off")
+    if mode not in ("auto", "onednn", "on", "off"):
+        raise UserError(f"NERF_INT_MM={mode!r} is not auto, onednn, on or off")
     if mode == "off":
-        return False, "float32 matmul of the integers (NERF_INT_MM=off)"
+        return "float", "float32 matmul of the integers (NERF_INT_MM=off)"
     if device.type == "cuda":
-        wanted, why = True, "int8 tensor cores"
+        wanted, why = ["int_mm"], "int8 tensor cores"
     elif device.type == "cpu":
         units = [flag for flag in INT8_DOT_FLAGS if flag in cpu_flags()]
-        wanted, why = bool(units), f"int8 units: {', '.join(units)}" if units else "no VNNI/AMX int8 units"
+        wanted = ["onednn", "int_mm"] if units else []
+        why = f"int8 units: {', '.join(units)}" if units else "no VNNI/AMX int8 units"
     else:
-        wanted, why = False, f"no int8 matmul kernel on {device.type}"
-    if mode == "on":
-        wanted, why = True, "NERF_INT_MM=on"
-    if wanted and not probe_int_mm(str(device)):
-        return False, f"float32 matmul of the integers (torch._int_mm failed its probe on {device})"
-    return wanted, ("torch._int_mm, int8 -> int32" if wanted else "float32 matmul of the integers") + f" ({why})"
+        wanted, why = [], f"no int8 matmul kernel on {device.type}"
+    if mode != "auto":
+        wanted, why = ["int_mm" if mode == "on" else mode], f"NERF_INT_MM={mode}"
+    names = {"onednn": "oneDNN int8 matmul, int8 -> exact float32", "int_mm": "torch._int_mm, int8 -> int32"}
+    failed = []
+    for product in wanted:
+        if probe_product(product, str(device)):
+            return product, f"{names[product]} ({why}{''.join(failed)})"
+        failed.append(f"; {names[product].split(',')[0]} failed its probe")
+    return "float", f"float32 matmul of the integers ({why}{''.join(failed)})"
+
+
+def onednn_int8_mm(a: torch.Tensor, ternary: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """a [M, K] int8 @ ternary [N, K] int8 .T -> float32 [M, N] holding the exact integer product, by oneDNN's int8
+    matmul primitive (CPU). `packed`: ternary already in oneDNN's layout (pack_for_onednn); packed here if None."""
+    n = ternary.shape[0]
+    if packed is None:
+        packed = pack_for_onednn(ternary)
+    ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)  # per-column scale 1 and zero point 0
+    return torch.ops.onednn.qlinear_pointwise(a, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+def pack_for_onednn(ternary: torch.Tensor) -> torch.Tensor:
+    """ternary [N, K] int8 reordered into oneDNN's blocked weight layout (an opaque tensor onednn_int8_mm takes)."""
+    return torch.ops.onednn.qlinear_prepack(ternary, None)
 
 
 @functools.lru_cache(maxsize=None)
-def probe_int_mm(device: str) -> bool:
-    """Run torch._int_mm once on `device` on a shape BitNeRF uses and compare it with the exact float product;
-    False (the float path is used) when the kernel raises or differs."""
+def probe_product(product: str, device: str) -> bool:
+    """Run `product`'s kernel once on `device` on shapes BitNeRF uses (K and M not multiples of 8 for oneDNN,
+    which takes them) and compare it with the exact float64 product; False (it is not used) when it raises or
+    differs."""
     gen = torch.Generator().manual_seed(0)
-    a = torch.randint(-128, 128, (32, 64), generator=gen, dtype=torch.int8)
-    b = torch.randint(-1, 2, (64, 32), generator=gen, dtype=torch.int8)
-    try:
-        got = torch._int_mm(a.to(device), b.to(device)).cpu()
-    except (RuntimeError, NotImplementedError):
-        return False
-    return bool(torch.equal(got.double(), a.double() @ b.double()))
+    shapes = [(32, 64, 32)] if product == "int_mm" else [(32, 64, 32), (37, 51, 24), (5, 264, 136)]
+    for m, k, n in shapes:
+        a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+        b = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
+        try:
+            if product == "int_mm":
+                got = torch._int_mm(a.to(device), b.t().to(device)).cpu()
+            else:
+                got = onednn_int8_mm(a, b) if device == "cpu" and torch.backends.mkldnn.is_available() else None
+        except (RuntimeError, NotImplementedError, AttributeError):
+            return False
+        if got is None or not torch.equal(got.double(), a.double() @ b.double().t()):
+            return False
+    return True
+
+
+def probe_int_mm(device: str) -> bool:
+    """Whether torch._int_mm runs on `device` and is exact (probe_product)."""
+    return probe_product("int_mm", device)
 
 
 def integer_matmul_line(device: torch.device) -> str:
-    return f"BitNeRF integer product: {decide_int_mm(device)[1]}"
+    return f"BitNeRF integer product: {decide_integer_product(device)[1]}"
 
 
 # --- backends ----------------------------------------------------------------------------------------------------

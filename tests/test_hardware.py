@@ -10,13 +10,14 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+import cpu_kernels
 import hardware
 from assembly import amp_dtype, build_renderer
 from bitnerf import BitNeRF, scale_and_bias, quantize_bitnet
 from bitnerf_packed import TernaryLinear
 from configs import EXP1, EXP2, apply_device_defaults, device_kind, from_cli
 from dataset import RayBatcher, load_views, split_views
-from hardware import amp_policy, configure_backends, make_grad_scaler, pick_device, probe_int_mm
+from hardware import amp_policy, configure_backends, make_grad_scaler, pick_device, probe_product
 from train import Trainer, evaluate_views, step_generator, train
 from utils import Dist, UserError
 
@@ -132,39 +133,50 @@ def test_collective_timeout_outlasts_a_cold_compile(monkeypatch):
 
 
 # --- BitNeRF's integer product: the probe, the fallback, and one arithmetic for every path -----------------------
-def test_int_mm_probe_falls_back_when_the_kernel_raises(monkeypatch):
-    monkeypatch.setattr(hardware, "_INT_MM", {})
-    monkeypatch.setenv("NERF_INT_MM", "on")
-    probe_int_mm.cache_clear()
+def test_int8_probes_fall_back_when_a_kernel_raises(monkeypatch):
+    """A kernel that raises (or differs from the exact product) is never used: the next one, then the float
+    product, which BitNeRF trains with."""
+    cpu_kernels.enabled()  # built (or not) for this machine's own flags before they are faked
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_vnni"}))
+    monkeypatch.delenv("NERF_INT_MM", raising=False)
+    probe_product.cache_clear()
     try:
-        assert probe_int_mm("cpu")  # the real kernel runs here and is exact
+        assert probe_product("int_mm", "cpu")  # the real kernels run here and are exact
+        assert hardware.decide_integer_product(torch.device("cpu"))[0] in ("onednn", "int_mm")
 
-        def broken(a, b):
+        def broken(*args):
             raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")  # what an old CUDA build says on sm_75
 
-        probe_int_mm.cache_clear()
+        probe_product.cache_clear()
+        monkeypatch.setattr(hardware, "onednn_int8_mm", broken)
+        product, why = hardware.decide_integer_product(torch.device("cpu"))
+        assert product == "int_mm" and "oneDNN int8 matmul failed its probe" in why
+
+        probe_product.cache_clear()
         monkeypatch.setattr(torch, "_int_mm", broken)
-        use, why = hardware.decide_int_mm(torch.device("cpu"))
-        assert not use and "failed its probe" in why
-        # BitNeRF then takes the float path and still trains
+        product, why = hardware.decide_integer_product(torch.device("cpu"))
+        assert product == "float" and "torch._int_mm failed its probe" in why
+        monkeypatch.setattr(hardware, "_INT_MM", {"cpu": product})
         field = quantize_bitnet(BitNeRF(n_freqs=3, width=64, depth=3, skip_layer=1))
         field(torch.randn(64, 3)).sum().backward()
         assert field.hidden[0].linear.ternary()[0].dtype == torch.float32
     finally:
-        probe_int_mm.cache_clear()
+        probe_product.cache_clear()
 
 
-@pytest.mark.parametrize("flags, expected", [({"avx2", "fma"}, False), ({"avx2", "avx512_vnni"}, True),
-                                             ({"avx2", "amx_int8"}, True), ({"avx_vnni"}, True)])
+@pytest.mark.parametrize("flags, expected", [({"avx2", "fma"}, "float"), ({"avx2", "avx512_vnni"}, "int8"),
+                                             ({"avx2", "amx_int8"}, "int8"), ({"avx_vnni"}, "int8")])
 def test_cpu_int8_kernel_only_where_the_cpu_has_int8_units(monkeypatch, flags, expected):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.delenv("NERF_INT_MM", raising=False)
-    assert hardware.decide_int_mm(torch.device("cpu"))[0] is expected
-    monkeypatch.setenv("NERF_INT_MM", "off")  # forced fallback, to compare
-    assert hardware.decide_int_mm(torch.device("cpu"))[0] is False
+    kernel = "onednn" if probe_product("onednn", "cpu") else "int_mm"  # oneDNN's where its probe passes
+    assert hardware.decide_integer_product(torch.device("cpu"))[0] == (kernel if expected == "int8" else "float")
+    for mode, product in (("off", "float"), ("on", "int_mm"), ("onednn", "onednn")):  # forced, to compare
+        monkeypatch.setenv("NERF_INT_MM", mode)
+        assert hardware.decide_integer_product(torch.device("cpu"))[0] == product
     monkeypatch.setenv("NERF_INT_MM", "maybe")
-    with pytest.raises(UserError, match="not auto, on or off"):
-        hardware.decide_int_mm(torch.device("cpu"))
+    with pytest.raises(UserError, match="not auto, onednn, on or off"):
+        hardware.decide_integer_product(torch.device("cpu"))
 
 
 def _forward_and_grads(field: torch.nn.Module, x: torch.Tensor):
@@ -182,13 +194,14 @@ def test_int_mm_and_float_products_give_the_same_bits(monkeypatch, size):
     field = quantize_bitnet(BitNeRF(**size))
     x = torch.randn(512, 3)
     results = {}
-    for use in (False, True):
-        monkeypatch.setattr(hardware, "_INT_MM", {"cpu": use})
-        assert (field.hidden[0].linear.ternary()[0].dtype == torch.int8) is use  # the path really taken
-        results[use] = _forward_and_grads(field, x)
-    assert torch.equal(results[False][0], results[True][0])
-    for name in results[False][1]:
-        assert torch.equal(results[False][1][name], results[True][1][name]), name
+    for product in hardware.PRODUCTS:
+        monkeypatch.setattr(hardware, "_INT_MM", {"cpu": product})
+        assert (field.hidden[0].linear.ternary()[0].dtype == torch.int8) is (product != "float")  # the path taken
+        results[product] = _forward_and_grads(field, x)
+    for product in ("onednn", "int_mm"):
+        assert torch.equal(results["float"][0], results[product][0]), product
+        for name in results["float"][1]:
+            assert torch.equal(results["float"][1][name], results[product][1][name]), (product, name)
 
 
 def test_ternary_inference_layer_same_bits_on_either_product(monkeypatch):
@@ -199,10 +212,10 @@ def test_ternary_inference_layer_same_bits_on_either_product(monkeypatch):
     layer.bias.normal_()
     x = torch.randn(100, 64)
     outputs = []
-    for use in (False, True):
-        monkeypatch.setattr(hardware, "_INT_MM", {"cpu": use})
+    for product in hardware.PRODUCTS:
+        monkeypatch.setattr(hardware, "_INT_MM", {"cpu": product})
         outputs.append(layer(x))
-    assert torch.equal(*outputs)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
 
 
 def test_scaling_under_bf16_autocast_is_float32_as_torchao_kernel():

@@ -342,15 +342,16 @@ def test_fused_bitnerf_under_cpu_autocast():
 
 
 @pytest.mark.slow
-def test_fused_bitnerf_compiles_fullgraph_and_matches_eager(monkeypatch):
-    """Compiled with the int8 kernel (as on a CPU with VNNI/AMX or on CUDA): no graph break, and the product
-    stays the library's torch._int_mm (the custom op), not a loop inductor writes itself."""
+@pytest.mark.parametrize("product, op", [("onednn", "ternary_mm_onednn"), ("int_mm", "int8_mm")])
+def test_fused_bitnerf_compiles_fullgraph_and_matches_eager(monkeypatch, product, op):
+    """Compiled with an int8 kernel (oneDNN's on a CPU with VNNI/AMX, torch._int_mm on CUDA): no graph break,
+    and the product stays the library's kernel (a custom op), not a loop inductor writes itself."""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
 
     import hardware
 
-    monkeypatch.setattr(hardware, "_INT_MM", {"cpu": True})
+    monkeypatch.setattr(hardware, "_INT_MM", {"cpu": product})
     torch._dynamo.reset()
     counters.clear()
     _, fused = _twins(dict(n_freqs=2, width=16, depth=2, skip_layer=1))
@@ -359,7 +360,7 @@ def test_fused_bitnerf_compiles_fullgraph_and_matches_eager(monkeypatch):
     out, code = run_and_get_code(compiled, x)
     out.square().mean().backward()
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert "torch.ops.nerf_experiments.int8_mm" in "".join(code)
+    assert f"torch.ops.nerf_experiments.{op}" in "".join(code)
     grads = {n: p.grad.clone() for n, p in fused.named_parameters()}
     fused.zero_grad()
     expected = fused(x)
