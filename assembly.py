@@ -20,7 +20,7 @@ from nerf import NeRF
 from occupancy import OccupancyGrid
 from renderer import VolumeRenderer
 from samplers import OccupancyGridSampler, StratifiedSampler
-from hardware import amp_policy, int_mm_available
+from hardware import amp_policy, configure_backends, int_mm_available
 from utils import UserError, load_checkpoint
 
 
@@ -102,6 +102,7 @@ def load_trained(path: str, device: torch.device | str = "cpu") -> tuple[VolumeR
         cfg = config_from_dict(ckpt["config"])
     except (ConfigError, TypeError) as err:
         raise UserError(f"{path}: saved config is unreadable ({err})") from None
+    configure_backends(torch.device(device), cfg.tf32)  # the precision and memory settings training ran with
     renderer = build_renderer(cfg, torch.device(device), ckpt["model"], ckpt.get("occupancy"))
     return renderer.eval(), cfg
 
@@ -123,4 +124,5 @@ def load_exported(path: str, device: torch.device | str = "cpu", mode: str = "in
         raise UserError(f"{path}: tensors do not fit its config: {str(err).splitlines()[0]}") from None
     renderer = VolumeRenderer(field, build_sampler(cfg, occupancy), cfg.chunk_points)
     int_mm_available(torch.device(device))  # decided now, eagerly (see build_renderer)
+    configure_backends(torch.device(device), cfg.tf32)
     return renderer.to(torch.device(device)).eval(), cfg

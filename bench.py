@@ -387,6 +387,7 @@ def render_ratio(size: str, compiled: bool, chunk: int, chunks: int, repeats: in
 
 def ratio_main(args) -> list[dict]:
     device = pick_device(args.device)
+    configure_backends(device, tf32=True)  # as training sets up the device
     if args.threads:
         torch.set_num_threads(args.threads)
     switch = {"both": (False, True), "on": (True,), "off": (False,)}
