@@ -3,7 +3,10 @@ the step must not do on any GPU (host syncs per micro-batch, float64 on the devi
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
+import sys
 from dataclasses import replace
 
 import pytest
@@ -313,3 +316,36 @@ def test_fp16_run_logs_its_skipped_steps(tiny_cfg):
         records = [json.loads(line) for line in f if '"loss"' in line]
     assert summary["amp"] == "float16" and all("skipped_steps" in r for r in records)
     assert all(0 <= r["skipped_steps"] < r["step"] for r in records)  # some steps trained
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and platform.libc_ver()[0] == "glibc"), reason="glibc's malloc")
+def test_cpu_runs_keep_freed_memory_for_reuse():
+    """An 8 MB activation comes from malloc's heap, not a fresh mmap whose every page faults on first touch."""
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                          "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):  # glibc < 2.33
+        pytest.skip("no mallinfo2 to read the heap with")
+    libc.mallinfo2.restype = Mallinfo2
+    configure_backends(torch.device("cpu"), tf32=True)
+    assert hardware.keep_freed_memory()
+    mapped = libc.mallinfo2().hblkhd  # bytes in mmap'd blocks
+    x = torch.empty(2 << 20)
+    assert libc.mallinfo2().hblkhd == mapped and x.numel() == 2 << 20
+
+
+@pytest.mark.skipif(not probe_product("onednn", "cpu"), reason="oneDNN's int8 matmul is not usable here")
+def test_onednn_product_follows_a_weight_changed_in_place():
+    """The packed copy of a ternary weight is looked up by content: a weight updated in place (as the fused
+    AdamW step does, without a version bump) gets a fresh layout, never a stale one."""
+    from bitnerf import ternary_mm_onednn
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randint(-128, 128, (40, 24), generator=gen, dtype=torch.int8)
+    ternary = torch.randint(-1, 2, (16, 24), generator=gen, dtype=torch.int8)
+    for _ in range(2):
+        for _ in range(2):  # the second call reuses the packed layout
+            assert torch.equal(ternary_mm_onednn(a, ternary).double(), a.double() @ ternary.double().t())
+        ternary.neg_()
