@@ -299,9 +299,10 @@ def configure_backends(device: torch.device, tf32: bool) -> None:
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed blocks for reuse. By default it returns blocks above a threshold to the
     system (mmap'd ones on free, the heap's top beyond another), so the next tensor of that size page-faults on
-    each of its 4 KB pages: on a CPU that made an eager NeRF forward (8192-point micro-batches, activations of
-    4-8 MB) ~1.6x slower (bench.py --ratio --render). Here blocks up to 32 MB come from the heap and the heap is
-    never trimmed, so a process holds its peak memory until it exits. False where the C library has no mallopt
+    each of its 4 KB pages. The threshold adapts to a process that reuses one size; a process that alternates
+    sizes or models keeps paying: bench.py's interleaved NeRF/BitNeRF renders ran 1.4-1.9x slower, a lone
+    evaluation ~7 %, a training loop no slower. Here blocks up to 32 MB come from the heap and the heap is never
+    trimmed, so a process holds its peak memory until it exits. False where the C library has no mallopt
     (macOS) or refuses the settings."""
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
