@@ -40,8 +40,8 @@ from bench import PeakMemory, linear_macs, matmul_peak, timed
 from bitnerf import int8_mm
 from configs import EXP1, EXP2, EXP4, apply_device_defaults, apply_scale
 from dataset import synthetic_scene
-from hardware import (amp_policy, configure_backends, cpu_has_native_bf16, int_mm_available, pick_device,
-                      probe_int_mm)
+from hardware import (amp_policy, configure_backends, cpu_has_native_bf16, int_mm_available, integer_product,
+                      pick_device, probe_int_mm)
 from utils import ArgParser, Dist, run_cli
 
 GPU_STEPS, CPU_STEPS = 300, 150  # per training run; the paper-scale exp1 schedule is 1200 steps (50 epochs x 24)
@@ -62,6 +62,7 @@ def check_environment(device: torch.device) -> tuple[bool, dict]:
                      bf16_native=cpu_has_native_bf16())
     facts["amp_auto"] = amp_policy(True, "auto", device).reason
     facts["int_mm"] = int_mm_available(device)
+    facts["integer_product"] = integer_product(device)  # onednn | int_mm | float
     return True, facts
 
 
