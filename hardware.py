@@ -206,8 +206,8 @@ def int_mm_available(device: torch.device) -> bool:
 
 def decide_integer_product(device: torch.device) -> tuple[str, str]:
     """(product, why). Every product is exact and gives the same bits; this only chooses the fastest:
-    "onednn" (oneDNN's int8 matmul primitive, whose AMX / VNNI kernels ran the CPU's product 2-4x faster than
-    torch._int_mm, which calls oneDNN's older int8 gemm), "int_mm" (torch._int_mm: int8 tensor cores on CUDA), or
+    "onednn" (oneDNN's int8 matmul primitive, whose AMX kernels ran the CPU's product 2-4x faster than
+    torch._int_mm, which calls oneDNN's older int8 gemm; CPUs with AMX only), "int_mm" (torch._int_mm: int8 tensor cores on CUDA), or
     "float" (a float32 matmul of the integers: an AVX2-only CPU, Arm, MPS). NERF_INT_MM overrides the choice:
     onednn, on (torch._int_mm) or off (the float product, to compare or to rule the kernels out); a kernel that
     fails its probe is never used."""
@@ -220,7 +220,9 @@ def decide_integer_product(device: torch.device) -> tuple[str, str]:
         wanted, why = ["int_mm"], "int8 tensor cores"
     elif device.type == "cpu":
         units = [flag for flag in INT8_DOT_FLAGS if flag in cpu_flags()]
-        wanted = ["onednn", "int_mm"] if units else []
+        # oneDNN's primitive only with AMX: with VNNI alone (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI) it fell back to
+        # a reference kernel for int8 x int8, seconds per product, where torch._int_mm's gemm took 0.6 ms
+        wanted = (["onednn"] if "amx_int8" in units else []) + (["int_mm"] if units else [])
         why = f"int8 units: {', '.join(units)}" if units else "no VNNI/AMX int8 units"
     else:
         wanted, why = [], f"no int8 matmul kernel on {device.type}"
