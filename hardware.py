@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import platform
+import time
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -207,15 +209,17 @@ def int_mm_available(device: torch.device) -> bool:
 def decide_integer_product(device: torch.device) -> tuple[str, str]:
     """(product, why). Every product is exact and gives the same bits; this only chooses the fastest:
     "onednn" (oneDNN's int8 matmul primitive, whose AMX kernels ran the CPU's product 2-4x faster than
-    torch._int_mm, which calls oneDNN's older int8 gemm; CPUs with AMX only), "int_mm" (torch._int_mm: int8 tensor cores on CUDA), or
-    "float" (a float32 matmul of the integers: an AVX2-only CPU, Arm, MPS). NERF_INT_MM overrides the choice:
-    onednn, on (torch._int_mm) or off (the float product, to compare or to rule the kernels out); a kernel that
-    fails its probe is never used."""
+    torch._int_mm, which calls oneDNN's older int8 gemm), "int_mm" (torch._int_mm: int8 tensor cores on CUDA,
+    VNNI on a CPU), or "float" (a float32 matmul of the integers: an AVX2-only CPU, Arm, MPS). On a CPU the
+    kernels its int8 units allow are probed, then timed against the float product (fast_product), so a kernel
+    that falls back to slow code (AMX the OS does not enable, a VM hiding it) is not used. NERF_INT_MM overrides
+    the choice: onednn, on (torch._int_mm) or off (the float product, to compare or to rule the kernels out); a
+    kernel that fails its probe is never used."""
     mode = os.environ.get("NERF_INT_MM", "auto")
     if mode not in ("auto", "onednn", "on", "off"):
         raise UserError(f"NERF_INT_MM={mode!r} is not auto, onednn, on or off")
     if mode == "off":
-        return "float", "float32 matmul of the integers (NERF_INT_MM=off)"
+        return "float", f"{PRODUCT_NAMES['float']} (NERF_INT_MM=off)"
     if device.type == "cuda":
         wanted, why = ["int_mm"], "int8 tensor cores"
     elif device.type == "cpu":
@@ -228,13 +232,46 @@ def decide_integer_product(device: torch.device) -> tuple[str, str]:
         wanted, why = [], f"no int8 matmul kernel on {device.type}"
     if mode != "auto":
         wanted, why = ["int_mm" if mode == "on" else mode], f"NERF_INT_MM={mode}"
-    names = {"onednn": "oneDNN int8 matmul, int8 -> exact float32", "int_mm": "torch._int_mm, int8 -> int32"}
-    failed = []
-    for product in wanted:
-        if probe_product(product, str(device)):
-            return product, f"{names[product]} ({why}{''.join(failed)})"
-        failed.append(f"; {names[product].split(',')[0]} failed its probe")
-    return "float", f"float32 matmul of the integers ({why}{''.join(failed)})"
+    passing = [product for product in wanted if probe_product(product, str(device))]
+    why += "".join(f"; {PRODUCT_NAMES[p].split(',')[0]} failed its probe" for p in wanted if p not in passing)
+    if not passing:
+        return "float", f"{PRODUCT_NAMES['float']} ({why})"
+    if device.type != "cpu" or mode != "auto":
+        return passing[0], f"{PRODUCT_NAMES[passing[0]]} ({why})"
+    product, timings = fast_product(passing + ["float"])
+    return product, f"{PRODUCT_NAMES[product]} ({why}; {timings})"
+
+
+PRODUCT_NAMES = {"onednn": "oneDNN int8 matmul, int8 -> exact float32", "int_mm": "torch._int_mm, int8 -> int32",
+                 "float": "float32 matmul of the integers"}
+
+
+def fast_product(products: list[str], m: int = 4096, k: int = 128) -> tuple[str, str]:
+    """(the first of `products`, in order of preference, whose time is within 10x of the fastest's; the timings
+    as text), each timed as the best of 5 runs of an [m, k] @ [k, k] product on the CPU (~1 ms). The wide margin
+    keeps a busy machine (a single timing can be off 2-3x when another process holds the cores) from swapping two
+    good kernels, while a kernel that fell back to slow code (AMX the OS does not enable, a VM hiding it: a
+    reference kernel, ~1000x slower) loses. A run over 0.5 s ends that product's timing (no fast kernel takes it;
+    a busy machine's pauses are shorter)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-1, 2, (k, k), generator=gen, dtype=torch.int8)
+    packed = pack_for_onednn(b) if "onednn" in products else None
+    runs = {"onednn": lambda: onednn_int8_mm(a, b, packed), "int_mm": lambda: torch._int_mm(a, b.t()),
+            "float": lambda: a.float() @ b.float().t()}
+    seconds = {}
+    for product in products:
+        seconds[product] = math.inf
+        for _ in range(5):
+            start = time.perf_counter()
+            runs[product]()
+            seconds[product] = min(seconds[product], time.perf_counter() - start)
+            if seconds[product] > 0.5:
+                break
+    fastest = min(seconds.values())
+    chosen = next(p for p in products if seconds[p] <= 10 * fastest)
+    timed = ", ".join(f"{p} {t * 1e3:.3f} ms" for p, t in seconds.items())
+    return chosen, f"timed on a {m}x{k}x{k} product: {timed}"
 
 
 def onednn_int8_mm(a: torch.Tensor, ternary: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:

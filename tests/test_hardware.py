@@ -7,6 +7,7 @@ import ctypes
 import os
 import platform
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -165,6 +166,22 @@ def test_int8_probes_fall_back_when_a_kernel_raises(monkeypatch):
         assert field.hidden[0].linear.ternary()[0].dtype == torch.float32
     finally:
         probe_product.cache_clear()
+
+
+def test_a_kernel_that_falls_back_to_slow_code_is_not_chosen(monkeypatch):
+    """The timing guard: oneDNN's kernel comes first where the CPU has AMX, unless it runs 10x slower than the
+    fastest exact product (what a reference-kernel fallback does); within the margin the order decides."""
+    calls = []
+
+    def slow(a, b, packed=None):
+        calls.append(1)
+        time.sleep(0.6)
+        return a.float() @ b.float().t()
+
+    monkeypatch.setattr(hardware, "onednn_int8_mm", slow)
+    product, why = hardware.fast_product(["onednn", "int_mm", "float"])
+    assert product == "int_mm" and len(calls) == 1 and "onednn" in why  # timed once: over 0.5 s
+    assert hardware.fast_product(["int_mm", "float"])[0] == "int_mm"  # the preferred one, fast enough
 
 
 @pytest.mark.parametrize("flags, expected", [({"avx2", "fma"}, "float"), ({"avx2", "avx512_vnni"}, "int_mm"),
