@@ -188,6 +188,7 @@ def make_grad_scaler(policy: AmpPolicy, device: torch.device) -> torch.amp.GradS
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86 int8 dot-product units (VNNI, AMX)
 PRODUCTS = ("onednn", "int_mm", "float")  # BitNeRF's ternary product: see decide_integer_product
 _INT_MM: dict[str, str] = {}  # device type -> the product BitNeRF's ternary layers use there
+_INT_MM_WHY: dict[str, str] = {}  # device type -> why (decide_integer_product's text, timings included)
 
 
 def integer_product(device: torch.device) -> str:
@@ -197,7 +198,8 @@ def integer_product(device: torch.device) -> str:
     if choice is None:
         if torch.compiler.is_compiling():  # no probe inside a graph: the float product, same bits
             return "float"
-        choice = _INT_MM[device.type] = decide_integer_product(device)[0]
+        choice, _INT_MM_WHY[device.type] = decide_integer_product(device)
+        _INT_MM[device.type] = choice
     return choice
 
 
@@ -318,7 +320,10 @@ def probe_int_mm(device: str) -> bool:
 
 
 def integer_matmul_line(device: torch.device) -> str:
-    return f"BitNeRF integer product: {decide_integer_product(device)[1]}"
+    """The run's line naming the product its BitNeRF layers use (the process's one decision, not a new one)."""
+    product = integer_product(device)
+    why = _INT_MM_WHY.get(device.type, "")
+    return f"BitNeRF integer product: {why if why.startswith(PRODUCT_NAMES[product]) else PRODUCT_NAMES[product]}"
 
 
 # --- backends ----------------------------------------------------------------------------------------------------

@@ -368,3 +368,15 @@ def test_onednn_product_follows_a_weight_changed_in_place():
         for _ in range(2):  # the second call reuses the packed layout
             assert torch.equal(ternary_mm_onednn(a, ternary).double(), a.double() @ ternary.double().t())
         ternary.neg_()
+
+
+def test_the_runs_line_names_the_product_in_use(monkeypatch):
+    monkeypatch.setattr(hardware, "_INT_MM", {})
+    monkeypatch.setattr(hardware, "_INT_MM_WHY", {})
+    cpu = torch.device("cpu")
+    line = hardware.integer_matmul_line(cpu)
+    decided = hardware._INT_MM["cpu"]
+    assert line.startswith(f"BitNeRF integer product: {hardware.PRODUCT_NAMES[decided]} (")
+    other = "float" if decided != "float" else "int_mm"
+    monkeypatch.setitem(hardware._INT_MM, "cpu", other)  # a later choice gets its own name, not stale reasons
+    assert hardware.integer_matmul_line(cpu) == f"BitNeRF integer product: {hardware.PRODUCT_NAMES[other]}"
