@@ -138,7 +138,7 @@ class _RMSNormBitLinear(torch.autograd.Function):
                 and (norm_weight is None or norm_weight.dtype == torch.float32)):
             # the same arithmetic in two C++ passes (cpu_kernels.py; the RMS summed in its own order)
             y_q, row_scale, deq, r = cpu_kernels.quantize_rows(*_x_and_extra(parts), norm_weight, eps, want_deq=True)
-            out = _integer_mm(y_q if ternary.dtype == torch.int8 else y_q.float(), ternary)
+            out = integer_mm(y_q if ternary.dtype == torch.int8 else y_q.float(), ternary)
             out = cpu_kernels.scale_bias(out, row_scale, scale, bias, relu)
             ctx.save_for_backward(deq, ternary, scale, out if relu else None,
                                   *((r, norm_weight, *parts) if norm_weight is not None else ()))
@@ -167,7 +167,7 @@ class _RMSNormBitLinear(torch.autograd.Function):
         if y.dtype != torch.float32:
             y_q = y_q.clip_(-128, 127)
         # exact: int32 from int8 operands, or float32 holding the same integers
-        out = _integer_mm(y_q.to(torch.int8) if ternary.dtype == torch.int8 else y_q, ternary)
+        out = integer_mm(y_q.to(torch.int8) if ternary.dtype == torch.int8 else y_q, ternary)
         out = scale_and_bias(out, scale, row_scale, bias, dtype)
         if relu:
             out = out.relu_()
@@ -312,7 +312,7 @@ class PackedCache:
 _PACKED = PackedCache()
 
 
-def _integer_mm(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
+def integer_mm(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
     """x_q [M, K] @ ternary.T, both holding integers, exactly: with an int8 ternary (where the device has an int8
     kernel, see hardware.integer_product) oneDNN's int8 matmul (float32 out) or torch._int_mm (int32; shapes it
     takes), else a float32 matmul, which is exact: every partial sum is an integer of magnitude <= 128 K < 2^24

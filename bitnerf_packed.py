@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import cpu_kernels
-from bitnerf import BitNeRF, _integer_mm, int8_mm, quantized_layer_names, scale_and_bias, ternary_weight
+from bitnerf import BitNeRF, integer_mm, int8_mm, quantized_layer_names, scale_and_bias, ternary_weight
 from hardware import int_mm_available
 
 
@@ -27,7 +27,7 @@ def ternary_matmul(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
     exactly, so every path gives the same bits.
     """
     if int_mm_available(x_q.device):
-        return _integer_mm(x_q.to(torch.int8), ternary)
+        return integer_mm(x_q.to(torch.int8), ternary)
     if 128 * x_q.shape[1] >= 2**24:  # beyond float32's exact integers
         return int8_mm(x_q.to(torch.int8), ternary.T)
     return x_q.float() @ ternary.T.float()
