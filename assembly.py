@@ -57,7 +57,7 @@ def build_renderer(cfg: Config, device: torch.device, field_state: dict | None =
     field.to(device)
     if cfg.model == "bitnerf":
         int_mm_available(device)  # decided now, eagerly: under torch.compile it is a constant
-        quantize_bitnet(field)
+        quantize_bitnet(field, bf16_grads=cfg.bitnet_grad == "bf16")
     return VolumeRenderer(field, build_sampler(cfg, build_occupancy(cfg, device, occupancy_state)), cfg.chunk_points)
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import cpu_kernels
-from hardware import int_mm_available, integer_product, onednn_int8_mm, pack_for_onednn
+from hardware import cpu_has_native_bf16, int_mm_available, integer_product, onednn_int8_mm, pack_for_onednn
 from nerf import NeRF
 
 
@@ -51,6 +51,10 @@ class BitLinear(nn.Linear):
     activations. They are not cached: the fused AdamW step updates a weight without advancing its version
     counter, so a cache keyed on that counter would serve stale weights (tests/test_models.py checks this).
     """
+
+    # the precision of the backward's two matmuls: float32 (torchao's STE) or, with bf16_grads, bf16 inputs and
+    # float32 sums (mm_bf16_inputs); set by quantize_bitnet
+    bf16_grads = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rmsnorm_bitlinear(x, None, 0.0, self)
@@ -95,7 +99,8 @@ def rmsnorm_bitlinear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_ep
     per-row absmax int8 activations (eps 1e-5) times the ternary weight, an exact integer product, scaled by the
     weight's absmean and the row scales, plus the bias. Gradients are the straight-through ones torchao computes:
     grad input = grad out @ ternary * scale (then through the RMSNorm), grad weight = grad out^T @ dequantized
-    int8 activations. No RMSNorm when `norm_weight` is None.
+    int8 activations (with `linear.bf16_grads`, both products with bf16-rounded inputs and float32 sums). No
+    RMSNorm when `norm_weight` is None.
 
     `extra` [..., E] (no gradient; with an RMSNorm only): the layer's input is cat([x, extra], -1), never built
     (a NeRF skip layer's encoding). Autocast: as torchao, under CUDA autocast input, weight and bias are cast to
@@ -107,7 +112,8 @@ def rmsnorm_bitlinear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_ep
     ternary, scale = linear.ternary(dtype)
     if norm_eps is None:
         norm_eps = torch.finfo(x.dtype).eps
-    args = (x, extra, norm_weight, linear.weight, linear.bias, ternary, scale, norm_eps, dtype, relu)
+    args = (x, extra, norm_weight, linear.weight, linear.bias, ternary, scale, norm_eps, dtype, relu,
+            linear.bf16_grads)
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
             return _RMSNormBitLinear.apply(*args)
@@ -129,7 +135,7 @@ class _RMSNormBitLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, extra, norm_weight, weight, bias, ternary, scale, eps, dtype, relu):
+    def forward(ctx, x, extra, norm_weight, weight, bias, ternary, scale, eps, dtype, relu, bf16_grads):
         lead, k = x.shape[:-1], x.shape[-1]
         x = x.reshape(-1, k)
         parts = (x,) if extra is None else (x, extra.reshape(x.shape[0], -1))
@@ -142,7 +148,7 @@ class _RMSNormBitLinear(torch.autograd.Function):
             out = cpu_kernels.scale_bias(out, row_scale, scale, bias, relu)
             ctx.save_for_backward(deq, ternary, scale, out if relu else None,
                                   *((r, norm_weight, *parts) if norm_weight is not None else ()))
-            ctx.x_dtype, ctx.lead, ctx.weight_dtype = x.dtype, lead, weight.dtype
+            ctx.x_dtype, ctx.lead, ctx.weight_dtype, ctx.bf16_grads = x.dtype, lead, weight.dtype, bf16_grads
             return out.view(*lead, -1)
         if norm_weight is not None:
             # nn.RMSNorm's arithmetic (same bits): y = (x * r) * g, r = rsqrt(mean(x^2) + eps) [M, 1], in float32,
@@ -178,7 +184,7 @@ class _RMSNormBitLinear(torch.autograd.Function):
         ctx.save_for_backward(deq, ternary, scale, out if relu else None,
                               *((r, norm_weight, *parts) if norm_weight is not None else ()))
         ctx.x_dtype, ctx.lead = x.dtype, lead
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.bf16_grads = weight.dtype, bf16_grads
         return out.view(*lead, -1)
 
     @staticmethod
@@ -194,12 +200,13 @@ class _RMSNormBitLinear(torch.autograd.Function):
                 grad_out = torch.ops.aten.threshold_backward(grad_out, h, 0)
         if needs[4] and grad_bias is None:
             grad_bias = grad_out.sum(0)
+        mm = mm_bf16_inputs if ctx.bf16_grads and grad_out.dtype == torch.float32 else torch.mm
         if needs[3]:  # torchao: grad_out^T @ (int8 activations * row scale)
-            grad_weight = (grad_out.t() @ deq.to(grad_out.dtype)).to(ctx.weight_dtype)
+            grad_weight = mm(grad_out.t(), deq.to(grad_out.dtype)).to(ctx.weight_dtype)
         if needs[0] or needs[2]:
             # torchao: grad of the Linear's input = grad_out @ ternary * scale (straight through the rounding);
             # the scale folded into the small weight saves a pass over the activations
-            grad_y = grad_out @ (ternary.to(grad_out.dtype) * scale.to(grad_out.dtype))
+            grad_y = mm(grad_out, ternary.to(grad_out.dtype) * scale.to(grad_out.dtype))
             if len(ctx.saved_tensors) == 4:  # no RMSNorm
                 grad_x = grad_y.to(ctx.x_dtype)
             else:  # through y = xhat * g, xhat = x * r, r = rsqrt(mean(x^2) + eps), with c = mean(grad_y * g * xhat):
@@ -211,7 +218,7 @@ class _RMSNormBitLinear(torch.autograd.Function):
                 if cpu_kernels.active(grad_y) and g.dtype == torch.float32:  # one C++ pass
                     grad_x, grad_norm = cpu_kernels.rms_norm_backward(grad_y, *_x_and_extra(parts), r, g)
                     return (grad_x.to(ctx.x_dtype).view(*ctx.lead, -1), None, grad_norm if needs[2] else None,
-                            grad_weight, grad_bias, None, None, None, None, None)
+                            grad_weight, grad_bias, None, None, None, None, None, None)
                 columns = (grad_y,) if len(parts) == 1 else (grad_y[:, :k], grad_y[:, k:])
                 product = _cat_times(parts, columns, eager)  # grad_y * xhat / r
                 if needs[2]:
@@ -220,7 +227,7 @@ class _RMSNormBitLinear(torch.autograd.Function):
                 grad_x = (grad_y if k == grad_y.shape[1] else grad_y[:, :k]) * g[:k]
                 grad_x = grad_x.mul_(r).addcmul_(parts[0].float(), r.square().mul_(c), value=-1).to(ctx.x_dtype)
             grad_x = grad_x.view(*ctx.lead, -1)
-        return grad_x, None, grad_norm, grad_weight, grad_bias, None, None, None, None, None
+        return grad_x, None, grad_norm, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _x_and_extra(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -288,6 +295,31 @@ def ternary_mm_onednn(a: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
 @ternary_mm_onednn.register_fake
 def _(a: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
     return a.new_empty((a.shape[0], ternary.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("nerf_experiments::mm_bf16_inputs", mutates_args=())
+def mm_bf16_inputs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [K, N], float32 in and out, with the inputs rounded to bf16 and the sums kept in float32: on a
+    CPU with bf16 units (AMX, AVX-512 BF16) oneDNN's bf16 matmul, several times the fp32 rate; on CUDA a bf16
+    matmul with float32 output; elsewhere the float32 product of the rounded inputs (the same arithmetic, no
+    faster). One opaque operator, so that torch.compile calls it as it is (the CPU setting it needs is process
+    state, which a compiled graph would not see)."""
+    if a.device.type == "cpu" and cpu_has_native_bf16():
+        matmul = torch.backends.mkldnn.matmul
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "bf16"
+        try:
+            return a @ b
+        finally:
+            matmul.fp32_precision = before
+    if a.device.type == "cuda":
+        return torch.mm(a.bfloat16(), b.bfloat16(), out_dtype=torch.float32)
+    return a.bfloat16().float() @ b.bfloat16().float()
+
+
+@mm_bf16_inputs.register_fake
+def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.new_empty((a.shape[0], b.shape[1]))
 
 
 class PackedCache:
@@ -371,11 +403,14 @@ def quantized_layer_names(depth: int, viewdirs: bool = False) -> list[str]:
     return [f"hidden.{i}" for i in range(depth)] + (["feature", "view"] if viewdirs else [])
 
 
-def quantize_bitnet(model: BitNeRF) -> BitNeRF:
+def quantize_bitnet(model: BitNeRF, bf16_grads: bool = False) -> BitNeRF:
     """Make the hidden layers (and the direction branch's feature and direction layers) BitNet b1.58 QAT layers
     (RMSNorm + BitLinear, or a BitLinear alone without the norm; torchao bitnet_training's math in one
     autograd.Function), in place. Returns the model. The parameters stay the same plain nn.Parameters (state dict
     unchanged). Apply after loading float weights and before torch.compile / DDP.
+
+    `bf16_grads` (config bitnet_grad=bf16): the backward's two matmuls take bf16-rounded inputs and keep float32
+    sums, as BitNet's own bf16 mixed-precision training computes them; the forward is unchanged.
     """
     device = next(model.parameters()).device
     int_mm_available(device)  # decided now, eagerly: a constant under torch.compile
@@ -387,6 +422,7 @@ def quantize_bitnet(model: BitNeRF) -> BitNeRF:
     for linear in model.quantized_linears():
         if type(linear) is nn.Linear:
             linear.__class__ = BitLinear
+        linear.bf16_grads = bf16_grads
     return model
 
 

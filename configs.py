@@ -68,6 +68,10 @@ class Config:
     n_freqs_dirs: int = 4  # viewdirs=true: positional encoding frequencies of the direction (the original's L=4)
     # model=bitnerf: the RMSNorm before each BitLinear, as in BitNet b1.58; false quantizes the layer's raw input
     bitnet_norm: bool = True
+    # model=bitnerf: the backward's two matmuls per layer. fp32: torchao's straight-through estimator as it is;
+    # bf16: their inputs rounded to bf16 (relative error ~2^-9), float32 sums, as BitNet trains in bf16 mixed
+    # precision; on bf16 units (AMX, CUDA sm_80+) several times faster. The forward is exact either way
+    bitnet_grad: str = "fp32"
     grid_resolution: int = 128  # model=grid: vertices per axis
     grid_bound: float = 1.5  # model=grid: the grid spans [-bound, bound]^3 (outside is empty space)
     # --- rendering -----------------------------------------------------------------------------------------
@@ -149,6 +153,7 @@ _CHOICES = {
     "wandb": ("online", "offline", "disabled"),
     "scale": ("paper", "cpu"),
     "background": ("auto", "white", "black", "random", "none"),
+    "bitnet_grad": ("fp32", "bf16"),
 }
 
 

@@ -326,6 +326,14 @@ def integer_matmul_line(device: torch.device) -> str:
     return f"BitNeRF integer product: {why if why.startswith(PRODUCT_NAMES[product]) else PRODUCT_NAMES[product]}"
 
 
+def bitnet_grad_line(bitnet_grad: str, device: torch.device) -> str:
+    """The run's line naming the precision of BitNeRF's backward matmuls (config bitnet_grad)."""
+    if bitnet_grad == "fp32":
+        return "BitNeRF backward matmuls: float32 (torchao's straight-through estimator)"
+    how = "on this device's bf16 units" if _native_bf16(device) else "no bf16 units here: rounded, then float32, no faster"
+    return f"BitNeRF backward matmuls: bf16 inputs, float32 sums ({how})"
+
+
 # --- backends ----------------------------------------------------------------------------------------------------
 
 

@@ -29,8 +29,8 @@ from dataset import RayBatcher, Views, train_val_views
 from experiments import REGISTRY
 from orbit import render_orbit, write_orbit
 from renderer import VolumeRenderer, render_image
-from hardware import (amp_policy, compute_cleanup, compute_init, configure_backends, device_line,
-                      integer_matmul_line, make_grad_scaler)
+from hardware import (amp_policy, bitnet_grad_line, compute_cleanup, compute_init, configure_backends,
+                      device_line, integer_matmul_line, make_grad_scaler)
 from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json, atomic_torch_save,
                    colourise_depth, gather_to_master, load_checkpoint_or_newest_good, master_decides, mse_to_psnr,
                    print0, run_cli, seed_everything, to_uint8)
@@ -428,6 +428,7 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
     print0(device_line(device, trainer.amp, cfg.tf32))
     if cfg.model == "bitnerf":
         print0(integer_matmul_line(device))
+        print0(bitnet_grad_line(cfg.bitnet_grad, device))
         if device.type == "cpu":
             print0(kernels_line())
     start_step, train_time = 0, 0.0

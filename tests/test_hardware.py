@@ -380,3 +380,13 @@ def test_the_runs_line_names_the_product_in_use(monkeypatch):
     other = "float" if decided != "float" else "int_mm"
     monkeypatch.setitem(hardware._INT_MM, "cpu", other)  # a later choice gets its own name, not stale reasons
     assert hardware.integer_matmul_line(cpu) == f"BitNeRF integer product: {hardware.PRODUCT_NAMES[other]}"
+
+
+def test_the_runs_line_names_the_backward_precision(monkeypatch):
+    cpu = torch.device("cpu")
+    assert hardware.bitnet_grad_line("fp32", cpu) == ("BitNeRF backward matmuls: float32 (torchao's "
+                                                     "straight-through estimator)")
+    for native, how in ((True, "on this device's bf16 units"), (False, "no bf16 units here")):
+        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
+        line = hardware.bitnet_grad_line("bf16", cpu)
+        assert line.startswith("BitNeRF backward matmuls: bf16 inputs, float32 sums (" + how), line

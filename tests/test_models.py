@@ -341,11 +341,38 @@ def test_fused_bitnerf_under_cpu_autocast():
     torch.testing.assert_close(out.float(), reference(x), rtol=0.1, atol=0.1)
 
 
+@pytest.mark.parametrize("bf16_grads", [False, True])
+def test_bf16_grads_round_only_the_backward_matmuls(bf16_grads):
+    """bitnet_grad=bf16: the forward is the same bits; the gradients are those of the float32 backward to within
+    bf16's rounding of the two matmuls' inputs (relative 2^-9 each), and the matmul is the rounded inputs' product."""
+    from bitnerf import mm_bf16_inputs
+
+    torch.manual_seed(0)
+    a, b = torch.randn(300, 40), torch.randn(40, 24)
+    expected = a.bfloat16().double() @ b.bfloat16().double()  # rounded inputs, exact sums
+    got = mm_bf16_inputs(a, b).double()
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert (a.double() @ b.double() - expected).abs().max() > 1e-4 * expected.abs().max()  # rounding is visible
+    _, base = _twins(dict(n_freqs=3, width=32, depth=3, skip_layer=1))
+    other = quantize_bitnet(BitNeRF(n_freqs=3, width=32, depth=3, skip_layer=1), bf16_grads=bf16_grads)
+    other.load_state_dict(base.state_dict())
+    x = torch.randn(400, 3)
+    out_base, out_other = base(x), other(x)
+    assert torch.equal(out_base, out_other)
+    out_base.square().mean().backward()
+    out_other.square().mean().backward()
+    for (name, p), q in zip(base.named_parameters(), other.parameters()):
+        error = (q.grad - p.grad).abs().max() / p.grad.abs().max()
+        assert error <= (2e-2 if bf16_grads else 0), (name, float(error))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("product, op", [("onednn", "ternary_mm_onednn"), ("int_mm", "int8_mm")])
-def test_fused_bitnerf_compiles_fullgraph_and_matches_eager(monkeypatch, product, op):
+@pytest.mark.parametrize("product, op, bf16_grads",
+                         [("onednn", "ternary_mm_onednn", True), ("int_mm", "int8_mm", False)])
+def test_fused_bitnerf_compiles_fullgraph_and_matches_eager(monkeypatch, product, op, bf16_grads):
     """Compiled with an int8 kernel (oneDNN's on a CPU with VNNI/AMX, torch._int_mm on CUDA): no graph break,
-    and the product stays the library's kernel (a custom op), not a loop inductor writes itself."""
+    and the product stays the library's kernel (a custom op), not a loop inductor writes itself; so does the
+    backward's bf16 matmul (bitnet_grad=bf16)."""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
 
@@ -355,12 +382,20 @@ def test_fused_bitnerf_compiles_fullgraph_and_matches_eager(monkeypatch, product
     torch._dynamo.reset()
     counters.clear()
     _, fused = _twins(dict(n_freqs=2, width=16, depth=2, skip_layer=1))
+    quantize_bitnet(fused, bf16_grads=bf16_grads)
     compiled = torch.compile(fused, fullgraph=True)  # fullgraph: a graph break raises
     x = torch.randn(50, 3)
-    out, code = run_and_get_code(compiled, x)
-    out.square().mean().backward()
+
+    def step():
+        y = compiled(x)
+        y.square().mean().backward()
+        return y
+
+    out, code = run_and_get_code(step)
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert f"torch.ops.nerf_experiments.{op}" in "".join(code)
+    code = "".join(code)
+    assert f"torch.ops.nerf_experiments.{op}" in code
+    assert ("torch.ops.nerf_experiments.mm_bf16_inputs" in code) == bf16_grads
     grads = {n: p.grad.clone() for n, p in fused.named_parameters()}
     fused.zero_grad()
     expected = fused(x)
