@@ -20,7 +20,7 @@ from nerf import NeRF
 from occupancy import OccupancyGrid
 from renderer import VolumeRenderer
 from samplers import OccupancyGridSampler, StratifiedSampler
-from hardware import amp_policy, configure_backends, int_mm_available
+from hardware import amp_policy, bitnet_bf16_grads, configure_backends, int_mm_available
 from utils import UserError, load_checkpoint
 
 
@@ -57,7 +57,7 @@ def build_renderer(cfg: Config, device: torch.device, field_state: dict | None =
     field.to(device)
     if cfg.model == "bitnerf":
         int_mm_available(device)  # decided now, eagerly: under torch.compile it is a constant
-        quantize_bitnet(field, bf16_grads=cfg.bitnet_grad == "bf16")
+        quantize_bitnet(field, bf16_grads=bitnet_bf16_grads(cfg.bitnet_grad, device))
     return VolumeRenderer(field, build_sampler(cfg, build_occupancy(cfg, device, occupancy_state)), cfg.chunk_points)
 
 

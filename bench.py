@@ -55,7 +55,7 @@ from queue import Empty
 import torch
 
 from configs import PRESETS, Config, points_per_ray, rays_per_chunk
-from hardware import amp_policy, configure_backends, pick_device
+from hardware import amp_policy, bitnet_bf16_grads, configure_backends, pick_device
 from utils import ArgParser, Dist, UserError, run_cli
 
 DEFAULT_PRESET = {"nerf": "exp1", "bitnerf": "exp4", "grid": "fast"}
@@ -299,18 +299,17 @@ def field_train_step(field: torch.nn.Module, optimizer, points: torch.Tensor, ta
 
 
 def bitnerf_ratio(size: str, compiled: bool, chunk: int, chunks: int, repeats: int, device: torch.device,
-                  amp: bool = False, impl: str = "fused", bitnet_grad: str = "fp32") -> dict:
+                  amp: bool = False, impl: str = "fused", bitnet_grad: str = "auto") -> dict:
     """Seconds per training step of NeRF and of (quantized) BitNeRF of the same size on the same random points,
     timed alternately (NeRF, BitNeRF, NeRF, ...) so both see the same machine load; the ratio is the median of
     the per-pair ratios. AdamW as train.make_optimizer builds it (fused where every parameter is plain).
     impl "torchao": BitNeRF on torchao's BitNet weight subclass and nn.RMSNorm (the reference the fused layer
-    is tested against). bitnet_grad "bf16": the fused layer's backward matmuls with bf16 inputs (config
-    bitnet_grad)."""
+    is tested against). bitnet_grad: the fused layer's backward matmuls, as the config key of that name."""
     from bitnerf import BitNeRF, quantize_bitnet
     from nerf import NeRF
 
     def quantize(field):
-        return quantize_bitnet(field, bf16_grads=bitnet_grad == "bf16")
+        return quantize_bitnet(field, bf16_grads=bitnet_bf16_grads(bitnet_grad, device))
     if impl == "torchao":  # the reference lives with the tests that check the fused layer against it
         from tests.torchao_reference import quantize_bitnet_torchao as quantize
 
@@ -339,7 +338,8 @@ def bitnerf_ratio(size: str, compiled: bool, chunk: int, chunks: int, repeats: i
             cpu[name].append(time.process_time() - start)
     ratios = [b / a for a, b in zip(times["nerf"], times["bitnerf"])]
     cpu_ratios = [b / a for a, b in zip(cpu["nerf"], cpu["bitnerf"])]
-    return {"size": size, **arch, "impl": impl, "bitnet_grad": bitnet_grad, "compile": compiled, "amp": str(dtype).replace("torch.", "") if amp else "off",
+    return {"size": size, **arch, "impl": impl, "bitnet_grad": bitnet_grad,
+            "bf16_grads": bitnet_bf16_grads(bitnet_grad, device), "compile": compiled, "amp": str(dtype).replace("torch.", "") if amp else "off",
             "points_per_step": n, "chunk_points": chunk, "nerf_step_s": statistics.median(times["nerf"]),
             "bitnerf_step_s": statistics.median(times["bitnerf"]), "ratio": statistics.median(ratios),
             "ratio_all": ratios, "cpu_ratio": statistics.median(cpu_ratios), "first_step_s": first,
@@ -480,7 +480,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--threads", type=int, default=0, help="--ratio: torch threads (default: torch's)")
     p.add_argument("--bitnerf-impl", choices=("fused", "torchao"), default="fused",
                    help="--ratio: BitNeRF's layers: bitnerf's fused RMSNorm+BitLinear, or torchao's BitNet weights")
-    p.add_argument("--bitnet-grad", choices=("fp32", "bf16"), default="fp32",
+    p.add_argument("--bitnet-grad", choices=("auto", "fp32", "bf16"), default="auto",
                    help="--ratio: the fused layer's backward matmuls (config bitnet_grad)")
     args = p.parse_args(argv)
     if args.batch_rays < 1 or args.repeats < 1 or args.warmup < 0 or (args.chunk_points or 1) < 1:

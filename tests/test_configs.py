@@ -85,7 +85,7 @@ def test_explicit_overrides_win_over_the_scale_and_auto_follows_the_device():
     (["--near=6", "--far=2"], "need 0 <= near < far"),
     (["--device=tpu"], "device='tpu'"),
     (["--wandb=maybe"], "wandb='maybe' is not one of"),
-    (["--bitnet_grad=fp16"], "bitnet_grad='fp16' is not one of fp32, bf16"),
+    (["--bitnet_grad=fp16"], "bitnet_grad='fp16' is not one of auto, fp32, bf16"),
     (["--steps=-1"], "steps must be >= 0"),
     (["--preset=fast", "--viewdirs=true"], "model=grid has no direction branch: set --viewdirs=false"),
     (["--viewdirs", "--n_freqs_dirs=-1"], "n_freqs_dirs must be >= 0"),
@@ -147,11 +147,14 @@ def test_points_per_ray_and_rays_per_chunk_are_one_rule_for_sampler_renderer_and
         assert renderer.eval_chunk_rays() == rays_per_chunk(cfg) * occupancy
 
 
-def test_bitnet_grad_reaches_every_quantized_layer():
+def test_bitnet_grad_reaches_every_quantized_layer(monkeypatch):
     from assembly import build_renderer
+    import hardware
 
     tiny = dict(width=8, depth=2, skip_layer=1, n_freqs=2, occ_resolution=4, viewdirs=True)
-    for choice, expected in (("fp32", False), ("bf16", True)):
+    for choice, units, expected in (("fp32", True, False), ("bf16", False, True), ("auto", True, True),
+                                    ("auto", False, False)):
+        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: units)
         cfg = from_cli(dataclasses.replace(EXP4, **tiny), [f"--bitnet_grad={choice}"])
         field = build_renderer(cfg, torch.device("cpu")).field
         flags = [linear.bf16_grads for linear in field.quantized_linears()]

@@ -390,3 +390,7 @@ def test_the_runs_line_names_the_backward_precision(monkeypatch):
         monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
         line = hardware.bitnet_grad_line("bf16", cpu)
         assert line.startswith("BitNeRF backward matmuls: bf16 inputs, float32 sums (" + how), line
+    # auto: bf16 only where the CPU has the units
+    assert hardware.bitnet_grad_line("auto", cpu).startswith("BitNeRF backward matmuls: auto: float32")
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    assert hardware.bitnet_grad_line("auto", cpu).startswith("BitNeRF backward matmuls: auto: bf16 inputs")

@@ -341,18 +341,29 @@ def test_fused_bitnerf_under_cpu_autocast():
     torch.testing.assert_close(out.float(), reference(x), rtol=0.1, atol=0.1)
 
 
-@pytest.mark.parametrize("bf16_grads", [False, True])
-def test_bf16_grads_round_only_the_backward_matmuls(bf16_grads):
-    """bitnet_grad=bf16: the forward is the same bits; the gradients are those of the float32 backward to within
-    bf16's rounding of the two matmuls' inputs (relative 2^-9 each), and the matmul is the rounded inputs' product."""
-    from bitnerf import mm_bf16_inputs
+@pytest.mark.parametrize("units", [True, False])
+def test_bf16_matmul_is_the_product_of_rounded_inputs(monkeypatch, units):
+    """On a CPU with bf16 units oneDNN's bf16 matmul, without them the float32 product of the rounded inputs: the
+    same arithmetic (bf16 inputs, float32 sums) either way, and not the float32 product of the inputs."""
+    import bitnerf
+    from hardware import cpu_has_native_bf16
 
+    if units and not cpu_has_native_bf16():
+        pytest.skip("this CPU has no bf16 units")
+    monkeypatch.setattr(bitnerf, "cpu_has_native_bf16", lambda: units)
     torch.manual_seed(0)
     a, b = torch.randn(300, 40), torch.randn(40, 24)
     expected = a.bfloat16().double() @ b.bfloat16().double()  # rounded inputs, exact sums
-    got = mm_bf16_inputs(a, b).double()
-    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    for left in (a, a.t().contiguous().t()):  # the weight gradient's operand is a transposed view
+        got = bitnerf.mm_bf16_inputs(left, b).double()
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
     assert (a.double() @ b.double() - expected).abs().max() > 1e-4 * expected.abs().max()  # rounding is visible
+
+
+@pytest.mark.parametrize("bf16_grads", [False, True])
+def test_bf16_grads_round_only_the_backward_matmuls(bf16_grads):
+    """bitnet_grad=bf16: the forward is the same bits; the gradients are those of the float32 backward to within
+    bf16's rounding of the two matmuls' inputs (relative 2^-9 each)."""
     _, base = _twins(dict(n_freqs=3, width=32, depth=3, skip_layer=1))
     other = quantize_bitnet(BitNeRF(n_freqs=3, width=32, depth=3, skip_layer=1), bf16_grads=bf16_grads)
     other.load_state_dict(base.state_dict())
