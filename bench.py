@@ -339,7 +339,8 @@ def bitnerf_ratio(size: str, compiled: bool, chunk: int, chunks: int, repeats: i
     ratios = [b / a for a, b in zip(times["nerf"], times["bitnerf"])]
     cpu_ratios = [b / a for a, b in zip(cpu["nerf"], cpu["bitnerf"])]
     return {"size": size, **arch, "impl": impl, "bitnet_grad": bitnet_grad,
-            "bf16_grads": bitnet_bf16_grads(bitnet_grad, device), "compile": compiled, "amp": str(dtype).replace("torch.", "") if amp else "off",
+            "bf16_grads": bitnet_bf16_grads(bitnet_grad, device), "compile": compiled,
+            "amp": str(dtype).replace("torch.", "") if amp else "off",
             "points_per_step": n, "chunk_points": chunk, "nerf_step_s": statistics.median(times["nerf"]),
             "bitnerf_step_s": statistics.median(times["bitnerf"]), "ratio": statistics.median(ratios),
             "ratio_all": ratios, "cpu_ratio": statistics.median(cpu_ratios), "first_step_s": first,

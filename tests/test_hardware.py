@@ -390,7 +390,10 @@ def test_the_runs_line_names_the_backward_precision(monkeypatch):
         monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
         line = hardware.bitnet_grad_line("bf16", cpu)
         assert line.startswith("BitNeRF backward matmuls: bf16 inputs, float32 sums (" + how), line
-    # auto: bf16 only where the CPU has the units
+    # auto: bf16 only on a CPU with the units; CUDA and MPS keep the float32 backward, bf16 is asked for by name
+    for name in ("cuda", "mps"):
+        assert not hardware.bitnet_bf16_grads("auto", torch.device(name))
+        assert hardware.bitnet_bf16_grads("bf16", torch.device(name))
     assert hardware.bitnet_grad_line("auto", cpu).startswith("BitNeRF backward matmuls: auto: float32")
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
     assert hardware.bitnet_grad_line("auto", cpu).startswith("BitNeRF backward matmuls: auto: bf16 inputs")
