@@ -14,7 +14,7 @@ from torch import nn
 from bitnerf import BitNeRF, plain_state_dict, quantize_bitnet
 from bitnerf_format import OCCUPIED_KEY, is_bitnerf_file, read_bitnerf
 from bitnerf_packed import ternary_field
-from configs import Config, ConfigError, config_from_dict
+from configs import Config, ConfigError, config_from_dict, scene_bounds
 from grid_field import GridField
 from nerf import NeRF
 from occupancy import OccupancyGrid
@@ -63,16 +63,17 @@ def build_renderer(cfg: Config, device: torch.device, field_state: dict | None =
 
 def build_sampler(cfg: Config, grid: OccupancyGrid | None) -> StratifiedSampler:
     """The sampler of a config: stratified (+ importance), or through an occupancy grid when skipping."""
+    near, far, _, contraction = scene_bounds(cfg)
     if grid is None:
-        return StratifiedSampler(cfg.near, cfg.far, cfg.n_samples, cfg.n_importance)
-    return OccupancyGridSampler(cfg.near, cfg.far, cfg.n_samples, grid, cfg.occ_update_every)
+        return StratifiedSampler(near, far, cfg.n_samples, cfg.n_importance, contraction)
+    return OccupancyGridSampler(near, far, cfg.n_samples, grid, cfg.occ_update_every, contraction)
 
 
 def build_occupancy(cfg: Config, device: torch.device, state: dict | None = None) -> OccupancyGrid | None:
     """The occupancy grid of a skipping config (None without skipping), from a saved state if given."""
     if not cfg.skip:
         return None
-    grid = OccupancyGrid(cfg.occ_resolution, cfg.occ_bound, cfg.occ_threshold)
+    grid = OccupancyGrid(cfg.occ_resolution, scene_bounds(cfg)[2], cfg.occ_threshold)
     if state is not None:
         try:
             grid.load_state_dict(state)

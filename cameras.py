@@ -169,6 +169,38 @@ def orbit_poses(n_frames: int, radius: float, elevation: float) -> torch.Tensor:
     return torch.stack([pose_spherical(360.0 * k / n_frames, elevation, radius) for k in range(n_frames)])
 
 
+def look_at(position: np.ndarray) -> np.ndarray:
+    """Camera-to-world [4, 4] of a camera at `position` [3] looking at the origin, world +z up (the frame
+    loaders put scenes in), in the OpenGL convention (camera looks along -z, +y up)."""
+    back = position / np.linalg.norm(position)
+    right = np.cross([0.0, 0.0, 1.0], back)
+    right = right / np.linalg.norm(right) if np.linalg.norm(right) > 1e-9 else np.array([1.0, 0.0, 0.0])
+    c2w = np.eye(4)
+    c2w[:3, :3] = np.stack([right, np.cross(back, right), back], axis=1)
+    c2w[:3, 3] = position
+    return c2w
+
+
+def sweep_poses(poses: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """[n_frames, 4, 4]: a camera path through the region training cameras `poses` [N, 4, 4] saw, for a capture
+    whose cameras do not circle the scene: azimuth there and back over the arc the cameras span (the
+    complement of the largest gap between them), at their median elevation and distance, looking at the centre."""
+    p = poses[:, :3, 3].double().cpu().numpy()
+    azimuth = np.sort(np.arctan2(p[:, 1], p[:, 0]))
+    gaps = np.diff(np.concatenate([azimuth, azimuth[:1] + 2 * math.pi]))
+    widest = int(gaps.argmax())
+    start = azimuth[(widest + 1) % len(azimuth)]
+    span = 2 * math.pi - gaps[widest]
+    elevation = float(np.median(np.arctan2(p[:, 2], np.hypot(p[:, 0], p[:, 1]))))
+    radius = float(np.median(np.linalg.norm(p, axis=1)))
+    frames = []
+    for k in range(n_frames):
+        a = start + span * 0.5 * (1 - math.cos(2 * math.pi * k / n_frames))  # eases out and back
+        direction = [math.cos(a) * math.cos(elevation), math.sin(a) * math.cos(elevation), math.sin(elevation)]
+        frames.append(look_at(radius * np.asarray(direction)))
+    return torch.from_numpy(np.stack(frames)).float()
+
+
 # --- normalising a capture ---------------------------------------------------------------------------------------
 CAPTURE_RADIUS = 4.0  # the presets' frame: cameras ~4 from the scene's centre, near 2, far 6, occupancy box +-1.5
 

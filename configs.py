@@ -44,7 +44,12 @@ class Config:
     # views held out for validation: the last ones of a .npz; of a scene folder's val split, this many spread
     # evenly (all if it has fewer); of a capture, this many frames spread evenly over the file-name order
     val_views: int = 11
-    downscale: int = 1  # shrink every image this many times (area filter; the original's half_res is 2)
+    # shrink every image this many times (area filter; the original's half_res is 2). 0 = auto: a capture's images
+    # until their longer side is at most 256 pixels on a CPU, 512 on MPS, 1024 on CUDA; other data as it is
+    downscale: int = 0
+    # hold out every Nth view (0, N, 2N, ...; LLFF and mip-NeRF 360 hold out every 8th) instead of val_views of
+    # them; 0 = val_views. For captures and .npz files (a scene folder has its own val split)
+    holdout_every: int = 0
     # what lies behind the scene (dataset.Background): auto | white | black | random | none. With alpha: the
     # colour to composite on (auto = random per ray in training, white in evaluation, the benchmark's protocol);
     # without: the colour the images were composited on (auto: black for .npz files, none for the rest), or
@@ -79,8 +84,16 @@ class Config:
     # --- rendering -----------------------------------------------------------------------------------------
     n_samples: int = 32  # stratified samples per ray
     n_importance: int = 0  # extra samples per ray drawn from the coarse weights (0 = plain stratified)
-    near: float = 2.0  # ray start
-    far: float = 6.0  # ray end
+    # bounded: an object in a box (samples evenly spaced in [near, far], the field sees world points).
+    # unbounded: what lies beyond the object (walls, a room, a sky) is modelled too: mip-NeRF 360's contraction
+    # (identity inside radius occ_bound / 2, all of space inside occ_bound) with samples evenly spaced to that
+    # radius and in disparity beyond (samplers.py). auto: unbounded for a capture with a real background
+    # (instant-ngp / nerfstudio, LLFF), bounded for the rest
+    scene: str = "auto"
+    # ray start and end; 0 = from the data: 2 and 6 for a bounded scene (cameras ~4 from the object), for an
+    # unbounded one near 0.05 R and far R (1 + aabb_scale * sqrt(3)), R the cameras' largest distance from the centre
+    near: float = 0.0
+    far: float = 0.0
     perturb: bool = True  # stratified jitter of the samples during training
     # + weight * mean opacity of the batch's rays that see through the scene (background); 0 = off. lego,
     # cpu scale, 1500 steps: 0 -> held-out PSNR 26.36 dB, background opacity 0.064; 1e-3 -> 26.31, 0.022;
@@ -91,7 +104,9 @@ class Config:
     # steps (EMA); occ_carve empties, before training, the cells that background training pixels see through
     skip: bool = True
     occ_resolution: int = 128  # occupancy grid cells per axis
-    occ_bound: float = 1.5  # the occupancy grid spans [-occ_bound, occ_bound]^3
+    # the occupancy grid spans [-occ_bound, occ_bound]^3; in an unbounded scene that is the contracted space, the
+    # identity inside radius occ_bound / 2. 0 = from the data: 1.5 bounded, 2 R unbounded (see near)
+    occ_bound: float = 0.0
     occ_update_every: int = 16  # steps between occupancy grid refreshes
     # a cell stays occupied while one render step there ((far - near) / n_samples) would be more than this opaque
     occ_threshold: float = 0.01
@@ -156,6 +171,7 @@ _CHOICES = {
     "scale": ("paper", "cpu"),
     "background": ("auto", "white", "black", "random", "none"),
     "bitnet_grad": ("auto", "fp32", "bf16"),
+    "scene": ("auto", "bounded", "unbounded"),
 }
 
 
@@ -166,12 +182,13 @@ def _problems(c: Config):
     if not (c.device in ("auto", "cpu", "cuda", "mps") or _is_cuda_index(c.device)):
         yield f"device={c.device!r} is not auto, cpu, cuda, cuda:N or mps"
     positive = ("epochs", "batch_size", "chunk_points", "n_freqs", "width", "depth", "log_every", "video_frames",
-                "video_fps", "keep_ckpts", "downscale")
+                "video_fps", "keep_ckpts")
     for key in positive:
         if getattr(c, key) < 1:
             yield f"{key} must be >= 1 (got {getattr(c, key)})"
     for key in ("steps", "max_time_s", "warmup_steps", "grad_clip", "weight_decay", "eval_every", "ckpt_every",
-                "n_importance", "val_views", "bg_opacity_weight", "n_freqs_dirs"):
+                "n_importance", "val_views", "bg_opacity_weight", "n_freqs_dirs", "downscale",
+                "holdout_every"):
         if getattr(c, key) < 0:
             yield f"{key} must be >= 0 (got {getattr(c, key)})"
     for f in fields(c):  # nan passes every comparison below and inf trains straight to NaN
@@ -182,8 +199,8 @@ def _problems(c: Config):
         yield f"lr must be > 0 (got {c.lr})"
     if c.n_samples < 2:
         yield f"n_samples must be >= 2 (got {c.n_samples})"
-    if not 0 <= c.near < c.far:
-        yield f"need 0 <= near < far (got near={c.near}, far={c.far})"
+    if c.near < 0 or c.far < 0 or (c.near and c.far and not c.near < c.far):
+        yield f"need 0 <= near < far (got near={c.near}, far={c.far}; 0 = from the data)"
     if not 0 <= c.skip_layer < c.depth:
         yield f"skip_layer must be in [0, depth) (got {c.skip_layer} with depth={c.depth})"
     if c.viewdirs and c.width < 2:  # the direction branch's hidden layer is width / 2 wide
@@ -201,9 +218,11 @@ def _problems(c: Config):
         yield "model=grid skips empty space by itself: set --skip=false"
     if c.skip and c.n_importance:
         yield "skip=true samples stratified points only: set --n_importance=0 or --skip=false"
-    if c.skip and (c.occ_resolution < 2 or not c.occ_bound > 0 or c.occ_update_every < 1
+    if c.scene == "unbounded" and c.n_importance:
+        yield "scene=unbounded samples in disparity, not from coarse weights: set --n_importance=0"
+    if c.skip and (c.occ_resolution < 2 or c.occ_bound < 0 or c.occ_update_every < 1
                    or not 0 < c.occ_threshold < 1):
-        yield (f"need occ_resolution >= 2, occ_bound > 0, occ_update_every >= 1, 0 < occ_threshold < 1 (got "
+        yield (f"need occ_resolution >= 2, occ_bound >= 0 (0: from the data), occ_update_every >= 1, 0 < occ_threshold < 1 (got "
                f"{c.occ_resolution}, {c.occ_bound}, {c.occ_update_every}, {c.occ_threshold})")
     if c.video_radius <= 0:
         yield f"video_radius must be > 0 (got {c.video_radius})"
@@ -237,6 +256,24 @@ FAST = replace(
     bg_opacity_weight=0.0,  # measured as it stands: its own skipping already leaves the background at ~0.01
 )
 PRESETS = {c.name: c for c in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, FAST)}
+
+
+# --- the scene's extent: near, far and the occupancy box, from the data unless the command line says ----------
+BOUNDED_SCENE = {"near": 2.0, "far": 6.0, "occ_bound": 1.5}  # cameras ~4 from an object within +-1.5
+SCENE_KEYS = tuple(BOUNDED_SCENE)
+
+
+def scene_bounds(cfg: Config) -> tuple[float, float, float, float]:
+    """(near, far, occ_bound, contraction radius) a renderer of `cfg` uses: a bounded scene's keys left at 0 take
+    BOUNDED_SCENE's values and it has no contraction (0); an unbounded scene's are set from its data (dataset.
+    resolve_scene) and its contraction is the identity inside occ_bound / 2."""
+    if cfg.scene == "unbounded":
+        if not all(getattr(cfg, k) for k in SCENE_KEYS):
+            raise ConfigError("scene=unbounded needs near, far and occ_bound, which its data sets: load the data "
+                              "first (dataset.resolve_scene) or give all three")
+        return cfg.near, cfg.far, cfg.occ_bound, cfg.occ_bound / 2
+    near, far, bound = (getattr(cfg, k) or BOUNDED_SCENE[k] for k in SCENE_KEYS)
+    return near, far, bound, 0.0
 
 
 # --- scales: the same experiment at another size ------------------------------------------------------------
@@ -458,4 +495,5 @@ def config_from_dict(d: dict) -> Config:
         raise ConfigError(f"saved config has unknown keys: {', '.join(sorted(unknown))}")
     # a saved config without `skip` / `bg_opacity_weight` was trained (and must be rendered) without them; one
     # without `bitnet_norm` had the RMSNorm, the default
-    return Config(**{"skip": False, "bg_opacity_weight": 0.0, **d})
+    # one without `scene` was bounded (unbounded scenes came with the key)
+    return Config(**{"skip": False, "bg_opacity_weight": 0.0, "scene": "bounded", **d})

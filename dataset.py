@@ -178,16 +178,57 @@ class Views:
 
 # --- loading ----------------------------------------------------------------------------------------------------
 def load_views(data: str, split: str = "all", val_views: int = 0, downscale: int = 1,
-               background: str = "auto") -> Views:
+               background: str = "auto", holdout_every: int = 0) -> Views:
     """The views of `data` (see the module's docstring) in one split: "all", "train", "val" (held out:
-    `val_views` of them) or "test" (a scene folder's test file)."""
-    return open_data(data, downscale, background).views(split, val_views)
+    `val_views` of them, or every `holdout_every`-th) or "test" (a scene folder's test file)."""
+    return open_data(data, downscale, background).views(split, val_views, holdout_every)
 
 
-def train_val_views(cfg) -> tuple[Views, Views]:
-    """(training views, held-out views) of a run's config (its data, val_views, downscale and background)."""
-    source = open_data(cfg.data, cfg.downscale, cfg.background)
-    return source.views("train", cfg.val_views), source.views("val", cfg.val_views)
+# downscale=0 (auto): a capture's images are shrunk until their longer side is at most this many pixels, so that
+# the end-of-run validation and video take minutes on the device (fox, 1080x1920: 135x240 on a CPU, 540x960 on CUDA)
+AUTO_MAX_SIDE = {"cpu": 256, "mps": 512, "cuda": 1024}
+
+
+def train_val_views(cfg, device_type: str = "cpu"):
+    """A run's data: (its config with the data's choices filled in: downscale, scene, near, far, occ_bound;
+    training views; held-out views; the phrase saying what resolve_scene chose). downscale 0 is resolved for a
+    `device_type` device (AUTO_MAX_SIDE)."""
+    source = open_data(cfg.data, cfg.downscale, cfg.background, AUTO_MAX_SIDE.get(device_type, 256))
+    train = source.views("train", cfg.val_views, cfg.holdout_every)
+    cfg, phrase = resolve_scene(replace(cfg, downscale=source.downscale), train)
+    return cfg, train, source.views("val", cfg.val_views, cfg.holdout_every), phrase
+
+
+# --- the scene's extent ------------------------------------------------------------------------------------------
+NEAR_PER_RADIUS = 0.05  # an unbounded scene's near plane, in units of the cameras' distance from the centre
+DEFAULT_AABB_SCALE = 16.0  # a capture that gives no aabb_scale: content up to 16 times the cameras' distance
+
+
+def resolve_scene(cfg, views: Views):
+    """`cfg` with its scene kind, near, far and occupancy box set for the training `views` where they are auto
+    (scene auto, near / far / occ_bound 0), and a phrase saying what was chosen.
+
+    Bounded (the default for data whose background is known: alpha, or a declared colour): 2, 6, 1.5, the frame
+    every loader puts an object in. Unbounded (auto for a real background): R = the cameras' largest distance from
+    the scene's centre (the origin), the contraction the identity inside R (occ_bound = 2 R), near = 0.05 R, and
+    far = R (1 + k sqrt(3)) with k the capture's aabb_scale (instant-ngp's scene extent in units of the cameras'
+    region; DEFAULT_AABB_SCALE if absent): from a camera, across the farthest corner of that box."""
+    from configs import BOUNDED_SCENE
+
+    kind = cfg.scene if cfg.scene != "auto" else ("bounded" if views.background.known else "unbounded")
+    if kind == "bounded":
+        chosen = {k: getattr(cfg, k) or v for k, v in BOUNDED_SCENE.items()}
+        return replace(cfg, scene=kind, **chosen), (f"scene bounded: near {chosen['near']:g}, far {chosen['far']:g}, "
+                                                    f"occupancy box +-{chosen['occ_bound']:g}")
+    radius = float(views.poses[:, :3, 3].norm(dim=-1).max())
+    extent = views.aabb_scale or DEFAULT_AABB_SCALE
+    derived = {"near": NEAR_PER_RADIUS * radius, "far": radius * (1 + extent * math.sqrt(3)), "occ_bound": 2 * radius}
+    chosen = {k: float(f"{getattr(cfg, k) or v:.4g}") for k, v in derived.items()}
+    source = "aabb_scale" if views.aabb_scale else "default extent"
+    return replace(cfg, scene=kind, **chosen), (
+        f"scene unbounded (a real background): contracted beyond radius {chosen['occ_bound'] / 2:g} (the cameras' "
+        f"distance), near {chosen['near']:g}, far {chosen['far']:g} ({source} {extent:g}), samples even in depth "
+        f"to the radius and in disparity beyond, occupancy grid over the contracted +-{chosen['occ_bound']:g}")
 
 
 def evaluation_background(data: str, background: str) -> torch.Tensor | None:
@@ -204,21 +245,25 @@ def evaluation_background(data: str, background: str) -> torch.Tensor | None:
     return torch.ones(3) if background in ("white", "random") else None
 
 
-def open_data(data: str, downscale: int = 1, background: str = "auto") -> "DataSource":
-    if not (isinstance(downscale, int) and downscale >= 1):
-        raise DataError(f"downscale must be an integer >= 1 (got {downscale})")
+def open_data(data: str, downscale: int = 1, background: str = "auto", max_side: int = 256) -> "DataSource":
+    """The views `data` names, shrunk `downscale` times (0: a capture to at most `max_side` pixels, other data as
+    it is). The factor used is the source's `downscale`."""
+    if not (isinstance(downscale, int) and downscale >= 0):
+        raise DataError(f"downscale must be an integer >= 1, or 0 for auto (got {downscale})")
     if data == "synthetic":
         return DataSource(data, "synthetic", _downscaled(views_from_arrays(synthetic_scene(), "synthetic scene",
-                                                                           background), downscale))
+                                                                           background), downscale or 1),
+                          downscale or 1)
     if is_blender_folder(data):
-        return DataSource(data, "blender", None, downscale, background)
+        return DataSource(data, "blender", None, downscale or 1, background)
     if os.path.isdir(data) and capture_json(data) is None:
         raise DataError(f"{data} is a folder without transforms_train.json (a NeRF-synthetic scene) or "
                         f"transforms.json (an instant-ngp / nerfstudio capture)")
     json_path = capture_json(data)
     if json_path is not None:
-        return DataSource(data, "capture", _from_scene(read_capture(json_path, downscale), background, json_path))
-    return DataSource(data, "npz", _downscaled(load_npz(data, background), downscale))
+        scene = read_capture(json_path, downscale, max_side)
+        return DataSource(data, "capture", _from_scene(scene, background, json_path), scene["downscale"])
+    return DataSource(data, "npz", _downscaled(load_npz(data, background), downscale or 1), downscale or 1)
 
 
 class DataSource:
@@ -232,22 +277,32 @@ class DataSource:
     def splits(self) -> tuple[str, ...]:
         return ("all", *blender_splits(self.data)) if self.kind == "blender" else ("all", "train", "val")
 
-    def views(self, split: str, val_views: int) -> Views:
-        """The views of `split` ("all", "train", "val": `val_views` held out, "test": a scene folder's)."""
+    def views(self, split: str, val_views: int, holdout_every: int = 0) -> Views:
+        """The views of `split` ("all", "train", "val": `val_views` held out, or every `holdout_every`-th view
+        when > 0; "test": a scene folder's)."""
         if split not in self.splits:
             raise DataError(f"{self.data} has no {split} split (its splits: {', '.join(self.splits)})")
+        if self.kind == "blender" and holdout_every and split != "all":
+            raise DataError(f"{self.data} is a NeRF-synthetic scene with its own val split: --holdout_every "
+                            f"applies to captures and .npz files (use --val_views)")
         if self.kind == "blender":
             if split == "all":
                 return concat_views([self._blender(s) for s in blender_splits(self.data)])
             views = self._blender(split)
             return views.subset(spread(len(views), val_views)) if split == "val" and 0 < val_views < len(
                 views) else views
-        return self.all if split == "all" else self.all.subset(self.numbers(split, val_views))
+        return self.all if split == "all" else self.all.subset(self.numbers(split, val_views, holdout_every))
 
-    def numbers(self, split: str, val_views: int) -> torch.Tensor:
-        """[n] indices into the loaded views of a held-out split ("val", or "train": the rest)."""
+    def numbers(self, split: str, val_views: int, holdout_every: int = 0) -> torch.Tensor:
+        """[n] indices into the loaded views of a held-out split ("val", or "train": the rest). holdout_every
+        k > 0: views 0, k, 2k, ... (LLFF's and mip-NeRF 360's protocol, k = 8); else `val_views` of them, the
+        last ones of a .npz, spread evenly over a capture."""
         n = len(self.all)
-        if self.kind == "capture":
+        if holdout_every:
+            if not 1 < holdout_every <= n:
+                raise DataError(f"the data has {n} views: --holdout_every={holdout_every} must be between 2 and {n}")
+            held = torch.arange(0, n, holdout_every)
+        elif self.kind == "capture":
             held = spread(n, _check_val_views(n, val_views))
         else:
             held = torch.arange(n - _check_val_views(n, val_views), n)

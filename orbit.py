@@ -29,16 +29,18 @@ class Orbit(NamedTuple):
 
 def render_orbit(renderer: nn.Module, height: int, width: int, focal: float, frames: int, radius: float,
                  elevation: float, chunk_rays: int, progress: bool = True, autocast_dtype=None,
-                 background: torch.Tensor | None = None) -> Orbit:
+                 background: torch.Tensor | None = None, poses: torch.Tensor | None = None) -> Orbit:
     """Render `frames` views on a full turn of azimuth at `elevation` degrees, `radius` from the origin (the
-    scene's centre: loaders put it there), composited on `background` [3] (None: black)."""
+    scene's centre: loaders put it there), composited on `background` [3] (None: black); or along the camera
+    path `poses` [frames, 4, 4] if given. The progress bar shows the time left."""
     from tqdm import tqdm
 
     device = next(renderer.parameters()).device
     was_training = renderer.training
     renderer.eval()
     rgbs, depths, accs = [], [], []
-    for c2w in tqdm(orbit_poses(frames, radius, elevation), desc="render", disable=not progress, leave=False):
+    path = orbit_poses(frames, radius, elevation) if poses is None else poses
+    for c2w in tqdm(path, desc="video", disable=not progress, leave=False):
         rays_o, rays_d = get_rays(height, width, focal, c2w.to(device))
         out = render_image(renderer, rays_o, rays_d, chunk_rays, autocast_dtype, background)
         rgbs.append(to_uint8(out.rgb))

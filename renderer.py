@@ -22,6 +22,7 @@ from nerf import colour, density
 from samplers import OccupancyGridSampler, Samples, StratifiedSampler, stratified_samples
 
 Field = Callable[..., torch.Tensor]
+Positions = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def uses_dirs(field) -> bool:
@@ -125,21 +126,24 @@ def render_rays(field: Field, rays_o: torch.Tensor, rays_d: torch.Tensor, near: 
 
 def render_samples(field: Field, rays_o: torch.Tensor, rays_d: torch.Tensor, t: torch.Tensor, delta: torch.Tensor,
                    near: float, far: float, n_importance: int = 0, importance_u: torch.Tensor | None = None,
-                   background: torch.Tensor | None = None) -> Rendered:
+                   background: torch.Tensor | None = None, positions: Positions | None = None) -> Rendered:
     """Render rays at stratified samples t, delta [N, S] over [near, far] (+ n_importance importance samples:
-    see render_rays)."""
-    out = _render_at(field, rays_o, rays_d, t, delta, background)
+    see render_rays). positions(rays_o, rays_d, t) -> [N, S, 3]: where the field is evaluated (None: o + t d)."""
+    out = _render_at(field, rays_o, rays_d, t, delta, background, positions)
     if n_importance == 0:
         return out
     n_rays, n_samples = t.shape
     edges = near + (far - near) / n_samples * torch.arange(n_samples + 1, device=rays_o.device)
     t_fine = sample_pdf(edges.expand(n_rays, -1), out.weights, n_importance, importance_u)
     t_all = torch.sort(torch.cat([t.detach(), t_fine], dim=-1), dim=-1).values
-    return _render_at(field, rays_o, rays_d, t_all, intervals(t_all, far), background)
+    return _render_at(field, rays_o, rays_d, t_all, intervals(t_all, far), background, positions)
 
 
-def _render_at(field: Field, rays_o, rays_d, t, delta, background) -> Rendered:
-    points = rays_o[:, None, :] + t[..., None] * rays_d[:, None, :]  # [N, S, 3]
+def _render_at(field: Field, rays_o, rays_d, t, delta, background, positions: Positions | None = None) -> Rendered:
+    if positions is None:
+        points = rays_o[:, None, :] + t[..., None] * rays_d[:, None, :]  # [N, S, 3]
+    else:
+        points = positions(rays_o, rays_d, t)
     flat = points.reshape(-1, 3)
     raw = field(flat, sample_dirs(rays_d, t.shape[1]).reshape(-1, 3)) if uses_dirs(field) else field(flat)
     raw = raw.reshape(*t.shape, 4).float()
@@ -192,8 +196,9 @@ class VolumeRenderer(nn.Module):
             samples = self.sampler.sample(rays_o, rays_d)
         if samples.keep is None:
             return render_samples(self.field, rays_o, rays_d, samples.t, samples.delta, self.sampler.near,
-                                  self.sampler.far, self.sampler.n_importance, samples.importance_u, background)
-        points = rays_o[:, None, :] + samples.t[..., None] * rays_d[:, None, :]
+                                  self.sampler.far, self.sampler.n_importance, samples.importance_u, background,
+                                  self.sampler.positions if self.sampler.contraction else None)
+        points = self.sampler.positions(rays_o, rays_d, samples.t)
         # the directions of exactly the evaluated samples
         dirs = sample_dirs(rays_d, samples.t.shape[1])[samples.keep] if uses_dirs(self.field) else None
         raw_kept = self.evaluate(points[samples.keep], dirs)  # [P, 4]
@@ -217,7 +222,8 @@ class VolumeRenderer(nn.Module):
         return torch.cat([field(part, d) for part, d in zip(parts, dir_parts)])[:n]
 
     def density(self, points: torch.Tensor) -> torch.Tensor:
-        """The field's density [P] at points [P, 3] (what a sampler's refresh asks for). Density does not depend
+        """The field's density [P] at points [P, 3] of the field's space (contracted in an unbounded scene: where
+        the occupancy grid lives), what a sampler's refresh asks for. Density does not depend
         on the viewing direction, so a field that takes one is given any (+z)."""
         dirs = points.new_tensor([0.0, 0.0, 1.0]).expand_as(points) if uses_dirs(self.field) else None
         return density(self.evaluate(points, dirs)[:, 3].float())

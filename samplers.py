@@ -12,6 +12,14 @@ points each ray costs) and the render.
   renderer places those samples from the coarse weights: they depend on the field).
 - `OccupancyGridSampler`: the stratified samples, of which only those inside occupied cells of an
   `occupancy.OccupancyGrid` are evaluated (the others are empty space).
+
+Bounded scenes (an object in a box: the Blender scenes, tiny-NeRF) are sampled evenly in t over [near, far] and the
+field sees world points. Unbounded scenes (a capture whose walls, room or sky lie far beyond the object) use
+mip-NeRF 360's answer: the field sees points through the scene contraction (`contract`: the identity inside a ball
+of radius R, everything beyond squeezed into the shell between R and 2R), and samples are spaced evenly in t up to
+t = R and evenly in disparity (1 / t) from R to far (`lindisp_t`), so the far, contracted space costs as many
+samples as the near one. The occupancy grid then covers the contracted space, [-2R, 2R]^3, as nerfacc's
+OccGridEstimator does for unbounded scenes. A sampler's `positions` gives the points the field is evaluated at.
 """
 
 from __future__ import annotations
@@ -59,15 +67,59 @@ def stratified_samples(n_rays: int, n_samples: int, near: float, far: float,
     return t, torch.full_like(t, bin_width)
 
 
-class StratifiedSampler(nn.Module):
-    """n_samples stratified samples per ray in [near, far] (+ the uniforms of n_importance importance samples)."""
+def contract(x: torch.Tensor, radius: float) -> torch.Tensor:
+    """mip-NeRF 360's scene contraction at scale `radius`: x [..., 3] -> [..., 3], the identity for |x| <= R and
+    (2 - R / |x|) R x / |x| beyond, so all of space lands inside the ball of radius 2R, continuously."""
+    norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return torch.where(norm <= radius, x, (2 - radius / norm) * (radius / norm) * x)
 
-    def __init__(self, near: float, far: float, n_samples: int, n_importance: int = 0):
+
+def lindisp_t(s: torch.Tensor, near: float, mid: float, far: float) -> torch.Tensor:
+    """Ray parameter t of s in [0, 1]: evenly spaced in t from near (s = 0) to mid (s = 1/2), evenly spaced in
+    disparity 1 / t from mid to far (s = 1). Continuous and increasing."""
+    linear = near + (mid - near) * (2 * s)
+    disparity = 1 / mid + (1 / far - 1 / mid) * (2 * s - 1)
+    return torch.where(s < 0.5, linear, 1 / disparity.clamp_min(1e-12))
+
+
+def lindisp_samples(n_rays: int, n_samples: int, near: float, mid: float, far: float,
+                    jitter: torch.Tensor | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like stratified_samples, with S equal bins of s (see lindisp_t) instead of t: t [N, S] of the jittered
+    (or centred) positions in each bin and delta [N, S] the length in t of the sample's bin."""
+    edges = lindisp_t(torch.linspace(0.0, 1.0, n_samples + 1, device=device), near, mid, far)  # [S + 1]
+    u = jitter if jitter is not None else torch.full((1, n_samples), 0.5, device=device)
+    s = (torch.arange(n_samples, device=device, dtype=torch.float32) + u) / n_samples
+    t = lindisp_t(s, near, mid, far).expand(n_rays, n_samples)
+    return t, torch.diff(edges).expand(n_rays, n_samples)
+
+
+class StratifiedSampler(nn.Module):
+    """n_samples stratified samples per ray in [near, far] (+ the uniforms of n_importance importance samples).
+
+    contraction: 0 for a bounded scene (samples evenly spaced in t, world points); R > 0 for an unbounded one
+    (samples evenly spaced in t to t = max(R, near) and in disparity beyond, points contracted at scale R)."""
+
+    def __init__(self, near: float, far: float, n_samples: int, n_importance: int = 0, contraction: float = 0.0):
         super().__init__()
+        if contraction and n_importance:
+            raise ValueError("an unbounded scene's samples are spaced in disparity: n_importance must be 0")
         self.near, self.far, self.n_samples, self.n_importance = near, far, n_samples, n_importance
+        self.contraction = contraction
 
     def extra_repr(self) -> str:
-        return f"near={self.near}, far={self.far}, n_samples={self.n_samples}, n_importance={self.n_importance}"
+        return (f"near={self.near}, far={self.far}, n_samples={self.n_samples}, n_importance={self.n_importance}"
+                + (f", contraction={self.contraction}" if self.contraction else ""))
+
+    @property
+    def linear_end(self) -> float:
+        """Where an unbounded scene's samples turn from even in t to even in disparity."""
+        return min(max(self.contraction, self.near), self.far)
+
+    def positions(self, rays_o: torch.Tensor, rays_d: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The points [N, S, 3] the field is evaluated at for rays [N, 3] at t [N, S]: o + t d, contracted in
+        an unbounded scene."""
+        points = rays_o[:, None, :] + t[..., None] * rays_d[:, None, :]
+        return contract(points, self.contraction) if self.contraction else points
 
     @property
     def points_per_ray(self) -> int:
@@ -76,6 +128,9 @@ class StratifiedSampler(nn.Module):
 
     @property
     def step_size(self) -> float:
+        """The length in t of the smallest bin (the occupancy threshold's render step)."""
+        if self.contraction:
+            return (self.linear_end - self.near) / (self.n_samples / 2) or (self.far - self.near) / self.n_samples
         return (self.far - self.near) / self.n_samples
 
     def sample(self, rays_o: torch.Tensor, rays_d: torch.Tensor,
@@ -87,7 +142,10 @@ class StratifiedSampler(nn.Module):
             jitter = torch.rand(n, self.n_samples, generator=generator, device=device)
             if self.n_importance:
                 importance_u = torch.rand(n, self.n_importance, generator=generator, device=device)
-        t, delta = stratified_samples(n, self.n_samples, self.near, self.far, jitter, device)
+        if self.contraction:
+            t, delta = lindisp_samples(n, self.n_samples, self.near, self.linear_end, self.far, jitter, device)
+        else:
+            t, delta = stratified_samples(n, self.n_samples, self.near, self.far, jitter, device)
         return Samples(t, delta, None, importance_u)
 
     def update_every_n_steps(self, step: int, density_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -99,8 +157,9 @@ class OccupancyGridSampler(StratifiedSampler):
     """Stratified samples, evaluated only inside occupied cells of `grid`, which is refreshed from the field's
     density every `update_every` steps (at steps 0, update_every, ...)."""
 
-    def __init__(self, near: float, far: float, n_samples: int, grid: OccupancyGrid, update_every: int = 16):
-        super().__init__(near, far, n_samples)
+    def __init__(self, near: float, far: float, n_samples: int, grid: OccupancyGrid, update_every: int = 16,
+                 contraction: float = 0.0):
+        super().__init__(near, far, n_samples, contraction=contraction)
         self.grid = grid
         self.update_every = update_every
 
@@ -108,8 +167,7 @@ class OccupancyGridSampler(StratifiedSampler):
                generator: torch.Generator | None = None) -> Samples:
         samples = super().sample(rays_o, rays_d, generator)
         with torch.no_grad():
-            points = rays_o[:, None, :] + samples.t[..., None] * rays_d[:, None, :]
-            return samples._replace(keep=self.grid.is_occupied(points))
+            return samples._replace(keep=self.grid.is_occupied(self.positions(rays_o, rays_d, samples.t)))
 
     @torch.no_grad()
     def update_every_n_steps(self, step: int, density_fn: Callable[[torch.Tensor], torch.Tensor],

@@ -25,7 +25,7 @@ import os
 import numpy as np
 
 from cameras import normalise_capture
-from utils import DataError
+from utils import DataError, print0
 
 DISTORTION_KEYS = ("k1", "k2", "k3", "p1", "p2")  # the order of cameras.Cameras.distortion
 PINHOLE_MODELS = ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE")  # nerfstudio's names; absent means OPENCV
@@ -57,45 +57,46 @@ def read_blender(folder: str, split: str, downscale: int) -> dict:
     return read_frames(path, downscale, sort=False)
 
 
-def read_capture(path: str, downscale: int) -> dict:
+def read_capture(path: str, downscale: int, max_side: int = 256) -> dict:
     """A capture's transforms.json, its poses normalised (cameras.normalise_capture); see read_frames."""
-    scene = read_frames(path, downscale, sort=True)
+    scene = read_frames(path, downscale, sort=True, max_side=max_side)
     scene["poses"], scene["normalisation"] = normalise_capture(scene["poses"])
     return scene
 
 
 def first_image_has_alpha(path: str) -> bool:
     """Whether the first frame of the transforms file `path` is an RGBA image (DataError if unreadable)."""
-    meta = _read_json(path)
-    frames = meta.get("frames")
-    if not isinstance(frames, list) or not frames or not isinstance(frames[0], dict):
-        raise DataError(f"{path} has no frames (a transforms file needs a non-empty 'frames' list)")
-    return read_image(_image_path(os.path.dirname(os.path.abspath(path)), frames[0], 0, path)).shape[2] == 4
+    frames, names = _frames_with_images(path, _read_json(path), sort=False, warn=False)
+    return read_image(names[0]).shape[2] == 4
 
 
-def read_frames(path: str, downscale: int, sort: bool) -> dict:
+def auto_downscale(width: int, height: int, max_side: int) -> int:
+    """The smallest integer factor that brings the longer side of a width x height image to at most max_side."""
+    return max(1, math.ceil(max(width, height) / max_side))
+
+
+def read_frames(path: str, downscale: int, sort: bool, max_side: int = 256) -> dict:
     """A transforms JSON and its images -> {"images": uint8 [N, h, w, 3 or 4] (RGBA premultiplied), "poses":
     float64 [N, 4, 4], "fx", "fy", "cx", "cy": float64 [N] (pixels of the downscaled images), "distortion": float64
-    [N, 5] or None, "names": [N] file paths, "aabb_scale": float or None}. `sort`: frames in file-name order."""
+    [N, 5] or None, "names": [N] file paths, "aabb_scale": float or None, "downscale": the factor used}.
+    `sort`: frames in file-name order. Frames whose image file is absent are skipped with one warning line (as
+    instant-ngp and nerfstudio load a capture whose blurry frames were deleted). downscale 0: auto_downscale to
+    `max_side`, the images cropped at their right and bottom edges to a multiple of the factor (which keeps the
+    intrinsics: pixel coordinates start at the top-left corner)."""
     meta = _read_json(path)
-    frames = meta.get("frames")
-    if not isinstance(frames, list) or not frames:
-        raise DataError(f"{path} has no frames (a transforms file needs a non-empty 'frames' list)")
-    if not all(isinstance(f, dict) for f in frames):
-        raise DataError(f"{path}: every entry of 'frames' must be an object with file_path and transform_matrix")
-    if sort:
-        frames = sorted(frames, key=lambda f: str(f.get("file_path", "")))
-    folder = os.path.dirname(os.path.abspath(path))
+    frames, names = _frames_with_images(path, meta, sort, warn=True)
     n = len(frames)
     poses = np.stack([_matrix(f, k, path) for k, f in enumerate(frames)])
-    names = [_image_path(folder, f, k, path) for k, f in enumerate(frames)]
     images, fx, fy, cx, cy, dist = None, np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros((n, 5))
+    crop = downscale == 0
     for k, (frame, name) in enumerate(zip(frames, names)):
         image = read_image(name)
         height, width = image.shape[:2]
         intr = _intrinsics({**meta, **frame}, width, height, name, path)
         if images is None:
-            if height % downscale or width % downscale:
+            if crop:
+                downscale = auto_downscale(width, height, max_side)
+            elif height % downscale or width % downscale:
                 raise DataError(f"{name}: {width}x{height} pixels is not divisible by --downscale={downscale}")
             images = np.empty((n, height // downscale, width // downscale, image.shape[2]), np.uint8)
             first = (name, width, height, image.shape[2])
@@ -105,6 +106,8 @@ def read_frames(path: str, downscale: int, sort: bool) -> dict:
         elif image.shape[2] != first[3]:
             raise DataError(f"{name} has {image.shape[2]} channels but {first[0]} has {first[3]}: mix of RGB and "
                             f"RGBA images")
+        if crop:
+            image = image[:height - height % downscale, :width - width % downscale]
         images[k] = area_downscale(image, downscale)
         fx[k], fy[k], cx[k], cy[k] = (v / downscale for v in intr[:4])
         dist[k] = intr[4]
@@ -112,7 +115,38 @@ def read_frames(path: str, downscale: int, sort: bool) -> dict:
     if aabb is not None and not (isinstance(aabb, (int, float)) and math.isfinite(aabb) and aabb > 0):
         raise DataError(f"{path}: aabb_scale must be a number > 0 (got {aabb!r})")
     return {"images": images, "poses": poses, "fx": fx, "fy": fy, "cx": cx, "cy": cy,
-            "distortion": dist if np.any(dist) else None, "names": names, "aabb_scale": aabb}
+            "distortion": dist if np.any(dist) else None, "names": names, "aabb_scale": aabb,
+            "downscale": downscale}
+
+
+MIN_FRAMES = 2  # fewer cannot be split into training and held-out views
+
+
+def _frames_with_images(path: str, meta: dict, sort: bool, warn: bool) -> tuple[list[dict], list[str]]:
+    """The frames of a transforms file whose image exists, and those images' paths. A file without frames, or
+    with fewer than MIN_FRAMES images, is a DataError; skipped frames are one warning line (if `warn`)."""
+    frames = meta.get("frames")
+    if not isinstance(frames, list) or not frames:
+        raise DataError(f"{path} has no frames (a transforms file needs a non-empty 'frames' list)")
+    if not all(isinstance(f, dict) for f in frames):
+        raise DataError(f"{path}: every entry of 'frames' must be an object with file_path and transform_matrix")
+    if sort:
+        frames = sorted(frames, key=lambda f: str(f.get("file_path", "")))
+    folder = os.path.dirname(os.path.abspath(path))
+    found = [(f, _image_path(folder, f, k, path)) for k, f in enumerate(frames)]
+    kept = [(f, name) for f, name in found if name is not None]
+    missing = [str(f["file_path"]) for f, name in found if name is None]
+    if len(kept) < MIN_FRAMES:
+        raise DataError(f"{path}: {len(kept)} of its {len(frames)} frames have an image file (missing: "
+                        f"{_first_names(missing)}); training needs at least {MIN_FRAMES}")
+    if missing and warn:
+        print0(f"warning: {path}: skipped {len(missing)} of {len(frames)} frames whose image file is absent "
+               f"({_first_names(missing)})")
+    return [f for f, _ in kept], [name for _, name in kept]
+
+
+def _first_names(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _read_json(path: str) -> dict:
@@ -150,7 +184,8 @@ def _matrix(frame: dict, k: int, path: str) -> np.ndarray:
     return m
 
 
-def _image_path(folder: str, frame: dict, k: int, path: str) -> str:
+def _image_path(folder: str, frame: dict, k: int, path: str) -> str | None:
+    """The image file of frame k (the file_path as given, or with an image extension), None if absent."""
     name = frame.get("file_path")
     if not isinstance(name, str) or not name:
         raise DataError(f"{path}: frame {k} has no file_path")
@@ -158,8 +193,7 @@ def _image_path(folder: str, frame: dict, k: int, path: str) -> str:
     for ext in IMAGE_EXTENSIONS:  # the NeRF-synthetic files name their PNGs without the extension
         if os.path.isfile(base + ext):
             return base + ext
-    raise DataError(f"{path}: frame {k}'s image {name} is missing (looked for {base} with "
-                    f"{', '.join(e or 'no extension' for e in IMAGE_EXTENSIONS[:3])}, .jpg, .jpeg)")
+    return None
 
 
 def read_image(path: str) -> np.ndarray:

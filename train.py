@@ -21,12 +21,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from assembly import build_renderer, field_state_dict
 from bitnerf_ddp import assert_replicas_agree
-from cameras import CAPTURE_RADIUS
 from configs import (EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli, rays_per_chunk,
                      scale_line)
 from cpu_kernels import kernels_line
 from dataset import RayBatcher, Views, train_val_views
 from experiments import REGISTRY
+from cameras import sweep_poses
 from orbit import render_orbit, write_orbit
 from renderer import VolumeRenderer, render_image
 from hardware import (amp_policy, bitnet_grad_line, compute_cleanup, compute_init, configure_backends,
@@ -188,17 +188,21 @@ class Trainer:
 # --- evaluation --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_views(renderer: VolumeRenderer, views: Views, dist_info: Dist, chunk_rays: int,
-                   autocast_dtype=None, keep: bool = False):
+                   autocast_dtype=None, keep: bool = False, progress: bool = False):
     """Held-out PSNR: every view rendered in eval mode (no jitter) on the data's evaluation background and scored
     against the view on that background; views shared out over ranks.
 
-    Returns (mean PSNR over all views, {view index: Rendered} for this rank's views if keep).
+    Returns (mean PSNR over all views, {view index: Rendered} for this rank's views if keep). `progress`: a bar
+    with the time left (the end-of-run validation of a large capture takes a while).
     """
     was_training = renderer.training
     renderer.eval()
     total = torch.zeros(2, dtype=torch.float64)
     kept = {}
-    for i in range(dist_info.rank, len(views), dist_info.world_size):
+    from tqdm import tqdm
+
+    mine = range(dist_info.rank, len(views), dist_info.world_size)
+    for i in tqdm(mine, desc="validation", leave=False, disable=not (progress and dist_info.is_master)):
         rays_o, rays_d = views.image_rays(i)
         out = render_image(renderer, rays_o, rays_d, chunk_rays, autocast_dtype, views.eval_background())
         mse = torch.mean((out.rgb - views.image(i)) ** 2).item()
@@ -250,6 +254,21 @@ class RunLogger:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def log_images(self, key: str, images: dict, caption: str) -> None:
+        """{view index: uint8 [H, W, 3]} to W&B as one panel of images (nothing without W&B)."""
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({key: [wandb.Image(im, caption=f"view {i}: {caption}") for i, im in images.items()]})
+
+    def log_videos(self, paths: list[str], fps: int) -> None:
+        """The .mp4 files `paths` to W&B, each under its file name (nothing without W&B)."""
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({os.path.splitext(os.path.basename(p))[0]: wandb.Video(p, fps=fps, format="mp4")
+                            for p in paths if p.endswith(".mp4")})
 
     def close(self) -> None:
         if self.wandb is not None:
@@ -371,8 +390,8 @@ class Interrupted(Exception):
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
-def data_line(cfg: Config, train_views: Views, val_views: Views) -> str:
-    """What the run trains on: sizes, cameras and background; and a capture's scene extent the box may clip."""
+def data_line(cfg: Config, train_views: Views, val_views: Views, scene: str) -> str:
+    """What the run trains on: sizes, cameras, background, and the scene's extent (`scene`: resolve_scene's)."""
     bg = train_views.background
     cams = train_views.cameras
     line = (f"data {cfg.data}: {len(train_views)} train / {len(val_views)} val views of {train_views.width}x"
@@ -380,12 +399,8 @@ def data_line(cfg: Config, train_views: Views, val_views: Views) -> str:
             f"{'RGBA' if bg.alpha else 'RGB'} {train_views.images.dtype}, background {bg.train} in training, "
             f"{bg.eval} in evaluation, fx {float(cams.fx.mean()):.1f} px"
             f"{', lens distortion' if cams.distortion is not None else ''}")
-    if train_views.aabb_scale and train_views.aabb_scale > 1:
-        bound = cfg.occ_bound * train_views.aabb_scale
-        line += (f"; its aabb_scale {train_views.aabb_scale:g} puts content up to {bound:g} from the centre, "
-                 f"beyond the occupancy box (+-{cfg.occ_bound:g}): to model it, --occ_bound={bound:g} "
-                 f"--far={CAPTURE_RADIUS + bound * math.sqrt(3):.3g}")
-    return line
+    held = f" (every {cfg.holdout_every}th view)" if cfg.holdout_every else ""
+    return f"{line}; val{held}; {scene}"
 
 
 def train(cfg: Config) -> dict:
@@ -404,14 +419,16 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
     run_dir = cfg.run_dir
     master = dist_info.is_master
     t_start = time.perf_counter()
+    # the data decides what the config leaves to it (downscale, the scene's extent) before the config is compared
+    # with a checkpoint's or saved
+    cfg, train_views, val_views, scene = train_val_views(cfg, device.type)
+    train_views, val_views = train_views.to(device), val_views.to(device)
+    print0(data_line(cfg, train_views, val_views, scene))
     # rank 0 reads the checkpoint and hands it out: on several nodes only rank 0 need see run_dir
     ckpt = master_decides(lambda: resume_state(cfg, run_dir))
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights (DDP also broadcasts)
     configure_backends(device, cfg.tf32)
 
-    train_views, val_views = train_val_views(cfg)
-    train_views, val_views = train_views.to(device), val_views.to(device)
-    print0(data_line(cfg, train_views, val_views))
     batcher = RayBatcher(train_views, cfg.batch_unit, cfg.batch_size, cfg.seed, dist_info.rank, dist_info.world_size)
     n_steps = total_steps(cfg, batcher.steps_per_epoch)
 
@@ -420,8 +437,10 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
         see_through = train_views.see_through(train_views.images)
         if see_through is None:
             print0("occupancy: not carved (the data has a real background: no pixel is known to see through)")
+        elif cfg.scene == "unbounded":  # carving projects world points; an unbounded grid holds contracted ones
+            print0("occupancy: not carved (an unbounded scene's grid is over the contracted space)")
         else:
-            raw.occupancy.carve(see_through, train_views.poses, train_views.cameras, cfg.near)
+            raw.occupancy.carve(see_through, train_views.poses, train_views.cameras, raw.sampler.near)
             print0(f"occupancy: {raw.occupancy.occupied_fraction():.1%} of {cfg.occ_resolution}^3 cells left after "
                    f"carving the space that background pixels see through")
     trainer = Trainer(cfg, raw, dist_info, device)
@@ -453,32 +472,32 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
 
     stop = StopFlag()
     try:
-        result = _loop(cfg, trainer, batcher, val_views, logger, stop, start_step, n_steps, train_time, device)
+        try:
+            result = _loop(cfg, trainer, batcher, val_views, logger, stop, start_step, n_steps, train_time, device)
+        finally:
+            stop.restore()
+        step, train_time, train_points, rate_time = result
+        eval_chunk = raw.eval_chunk_rays()
+        val_psnr, renders = evaluate_views(raw, val_views, dist_info, eval_chunk, trainer.autocast_dtype, keep=True,
+                                           progress=True)
+        renders = _gather_renders(renders)  # each rank rendered its share of the views; rank 0 writes them all
+        if dist_info.enabled:
+            assert_replicas_agree(raw)
+        summary = {
+            "name": cfg.name, "model": cfg.model, "val_psnr": val_psnr, "steps": step,
+            "wall_time_s": logger.wall_time(), "train_time_s": train_time,
+            # this session's rate without its first (compiling) step; a resumed run's earlier steps are not counted
+            "train_points_per_s": train_points / max(rate_time, 1e-9), "parameters": n_params,
+            "world_size": dist_info.world_size, "amp": str(trainer.autocast_dtype).replace("torch.", "") if cfg.amp
+            else "off", "device": str(device), "data": cfg.data, "val_views": len(val_views),
+        }
+        if master:  # the final checkpoint was saved by _loop; the measurements go next, the pictures last
+            atomic_json(summary, os.path.join(run_dir, "summary.json"))
+            logger.log_final({"step": step, "val_psnr": val_psnr, "time_s": train_time})
+            _write_pictures(cfg, raw, val_views, renders, eval_chunk, trainer.autocast_dtype, logger)
     finally:
-        stop.restore()
         logger.close()
-    step, train_time, train_points, rate_time = result
-    eval_chunk = raw.eval_chunk_rays()
-    val_psnr, renders = evaluate_views(raw, val_views, dist_info, eval_chunk, trainer.autocast_dtype, keep=True)
-    renders = _gather_renders(renders)  # each rank rendered its share of the views; rank 0 writes them all
-    if dist_info.enabled:
-        assert_replicas_agree(raw)
-    summary = {
-        "name": cfg.name, "model": cfg.model, "val_psnr": val_psnr, "steps": step,
-        "wall_time_s": logger.wall_time(), "train_time_s": train_time,
-        # this session's rate without its first (compiling) step; a resumed run's earlier steps are not counted
-        "train_points_per_s": train_points / max(rate_time, 1e-9), "parameters": n_params,
-        "world_size": dist_info.world_size, "amp": str(trainer.autocast_dtype).replace("torch.", "") if cfg.amp
-        else "off", "device": str(device), "data": cfg.data, "val_views": len(val_views),
-    }
-    if master:  # (the final checkpoint was saved by _loop)
-        _write_val_images(run_dir, val_views, renders)
-        if cfg.video:
-            _write_videos(cfg, raw, val_views, run_dir, eval_chunk, trainer.autocast_dtype)
-        summary["wall_time_s"] = logger.wall_time()  # every session's, as of now
-        atomic_json(summary, os.path.join(run_dir, "summary.json"))
-        logger.log_final({"step": step, "val_psnr": val_psnr, "time_s": train_time})
-    print0(f"{cfg.name}: val PSNR {val_psnr:.2f} dB after {step} steps, {summary['wall_time_s']:.0f} s "
+    print0(f"{cfg.name}: val PSNR {val_psnr:.2f} dB after {step} steps, {logger.wall_time():.0f} s "
            f"(outputs in {run_dir})")
     return summary
 
@@ -604,27 +623,47 @@ def _gather_renders(renders: dict) -> dict:
     return {i: out for part in gather_to_master(light) for i, out in part.items()}
 
 
-def _write_val_images(run_dir: str, views: Views, renders: dict) -> None:
+def _write_pictures(cfg: Config, raw, views: Views, renders: dict, chunk_rays: int, autocast_dtype,
+                    logger: RunLogger) -> None:
+    """The validation images, then the videos (and both to W&B when it is on). Each failure is one line: what
+    the run measured (summary.json, metrics, checkpoints) is already written and stays."""
+    jobs = [("validation images", lambda: _write_val_images(cfg.run_dir, views, renders, logger))]
+    if cfg.video:
+        jobs.append(("videos", lambda: _write_videos(cfg, raw, views, chunk_rays, autocast_dtype, logger)))
+    for what, job in jobs:
+        try:
+            job()
+        except Exception as err:  # a codec, a full disk, W&B: the run's results must survive any of them
+            print0(f"warning: the {what} were not written ({type(err).__name__}: "
+                   f"{(str(err).strip().splitlines() or [''])[0][:200]}); summary.json and the checkpoint are")
+
+
+def _write_val_images(run_dir: str, views: Views, renders: dict, logger: RunLogger) -> None:
     """One PNG per held-out view this rank rendered: ground truth | prediction | depth (own range)."""
     import imageio.v3 as iio
 
     folder = os.path.join(run_dir, "val")
     os.makedirs(folder, exist_ok=True)
+    rows = {}
     for i, out in renders.items():
         depth = colourise_depth(out.depth.cpu().numpy(), out.acc.cpu().numpy())
-        row = np.concatenate([to_uint8(views.image(i)), to_uint8(out.rgb), depth], axis=1)
-        iio.imwrite(os.path.join(folder, f"view{i:03d}.png"), row)
+        rows[i] = np.concatenate([to_uint8(views.image(i)), to_uint8(out.rgb), depth], axis=1)
+        iio.imwrite(os.path.join(folder, f"view{i:03d}.png"), rows[i])
+    logger.log_images("val", rows, "ground truth | prediction | depth")
 
 
-def _write_videos(cfg: Config, raw, views: Views, run_dir: str, chunk_rays: int, autocast_dtype) -> None:
+def _write_videos(cfg: Config, raw, views: Views, chunk_rays: int, autocast_dtype, logger: RunLogger) -> None:
     # the same functions as `python render.py`, at the training views' resolution and mean focal length (a
-    # centred, undistorted pinhole), on the background the views are scored on, around the scene's centre (the
-    # origin: loaders put it there)
+    # centred, undistorted pinhole), on the background the views are scored on. A bounded scene: an orbit around
+    # its centre (the origin: loaders put it there). An unbounded one (a capture): a sweep through the region its
+    # cameras saw, since an orbit would look at the parts of the room no camera did
     focal = float(views.cameras.fx.mean())
+    path = sweep_poses(views.poses, cfg.video_frames) if cfg.scene == "unbounded" else None
     orbit = render_orbit(raw, views.height, views.width, focal, cfg.video_frames, cfg.video_radius,
                          cfg.video_elevation, chunk_rays, autocast_dtype=autocast_dtype,
-                         background=views.eval_background())
-    write_orbit(orbit, run_dir, cfg.video_fps)
+                         background=views.eval_background(), poses=path)
+    paths = write_orbit(orbit, cfg.run_dir, cfg.video_fps)
+    logger.log_videos(paths, cfg.video_fps)
 
 
 # --- entry point -------------------------------------------------------------------------------------------------

@@ -246,9 +246,19 @@ def to_uint8(image: np.ndarray | torch.Tensor) -> np.ndarray:
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def even_sized(frame: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] padded by one repeated row / column where H / W is odd: H.264 in yuv420p stores colour
+    at half resolution and refuses odd sizes."""
+    h, w = frame.shape[:2]
+    return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge") if h % 2 or w % 2 else frame
+
+
 def write_video(frames: list[np.ndarray], path: str, fps: int) -> None:
     """Write uint8 [H, W, 3] frames as .mp4 (H.264 through imageio-ffmpeg) or .gif, atomically."""
     import imageio.v2 as imageio
+
+    if not path.endswith(".gif"):
+        frames = [even_sized(f) for f in frames]
 
     def write(tmp):
         if path.endswith(".gif"):
