@@ -299,10 +299,10 @@ def _(a: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("nerf_experiments::mm_bf16_inputs", mutates_args=())
 def mm_bf16_inputs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [M, K] @ b [K, N], float32 in and out, with the inputs rounded to bf16 and the sums kept in float32: on a
-    CPU with bf16 units (AMX, AVX-512 BF16) oneDNN's bf16 matmul, several times the fp32 rate; on CUDA a bf16
-    matmul with float32 output; elsewhere the float32 product of the rounded inputs (the same arithmetic, no
-    faster). One opaque operator, so that torch.compile calls it as it is (the CPU setting it needs is process
+    """a [M, K] @ b [K, N], float32 in and out, at bf16 precision: on a CPU with bf16 units (AMX, AVX-512 BF16)
+    oneDNN's matmul allowed bf16 (several times the fp32 rate; it rounds the inputs, on some CPUs the result too,
+    and keeps small shapes in float32); on CUDA a bf16 matmul with float32 output; elsewhere the float32 product
+    of the inputs rounded to bf16 (float32 sums, no faster). One opaque operator, so that torch.compile calls it as it is (the CPU setting it needs is process
     state, which a compiled graph would not see)."""
     if a.device.type == "cpu" and cpu_has_native_bf16():
         matmul = torch.backends.mkldnn.matmul

@@ -205,12 +205,14 @@ def sweep_poses(poses: torch.Tensor, n_frames: int) -> torch.Tensor:
 CAPTURE_RADIUS = 4.0  # the presets' frame: cameras ~4 from the scene's centre, near 2, far 6, occupancy box +-1.5
 
 
-def normalise_capture(poses: np.ndarray, radius: float = CAPTURE_RADIUS) -> tuple[np.ndarray, dict]:
+def normalise_capture(poses: np.ndarray, radius: float = CAPTURE_RADIUS,
+                      depth: float | None = None) -> tuple[np.ndarray, dict]:
     """Camera-to-world poses [N, 4, 4] of a capture in the frame the presets are set up for, and what was done.
 
     Up: the world is rotated so that the cameras' mean up vector is +z (nerfstudio's "up" orientation).
     Centre: the point nearest (least squares) to every camera's optical axis, the spot the cameras look at; when
-    the axes are near parallel (a forward-facing capture) the mean camera position instead.
+    the axes are near parallel (a forward-facing capture) the point `depth` in front of the mean camera position
+    along the mean viewing direction (the mean position itself without a depth).
     Scale: the cameras' mean distance from that centre becomes `radius`, so near/far and the occupancy box of the
     presets frame the scene as they frame the Blender scenes (colmap2nerf normalises to the same distance).
     Returns (poses, {"rotation": [3, 3], "centre": [3] (after rotating), "scale": float}).
@@ -223,7 +225,11 @@ def normalise_capture(poses: np.ndarray, radius: float = CAPTURE_RADIUS) -> tupl
     projector = np.eye(3)[None] - forward[:, :, None] * forward[:, None, :]  # onto each axis' normal plane
     a, b = projector.sum(axis=0), (projector @ origins[:, :, None]).sum(axis=0)[:, 0]
     eig = np.linalg.eigvalsh(a)
-    centre = np.linalg.solve(a, b) if eig[0] > 1e-3 * eig[-1] else origins.mean(axis=0)
+    if eig[0] > 1e-3 * eig[-1]:
+        centre = np.linalg.solve(a, b)
+    else:
+        ahead = forward.mean(axis=0) / np.linalg.norm(forward.mean(axis=0))
+        centre = origins.mean(axis=0) + (depth or 0.0) * ahead
     distance = np.linalg.norm(origins - centre, axis=1).mean()
     scale = radius / distance if distance > 0 else 1.0
     poses[:, :3, 3] = (origins - centre) * scale

@@ -90,10 +90,10 @@ class Config:
     # radius and in disparity beyond (samplers.py). auto: unbounded for a capture with a real background
     # (instant-ngp / nerfstudio, LLFF), bounded for the rest
     scene: str = "auto"
-    # ray start and end; 0 = from the data: 2 and 6 for a bounded scene (cameras ~4 from the object), for an
+    # ray start (and far: end); 0 = from the data: 2 and 6 for a bounded scene (cameras ~4 from the object), for an
     # unbounded one near 0.05 R and far R (1 + aabb_scale * sqrt(3)), R the cameras' largest distance from the centre
     near: float = 0.0
-    far: float = 0.0
+    far: float = 0.0  # see near
     perturb: bool = True  # stratified jitter of the samples during training
     # + weight * mean opacity of the batch's rays that see through the scene (background); 0 = off. lego,
     # cpu scale, 1500 steps: 0 -> held-out PSNR 26.36 dB, background opacity 0.064; 1e-3 -> 26.31, 0.022;
@@ -274,6 +274,19 @@ def scene_bounds(cfg: Config) -> tuple[float, float, float, float]:
         return cfg.near, cfg.far, cfg.occ_bound, cfg.occ_bound / 2
     near, far, bound = (getattr(cfg, k) or BOUNDED_SCENE[k] for k in SCENE_KEYS)
     return near, far, bound, 0.0
+
+
+# Keys the data sets when they are left at these values (dataset.resolve_scene, the automatic downscale): a run's
+# saved config holds what was chosen, and a request that left them to the data asks for the same run.
+FROM_THE_DATA = {"scene": "auto", "downscale": 0, "near": 0.0, "far": 0.0, "occ_bound": 0.0}
+
+
+def config_changes(saved: Config, requested: Config, ignore=frozenset()) -> list[str]:
+    """`key: saved -> requested` for each field in which `requested` asks for another run than `saved` was, but
+    for `ignore` and for the keys `requested` leaves to the data (FROM_THE_DATA)."""
+    left_to_data = lambda k: k in FROM_THE_DATA and getattr(requested, k) == FROM_THE_DATA[k]  # noqa: E731
+    return [f"{k}: {getattr(saved, k)!r} -> {getattr(requested, k)!r}" for k in saved.to_dict()
+            if k not in ignore and not left_to_data(k) and getattr(saved, k) != getattr(requested, k)]
 
 
 # --- scales: the same experiment at another size ------------------------------------------------------------

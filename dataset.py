@@ -9,8 +9,10 @@ on-device ray batches.
 - a NeRF-synthetic (Blender) scene folder (transforms_{train,val,test}.json + RGBA PNGs): trained on its train
   split, validated on `val_views` views of its val split spread evenly (all of them if it has fewer);
 - an instant-ngp / nerfstudio capture: its transforms.json or the folder holding it; `val_views` frames spread
-  evenly over the file-name order are held out. Its poses are normalised (cameras.normalise_capture).
-scene_files.py reads the folders. `downscale` shrinks every image by an integer factor with an area filter.
+  evenly over the file-name order are held out. Its poses are normalised (cameras.normalise_capture);
+- an LLFF folder (poses_bounds.npy + images/, forward-facing): read as a capture (llff.py).
+`holdout_every` holds out every Nth view instead (the LLFF / mip-NeRF 360 protocol). scene_files.py reads the
+folders. `downscale` shrinks every image by an integer factor with an area filter.
 
 The background is a property of the data (`Background`), and every consumer asks it: the colour the renderer
 composites on in training and in evaluation, which pixels see through the scene (carving, the background penalty,
@@ -28,7 +30,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from cameras import Cameras, pose_spherical
+from cameras import CAPTURE_RADIUS, Cameras, normalise_capture, pose_spherical
+from llff import is_llff_folder, read_llff
 from renderer import pixel_rays
 from scene_files import (blender_splits, capture_json, first_image_has_alpha, is_blender_folder, read_blender,
                          read_capture)
@@ -256,9 +259,11 @@ def open_data(data: str, downscale: int = 1, background: str = "auto", max_side:
                           downscale or 1)
     if is_blender_folder(data):
         return DataSource(data, "blender", None, downscale or 1, background)
+    if is_llff_folder(data):
+        return DataSource(data, "capture", *_llff(data, downscale, background, max_side))
     if os.path.isdir(data) and capture_json(data) is None:
-        raise DataError(f"{data} is a folder without transforms_train.json (a NeRF-synthetic scene) or "
-                        f"transforms.json (an instant-ngp / nerfstudio capture)")
+        raise DataError(f"{data} is a folder without transforms_train.json (a NeRF-synthetic scene), "
+                        f"transforms.json (an instant-ngp / nerfstudio capture) or poses_bounds.npy (LLFF)")
     json_path = capture_json(data)
     if json_path is not None:
         scene = read_capture(json_path, downscale, max_side)
@@ -337,6 +342,18 @@ def concat_views(parts: list[Views]) -> Views:
                       None if first.cameras.distortion is None else cat(lambda p: p.cameras.distortion))
     return replace(first, images=cat(lambda p: p.images), poses=cat(lambda p: p.poses), cameras=cameras, depth=None,
                    numbers=torch.arange(sum(len(p) for p in parts)))
+
+
+def _llff(folder: str, downscale: int, background: str, max_side: int) -> tuple[Views, int]:
+    """An LLFF folder's views, normalised as a capture is: forward-facing cameras look at a point the geometric
+    mean of the median near and far bounds ahead, which lands CAPTURE_RADIUS in front of them; the far bound sets
+    the scene's extent (its aabb_scale, in units of that distance). No NDC warp: the unbounded scene's
+    contraction and disparity-spaced samples model forward-facing scenes as well (mip-NeRF 360's answer)."""
+    scene = read_llff(folder, downscale, max_side)
+    near, far = np.median(scene["bounds"], axis=0)
+    scene["poses"], info = normalise_capture(scene["poses"], depth=math.sqrt(near * far))
+    scene["aabb_scale"] = float(scene["bounds"][:, 1].max() * info["scale"] / CAPTURE_RADIUS)
+    return _from_scene(scene, background, os.path.join(folder, "poses_bounds.npy")), scene["downscale"]
 
 
 def _from_scene(scene: dict, background: str, source: str) -> Views:

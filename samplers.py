@@ -181,4 +181,18 @@ class OccupancyGridSampler(StratifiedSampler):
     def refresh(self, density_fn: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator,
                 rank: int = 0, world_size: int = 1) -> None:
         """Refresh the grid now (see OccupancyGrid.update)."""
+        if self.contraction:
+            field_density = density_fn
+            density_fn = lambda points: field_density(points) * self.stretch(points)  # noqa: E731
         self.grid.update(density_fn, self.step_size, generator, rank, world_size)
+
+    def stretch(self, points: torch.Tensor) -> torch.Tensor:
+        """[P]: how many world units of a ray one unit of contracted space at `points` [P, 3] holds, along the
+        radius: 1 inside radius R, (r / R)^2 beyond (r = R^2 / (2R - |x|), the world radius; capped at far / R).
+        An unbounded grid's samples are spread about evenly in contracted space, so a far cell's render step is
+        this much longer in the world and a density that much smaller is as opaque: the grid compares
+        density x stretch with the threshold of the near, even steps."""
+        radius = self.contraction
+        norm = points.norm(dim=-1).clamp(max=2 * radius * (1 - 1e-6))
+        world = torch.where(norm <= radius, torch.full_like(norm, radius), radius * radius / (2 * radius - norm))
+        return (world / radius).clamp(max=self.far / radius) ** 2

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import configs
 import report
 import study_page
-from configs import RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli
+from configs import RESUME_INDEPENDENT, Config, ConfigError, config_changes, config_from_dict, from_cli
 from experiments import FIRST_SEED, METRICS, REGISTRY
 from utils import ArgParser, UserError, atomic_json, run_cli
 
@@ -305,7 +305,8 @@ def plan(args, extras: list[str], entries: list[tuple[str, str]] = ()) -> tuple[
 
 def equal_runs(a: Config, b: Config) -> bool:
     """Whether two configs train the same thing (names and folders aside)."""
-    return not differences(a, b, RESUME_INDEPENDENT | {"name"})
+    ignore = RESUME_INDEPENDENT | {"name"}
+    return all(getattr(a, k) == getattr(b, k) for k in a.to_dict() if k not in ignore)
 
 
 def planned_steps(cfg: Config) -> int:
@@ -338,12 +339,6 @@ def saved_config(run_dir: str) -> Config | None:
         return None
 
 
-def differences(a: Config, b: Config, ignore=frozenset()) -> list[str]:
-    """`key: a -> b` for the fields that differ, but for `ignore`."""
-    return [f"{k}: {getattr(a, k)!r} -> {getattr(b, k)!r}" for k in a.to_dict()
-            if k not in ignore and getattr(a, k) != getattr(b, k)]
-
-
 def trial_state(trial: Trial) -> str:
     """'done' (finished with this config: skip), 'resume' (a checkpoint to continue) or 'new'.
     UserError when the folder holds a checkpoint of another config (training would refuse it)."""
@@ -352,13 +347,13 @@ def trial_state(trial: Trial) -> str:
     saved = saved_config(trial.run_dir)
     if saved is None:
         return "resume" if has_ckpt else "new"
-    if has_ckpt and differences(saved, trial.cfg, RESUME_INDEPENDENT):
-        changes = "; ".join(differences(saved, trial.cfg, RESUME_INDEPENDENT))
+    if has_ckpt and config_changes(saved, trial.cfg, RESUME_INDEPENDENT):
+        changes = "; ".join(config_changes(saved, trial.cfg, RESUME_INDEPENDENT))
         raise UserError(f"{trial.run_dir} holds a run of another config ({changes}); use another --out, the same "
                         f"settings, or delete that folder")
     finished = os.path.exists(path("summary.json")) and (
         not has_ckpt or os.path.getmtime(path("summary.json")) >= os.path.getmtime(path("ckpt.pt")))
-    if finished and not differences(saved, trial.cfg, SKIP_IGNORES):
+    if finished and not config_changes(saved, trial.cfg, SKIP_IGNORES):
         return "done"
     return "resume" if has_ckpt else "new"
 

@@ -21,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from assembly import build_renderer, field_state_dict
 from bitnerf_ddp import assert_replicas_agree
-from configs import (EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_from_dict, from_cli, rays_per_chunk,
-                     scale_line)
+from configs import (EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_changes, config_from_dict, from_cli,
+                     rays_per_chunk, scale_line)
 from cpu_kernels import kernels_line
 from dataset import RayBatcher, Views, train_val_views
 from experiments import REGISTRY
@@ -353,10 +353,8 @@ def resume_state(cfg: Config, run_dir: str) -> dict | None:
         saved = config_from_dict(ckpt["config"])
     except (ConfigError, TypeError) as err:
         raise UserError(f"{path}: saved config is unreadable ({err})") from None
-    differ = sorted(k for k, v in cfg.to_dict().items()
-                    if k not in RESUME_INDEPENDENT and getattr(saved, k) != v)
-    if differ:
-        changes = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in differ)
+    changes = ", ".join(sorted(config_changes(saved, cfg, RESUME_INDEPENDENT)))
+    if changes:
         raise UserError(f"{path} was trained with a different config ({changes}); use another --out_dir "
                         f"or the same settings")
     return ckpt

@@ -1,6 +1,7 @@
 """Configs: presets differ only where their experiment differs; CLI overrides are typed and checked."""
 
 import dataclasses
+from dataclasses import replace
 import os
 import subprocess
 import sys
@@ -8,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from configs import EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, PRESETS, Config, ConfigError, config_from_dict, from_cli
+from configs import (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, PRESETS, Config, ConfigError, config_from_dict, from_cli,
+                     scene_bounds)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +29,9 @@ def test_presets_differ_only_where_the_experiment_differs():
 
 def test_reference_hyperparameters():
     c = EXP1
-    assert (c.n_freqs, c.width, c.depth, c.skip_layer, c.n_samples, c.near, c.far) == (16, 256, 8, 4, 32, 2.0, 6.0)
+    assert (c.n_freqs, c.width, c.depth, c.skip_layer, c.n_samples) == (16, 256, 8, 4, 32)
+    # near / far come from the data (0 in the config); the lego scenes resolve to the reference's 2 and 6
+    assert scene_bounds(replace(c, scene="bounded"))[:2] == (2.0, 6.0)
     assert (c.batch_unit, c.batch_size, c.lr, c.epochs, c.val_views) == ("image", 4, 1e-3, 50, 11)
     assert (c.video_frames, c.video_fps, c.video_radius, c.video_elevation) == (120, 30, 4.0, -30.0)
     assert c.wandb == "offline"

@@ -365,7 +365,11 @@ BAD_CAPTURES = {
     "nan matrix": (lambda m: _set_matrix(m, float("nan")), "transform_matrix holds NaN or inf"),
     "scaled matrix": (lambda m: _set_matrix(m, 3.0), "is not a rigid camera-to-world matrix"),
     "fisheye": (lambda m: m.update(camera_model="OPENCV_FISHEYE"), "camera model OPENCV_FISHEYE is not supported"),
-    "missing image": (lambda m: m["frames"][0].update(file_path="images/nope.jpg"), "images/nope.jpg is missing"),
+    "no image at all": (lambda m: [f.update(file_path=f"images/nope{i}.jpg") for i, f in enumerate(m["frames"])],
+                        "0 of its 3 frames have an image file (missing: images/nope0.jpg, images/nope1.jpg, "
+                        "images/nope2.jpg); training needs at least 2"),
+    "one image": (lambda m: [f.update(file_path="images/nope.jpg") for f in m["frames"][1:]],
+                  "1 of its 3 frames have an image file"),
     "wrong w": (lambda m: m.update(w=64), "is 40x32 pixels but transforms.json says 64x32"),
     "no focal": (lambda m: m.pop("fl_x"), "gives no focal length"),
     "text focal": (lambda m: m.update(fl_x="44"), "fl_x must be a finite number"),
@@ -426,8 +430,10 @@ def _tensors(value):
 
 def test_train_val_views_follow_the_config(blender_scene_path, tiny_cfg):
     cfg = replace(tiny_cfg, data=blender_scene_path, val_views=2, downscale=2)
-    train_views, val = train_val_views(cfg)
+    resolved, train_views, val, scene = train_val_views(cfg)
     assert len(train_views) == 8 and len(val) == 2 and train_views.width == 16
+    assert (resolved.scene, resolved.near, resolved.far, resolved.occ_bound, resolved.downscale) == (
+        "bounded", 2.0, 6.0, 1.5, 2) and scene == "scene bounded: near 2, far 6, occupancy box +-1.5"
     assert train_views.background.train == "random" and val.background.eval == "white"
 
 
@@ -443,9 +449,10 @@ def test_training_on_a_capture(capture_path, tiny_cfg):
     assert os.path.exists(os.path.join(cfg.out_dir, "video_rgb.mp4"))
 
 
-def test_the_data_line_names_the_data_and_a_capture_beyond_the_box(tmp_path, tiny_cfg):
+def test_the_data_line_names_the_data_and_what_the_capture_decided(tmp_path, tiny_cfg):
     write_capture(str(tmp_path / "c"), n=3, extra={"aabb_scale": 4})
-    views = load_views(str(tmp_path / "c"))
-    line = train.data_line(replace(tiny_cfg, data=str(tmp_path / "c")), views, views)
-    assert "3 train / 3 val views of 40x32, RGB torch.uint8, background none in training, none in evaluation" in line
-    assert "lens distortion" in line and "aabb_scale 4" in line and "--occ_bound=6" in line
+    cfg, views, val, scene = train_val_views(replace(tiny_cfg, data=str(tmp_path / "c"), val_views=1))
+    line = train.data_line(cfg, views, val, scene)
+    assert "2 train / 1 val views of 40x32, RGB torch.uint8, background none in training, none in evaluation" in line
+    assert "lens distortion" in line and "scene unbounded" in line and "(aabb_scale 4)" in line
+    assert "--occ_bound" not in line  # what was chosen, not a hint to follow

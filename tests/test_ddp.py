@@ -57,7 +57,7 @@ def train_steps(cfg, dist_info: Dist, device: torch.device, bypass: bool) -> dic
                          dist_info.world_size)
     raw = build_renderer(cfg, device)
     raw.occupancy.carve(train_views.see_through(train_views.images), train_views.poses, train_views.cameras,
-                        cfg.near)
+                        raw.sampler.near)
     trainer = Trainer(cfg, raw, dist_info, device)
     if bypass:
         trainer.model = trainer.model.module  # the original bug: DDP's gradient hooks never fire

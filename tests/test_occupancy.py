@@ -191,7 +191,7 @@ def test_compiled_field_with_skipping_has_no_graph_breaks(tiny_cfg, model, viewd
     cfg = replace(tiny_cfg, model=model, compile=True, chunk_points=1024, viewdirs=viewdirs)
     trainer = train.Trainer(cfg, assembly.build_renderer(cfg, torch.device("cpu")), Dist(), torch.device("cpu"))
     views = split_views(load_views(cfg.data), 2)[0]
-    trainer.raw.occupancy.carve(views.see_through(views.images), views.poses, views.cameras, cfg.near)
+    trainer.raw.occupancy.carve(views.see_through(views.images), views.poses, views.cameras, trainer.raw.sampler.near)
     trainer.raw.update_sampler(0, torch.Generator().manual_seed(0))  # the no-grad graph
     from dataset import RayBatcher
 
