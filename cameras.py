@@ -182,23 +182,23 @@ def look_at(position: np.ndarray) -> np.ndarray:
 
 
 def sweep_poses(poses: torch.Tensor, n_frames: int) -> torch.Tensor:
-    """[n_frames, 4, 4]: a camera path through the region training cameras `poses` [N, 4, 4] saw, for a capture
-    whose cameras do not circle the scene: azimuth there and back over the arc the cameras span (the
-    complement of the largest gap between them), at their median elevation and distance, looking at the centre."""
+    """[n_frames, 4, 4]: a camera path for a capture, whose cameras do not circle the scene: along the cameras'
+    own trajectory (`poses` [N, 4, 4] in capture order, the file-name order, their positions smoothed over a few
+    neighbours), there and back, each frame looking at the centre with +z up. Views away from where some camera
+    stood see what none did: a hand-held capture covers a patch of directions and distances, no circle."""
     p = poses[:, :3, 3].double().cpu().numpy()
-    azimuth = np.sort(np.arctan2(p[:, 1], p[:, 0]))
-    gaps = np.diff(np.concatenate([azimuth, azimuth[:1] + 2 * math.pi]))
-    widest = int(gaps.argmax())
-    start = azimuth[(widest + 1) % len(azimuth)]
-    span = 2 * math.pi - gaps[widest]
-    elevation = float(np.median(np.arctan2(p[:, 2], np.hypot(p[:, 0], p[:, 1]))))
-    radius = float(np.median(np.linalg.norm(p, axis=1)))
+    index = np.arange(len(p))
+    weights = np.exp(-0.5 * ((index[:, None] - index[None, :]) / SWEEP_SMOOTHING_FRAMES) ** 2)
+    track = weights @ p / weights.sum(axis=1, keepdims=True)  # [N, 3]
+    length = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(track, axis=0), axis=1))])
     frames = []
     for k in range(n_frames):
-        a = start + span * 0.5 * (1 - math.cos(2 * math.pi * k / n_frames))  # eases out and back
-        direction = [math.cos(a) * math.cos(elevation), math.sin(a) * math.cos(elevation), math.sin(elevation)]
-        frames.append(look_at(radius * np.asarray(direction)))
+        s = length[-1] * 0.5 * (1 - math.cos(2 * math.pi * k / n_frames))  # eases out and back
+        frames.append(look_at(np.array([np.interp(s, length, track[:, i]) for i in range(3)])))
     return torch.from_numpy(np.stack(frames)).float()
+
+
+SWEEP_SMOOTHING_FRAMES = 1.5  # the Gaussian's width, in frames: irons out hand shake, keeps the path's turns
 
 
 # --- normalising a capture ---------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
     python render.py --ckpt runs/exp1/ckpt.pt [--frames 120] [--size 200] [--gif] [--out DIR]
 
-The camera circles the scene's centre at the run's video radius and elevation unless given; frames are composited
-on the background the run's data is scored on. Output goes to a `render` folder beside the checkpoint.
+The camera circles the scene's centre at the run's video radius and elevation unless given; a capture's (an
+unbounded scene's) goes along its cameras' track instead, at their resolution, as the run's own video does (its data
+is read for the poses). Frames are composited on the background the run's data is scored on. Output goes to a `render` folder beside the checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 import torch
 
 from assembly import amp_dtype, load_trained
-from dataset import evaluation_background
+from cameras import sweep_poses
+from dataset import evaluation_background, train_val_views
 from hardware import pick_device
 from orbit import TINY_NERF_FOCAL_PER_PIXEL, render_orbit, write_orbit
 from utils import ArgParser, UserError, run_cli
@@ -58,9 +60,18 @@ def _render(argv: list[str] | None) -> int:
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "render")
     background = (evaluation_background(cfg.data, cfg.background) if args.background is None
                   else torch.ones(3) if args.background == "white" else None)
-    orbit = render_orbit(renderer, args.size, args.size, focal, frames, radius, elevation, chunk,
+    height = width = args.size
+    path = None
+    if cfg.scene == "unbounded" and args.radius is None and args.elevation is None:
+        # a capture: along its cameras' track at their resolution and focal length, as training's videos are
+        # (an orbit would look at what no camera saw); that needs the run's data
+        _, views, _, _ = train_val_views(cfg, device.type)
+        height, width = views.height, views.width
+        focal = args.focal if args.focal is not None else float(views.cameras.fx.mean())
+        path = sweep_poses(views.poses, frames)
+    orbit = render_orbit(renderer, height, width, focal, frames, radius, elevation, chunk,
                          autocast_dtype=amp_dtype(cfg, device),
-                         background=None if background is None else background.to(device))
+                         background=None if background is None else background.to(device), poses=path)
     for path in write_orbit(orbit, out_dir, fps, args.gif, args.stills):
         print(path)
     return 0

@@ -188,7 +188,7 @@ class OccupancyGridSampler(StratifiedSampler):
 
     def stretch(self, points: torch.Tensor) -> torch.Tensor:
         """[P]: how many world units of a ray one unit of contracted space at `points` [P, 3] holds, along the
-        radius: 1 inside radius R, (r / R)^2 beyond (r = R^2 / (2R - |x|), the world radius; capped at far / R).
+        radius: 1 inside radius R, (r / R)^2 beyond (r = R^2 / (2R - |x|), the world radius; capped at (far / R)^2).
         An unbounded grid's samples are spread about evenly in contracted space, so a far cell's render step is
         this much longer in the world and a density that much smaller is as opaque: the grid compares
         density x stretch with the threshold of the near, even steps."""

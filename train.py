@@ -653,8 +653,8 @@ def _write_val_images(run_dir: str, views: Views, renders: dict, logger: RunLogg
 def _write_videos(cfg: Config, raw, views: Views, chunk_rays: int, autocast_dtype, logger: RunLogger) -> None:
     # the same functions as `python render.py`, at the training views' resolution and mean focal length (a
     # centred, undistorted pinhole), on the background the views are scored on. A bounded scene: an orbit around
-    # its centre (the origin: loaders put it there). An unbounded one (a capture): a sweep through the region its
-    # cameras saw, since an orbit would look at the parts of the room no camera did
+    # its centre (the origin: loaders put it there). An unbounded one (a capture): along its cameras' own track,
+    # there and back, since an orbit would look at the parts of the room no camera did
     focal = float(views.cameras.fx.mean())
     path = sweep_poses(views.poses, cfg.video_frames) if cfg.scene == "unbounded" else None
     orbit = render_orbit(raw, views.height, views.width, focal, cfg.video_frames, cfg.video_radius,

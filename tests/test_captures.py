@@ -19,7 +19,8 @@ from cameras import sweep_poses
 from configs import Config, ConfigError, scene_bounds
 from dataset import load_views, open_data, resolve_scene, train_val_views, write_synthetic_capture
 from renderer import VolumeRenderer, render_rays
-from samplers import StratifiedSampler, contract, lindisp_samples, lindisp_t
+from occupancy import OccupancyGrid
+from samplers import OccupancyGridSampler, StratifiedSampler, contract, lindisp_samples, lindisp_t
 from utils import DataError, even_sized
 
 
@@ -181,18 +182,22 @@ def test_holdout_every_is_the_llff_protocol(capture):
         source.numbers("val", 2, holdout_every=20)
 
 
-def test_the_video_sweeps_the_cameras_arc():
-    # cameras on a 90-degree arc at elevation 20 degrees and distance 3, looking at the origin
+def test_the_video_follows_the_cameras_trajectory():
+    # a hand-held capture in file order: a spiral from distance 5 at azimuth 0 to 3 at 90 degrees, climbing from
+    # z = 0 to 1. The path goes from the first camera's end of the track to the last's and back, stays within
+    # the track's reach (never closer than 3 or farther than 5), and every frame looks at the centre, upright
     from cameras import look_at
 
-    elev = math.radians(20)
-    arc = [look_at(3 * np.array([math.cos(a) * math.cos(elev), math.sin(a) * math.cos(elev), math.sin(elev)]))
-           for a in np.radians([10, 40, 70, 100])]
+    angles, radii = np.radians(np.linspace(0, 90, 10)), np.linspace(5.0, 3.0, 10)
+    arc = [look_at(np.array([r * math.cos(a), r * math.sin(a), z]))
+           for a, r, z in zip(angles, radii, np.linspace(0.0, 1.0, 10))]
     path = sweep_poses(torch.tensor(np.stack(arc)), 40)
     p = path[:, :3, 3].double()
-    azimuth = torch.rad2deg(torch.atan2(p[:, 1], p[:, 0]))
-    assert float(azimuth.min()) == pytest.approx(10, abs=1e-3) and float(azimuth.max()) == pytest.approx(100, abs=0.2)
-    assert torch.allclose(p.norm(dim=-1), torch.full((40,), 3.0, dtype=torch.float64), atol=1e-5)
+    start, turn = p[0].numpy(), p[20].numpy()  # frame 20: the far end
+    spacing = np.linalg.norm(arc[1][:3, 3] - arc[0][:3, 3])  # ~0.8; the smoothing pulls each end in by ~1
+    assert np.linalg.norm(start - arc[0][:3, 3]) < 1.5 * spacing > np.linalg.norm(turn - arc[-1][:3, 3])
+    assert torch.allclose(p[1:20], p[21:].flip(0), atol=1e-5)  # there and back along the same track
+    assert 2.9 <= float(p.norm(dim=-1).min()) and float(p.norm(dim=-1).max()) <= 5.1
     forward = -path[:, :3, 2].double()
     assert torch.allclose(forward, -p / p.norm(dim=-1, keepdim=True), atol=1e-5)  # looking at the centre
     assert bool((path[:, 2, 1] > 0).all())  # camera up has a +z component: upright
@@ -220,6 +225,14 @@ def test_an_odd_sized_capture_trains_learns_and_writes_its_videos(capture, tiny_
     assert saved["scene"] == "unbounded" and saved["far"] > 6
     for name in ("video_rgb.mp4", "video_depth.mp4", "summary.json", "val/view000.png"):
         assert os.path.getsize(os.path.join(cfg.out_dir, name)) > 0, name
+    # render.py follows the cameras' track too, at the views' own (odd) size
+    import imageio.v3 as iio
+
+    import render
+
+    assert render.main(["--ckpt", os.path.join(cfg.out_dir, "ckpt.pt"), "--frames", "2", "--stills", "1"]) == 0
+    video = iio.imread(os.path.join(cfg.out_dir, "render", "video_rgb.mp4"))
+    assert video.shape[1:3] == (34, 46)  # 33 x 45, padded to even sides
 
 
 def test_a_failing_video_writer_loses_nothing(capture, tiny_cfg, monkeypatch, capsys):
@@ -291,3 +304,41 @@ def test_an_llff_scene_trains(tmp_path, tiny_cfg):
                   occ_update_every=8)
     first = train.train(replace(cfg, steps=1, out_dir=cfg.out_dir + "-1"))["val_psnr"]
     assert train.train(cfg)["val_psnr"] > first + 3.0
+
+
+def test_an_unbounded_grid_weighs_far_density_by_the_world_length_of_its_cells():
+    # R = 2: a contracted point at |x| = 3 is at world radius R^2 / (2R - 3) = 4, where one contracted unit holds
+    # (4 / 2)^2 = 4 world units; inside R, 1; at |x| = 3.9 the world radius 40 is past far = 10: capped, (10 / 2)^2
+    sampler = OccupancyGridSampler(0.1, 10.0, 16, OccupancyGrid(8, 4.0), contraction=2.0)
+    points = torch.tensor([[0.0, 0.0, 1.0], [3.0, 0.0, 0.0], [0.0, 3.9, 0.0]])
+    torch.testing.assert_close(sampler.stretch(points), torch.tensor([1.0, 4.0, 25.0]))
+    # a haze half as dense as the grid's threshold: empty near the cameras, as opaque as a wall far out (cells of
+    # size 1: the one at 3.5 is sampled in [3, 4), stretched at least 4 times)
+    haze = sampler.grid.density_threshold(sampler.step_size) / 2
+    sampler.refresh(lambda p: torch.full(p.shape[:1], haze), torch.Generator().manual_seed(0))
+    assert sampler.grid.is_occupied(torch.tensor([[0.5, 0.5, 0.5], [3.5, 0.5, 0.5], [0.5, -3.5, 0.5]])).tolist() == [
+        False, True, True]
+
+
+def test_wandb_gets_the_validation_images_and_the_videos(tiny_cfg, monkeypatch):
+    """With W&B on, the run logs its scalars, then one panel of validation images and each orbit video (a fake
+    wandb module records what it is given: no network, no files of W&B's)."""
+    import sys
+    import types
+
+    logged = []
+    fake = types.SimpleNamespace(
+        init=lambda **kw: types.SimpleNamespace(id="run1", log=lambda d, step=None: logged.append(d),
+                                                finish=lambda: logged.append("finish")),
+        Image=lambda im, caption: ("image", im.shape, caption), Video=lambda path, fps, format: ("video", path))
+    module = types.ModuleType("wandb")
+    module.__dict__.update(vars(fake))
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = replace(tiny_cfg, wandb="offline", steps=2, video=True, video_frames=2)
+    train.train(cfg)
+    panels = [d["val"] for d in logged if isinstance(d, dict) and "val" in d]
+    assert len(panels) == 1 and len(panels[0]) == cfg.val_views and panels[0][0][0] == "image"
+    videos = [d for d in logged if isinstance(d, dict) and "video_rgb" in d]
+    assert len(videos) == 1 and videos[0]["video_rgb"] == ("video", os.path.join(cfg.run_dir, "video_rgb.mp4"))
+    assert any(isinstance(d, dict) and "loss" in d for d in logged) and logged[-1] == "finish"

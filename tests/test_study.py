@@ -247,7 +247,7 @@ def test_plan_commands_threads_and_confound_notes(monkeypatch):
     assert study.child_env(2, False)["OMP_NUM_THREADS"] == str(max(1, study.cpu_count() // 2))
     assert "OMP_NUM_THREADS" not in study.child_env(1, False)
     note = study_page.note("exp3", shared)  # cpu scale: equal epochs, so half the steps
-    assert "equal epochs: 3750 planned steps of 4096 vs exp2's 7500 of 2048" in note
+    assert "equal epochs: 15000 planned steps of 1024 vs exp2's 30000 of 512" in note
 
 
 def test_a_folder_of_another_config_stops_the_study_before_it_runs(tmp_path):
