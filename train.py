@@ -360,6 +360,11 @@ def resume_state(cfg: Config, run_dir: str) -> dict | None:
     return ckpt
 
 
+def amp_name(dtype: torch.dtype | None) -> str:
+    """How the run's line and summary name its autocast dtype: bfloat16, float16, or off."""
+    return "off" if dtype is None else str(dtype).replace("torch.", "")
+
+
 # --- signals -----------------------------------------------------------------------------------------------------
 class StopFlag:
     """SIGINT/SIGTERM ask the loop to stop at the end of the current step (then it checkpoints and exits)."""
@@ -466,7 +471,7 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
     n_params = sum(p.numel() for p in raw.parameters())
     print0(f"{cfg.name}: {cfg.model}, {n_params:,} parameters, {len(train_views)} train / {len(val_views)} val "
            f"views, {n_steps} steps of {cfg.batch_size} {cfg.batch_unit}s, device {device}, "
-           f"world size {dist_info.world_size}, amp {trainer.autocast_dtype}, compile {cfg.compile}")
+           f"world size {dist_info.world_size}, amp {amp_name(trainer.autocast_dtype)}, compile {cfg.compile}")
 
     stop = StopFlag()
     try:
@@ -486,8 +491,8 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
             "wall_time_s": logger.wall_time(), "train_time_s": train_time,
             # this session's rate without its first (compiling) step; a resumed run's earlier steps are not counted
             "train_points_per_s": train_points / max(rate_time, 1e-9), "parameters": n_params,
-            "world_size": dist_info.world_size, "amp": str(trainer.autocast_dtype).replace("torch.", "") if cfg.amp
-            else "off", "device": str(device), "data": cfg.data, "val_views": len(val_views),
+            "world_size": dist_info.world_size, "amp": amp_name(trainer.autocast_dtype), "device": str(device),
+            "data": cfg.data, "val_views": len(val_views),
         }
         if master:  # the final checkpoint was saved by _loop; the measurements go next, the pictures last
             atomic_json(summary, os.path.join(run_dir, "summary.json"))

@@ -244,6 +244,7 @@ def test_a_failing_video_writer_loses_nothing(capture, tiny_cfg, monkeypatch, ca
     summary = train.train(cfg)
     out = capsys.readouterr().out
     assert "warning: the videos were not written (RuntimeError: libx264 refused the frames); summary.json" in out
+    assert ", amp off, compile" in out  # the run line names AMP as the summary does
     assert json.load(open(os.path.join(cfg.out_dir, "summary.json")))["steps"] == summary["steps"] == 2
     assert os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt"))
     assert os.path.exists(os.path.join(cfg.out_dir, "val", "view000.png"))
