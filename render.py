@@ -3,8 +3,9 @@
     python render.py --ckpt runs/exp1/ckpt.pt [--frames 120] [--size 200] [--gif] [--out DIR]
 
 The camera circles the scene's centre at the run's video radius and elevation unless given; a capture's (an
-unbounded scene's) goes along its cameras' track instead, at their resolution, as the run's own video does (its data
-is read for the poses). Frames are composited on the background the run's data is scored on. Output goes to a `render` folder beside the checkpoint.
+unbounded scene's) goes along its cameras' track instead, at their resolution, as the run's own video does (its
+data is read for the poses). Frames are composited on the background the run's data is scored on. Output goes to
+a `render` folder beside the checkpoint.
 """
 
 from __future__ import annotations
