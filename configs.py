@@ -14,9 +14,11 @@ import io
 import json
 import math
 import os
+import sys
 import textwrap
 import tokenize
 from dataclasses import dataclass, fields, replace
+from typing import Callable
 
 
 class ConfigError(ValueError):
@@ -58,8 +60,9 @@ class Config:
     batch_unit: str = "image"  # image: a step is `batch_size` whole images; ray: `batch_size` random rays
     batch_size: int = 4  # global (summed over DDP ranks)
     # sample points per forward/backward micro-batch: bounds memory, not the math. 8192 keeps a 256-wide layer's
-    # activations (8 MB) in L3 cache and, compiled, keeps the bias-gradient sums from re-reading them per
-    # 8 columns: 1.16x (compiled) / 1.3x (eager) faster per point than 65536 on the 2-core EPYC (bench.py)
+    # activations (8 MB) in L3 cache and, compiled, keeps the bias-gradient sums from re-reading them per 8 columns;
+    # a CUDA device takes at least 2^17 (GPU_MIN_CHUNK_POINTS: fewer, larger kernels)
+    # measured: 1.16x (compiled) / 1.3x (eager) faster per point than 65536 on the 2-core EPYC (bench.py)
     chunk_points: int = 8192
     # --- model ---------------------------------------------------------------------------------------------
     model: str = "nerf"  # nerf | bitnerf | grid (a voxel grid, no MLP: the fast preset's field, see grid_field.py)
@@ -75,9 +78,9 @@ class Config:
     bitnet_norm: bool = True
     # model=bitnerf: the backward's two matmuls per layer. fp32: torchao's straight-through estimator as it is;
     # bf16: their inputs rounded to bf16 (relative error ~2^-9), float32 sums, as BitNet trains in bf16 mixed
-    # precision: several times faster on bf16 units, the same held-out PSNR at equal steps (lego, cpu scale).
-    # auto: bf16 on a CPU with bf16 units (AVX-512 BF16, AMX), else fp32 (CUDA's fp32 matmuls use TF32 already).
-    # The forward is exact either way
+    # precision. auto: bf16 on a CPU with bf16 units (AVX-512 BF16, AMX), which compute it natively, else fp32
+    # (CUDA's fp32 matmuls use TF32 already). The forward is exact either way
+    # measured: several times faster on bf16 units, the same held-out PSNR at equal steps (lego, cpu scale)
     bitnet_grad: str = "auto"
     grid_resolution: int = 128  # model=grid: vertices per axis
     grid_bound: float = 1.5  # model=grid: the grid spans [-bound, bound]^3 (outside is empty space)
@@ -95,8 +98,9 @@ class Config:
     near: float = 0.0
     far: float = 0.0  # see near
     perturb: bool = True  # stratified jitter of the samples during training
-    # + weight * mean opacity of the batch's rays that see through the scene (background); 0 = off. lego,
-    # cpu scale, 1500 steps: 0 -> held-out PSNR 26.36 dB, background opacity 0.064; 1e-3 -> 26.31, 0.022;
+    # + weight * mean opacity of the batch's rays that see through the scene (background): it keeps empty space
+    # empty, a larger weight more so at a small cost in held-out PSNR; 0 = off
+    # measured: lego, cpu scale, 1500 steps: 0 -> 26.36 dB, background opacity 0.064; 1e-3 -> 26.31, 0.022;
     # 1e-2 -> 26.15, 0.003 (with carving; without it the original's fields reached 0.40-0.50)
     bg_opacity_weight: float = 1e-3
     # empty-space skipping (occupancy.py): the field is evaluated only at samples inside occupied cells of a
@@ -391,21 +395,48 @@ def parse_value(key: str, raw: str, kind: type):
         raise ConfigError(f"--{key} expects {kind.__name__}, got {raw!r}") from None
 
 
-def from_cli(preset: Config, argv: list[str]) -> Config:
+def from_cli(preset: Config, argv: list[str], prog: str = "",
+             check_device: Callable[[str], None] | None = None) -> Config:
     """Apply `--key=value` overrides (and `--preset=NAME` as the first one) to a preset.
 
     A bare `--flag` sets a boolean field to true; `--key value` (space-separated) is accepted too.
     `--scale=paper|cpu|auto` (default auto, see auto_scale) is applied to the preset before the other overrides,
-    so an explicit `--width=...` wins over the scale's.
+    so an explicit `--width=...` wins over the scale's. `check_device(device)` (e.g. hardware.check_device) may
+    refuse the requested device before a scale is chosen for it. `--help` prints `usage` of the config the rest
+    of the command line gives (`prog`, default `python <sys.argv[0]>`, heads it) and exits with status 0.
     """
+    preset, overrides, scale, wants_help = _parse_cli(preset, argv)
+    device = overrides.get("device", preset.device)
+    if check_device is not None:
+        check_device(device)
+    chosen = scale or auto_scale(device)
+    if chosen not in _CHOICES["scale"]:
+        raise ConfigError(f"scale={chosen!r} is not one of auto, {', '.join(_CHOICES['scale'])}")
+    cfg = _at_scale(preset, chosen, device, overrides)
+    if wants_help:
+        try:  # overrides that only fit the chosen scale leave nothing to compare with
+            other = _at_scale(preset, "cpu" if chosen == "paper" else "paper", device, overrides)
+        except ConfigError:
+            other = None
+        # asked for: stdout and exit status 0, like any command's --help; flushed here, so that a reader that
+        # left (`| head`) is a BrokenPipeError for utils.run_cli, not one at exit
+        print(usage(cfg, other, prog or f"python {os.path.basename(sys.argv[0])}", auto=scale is None),
+              flush=True)
+        raise SystemExit(0)
+    return cfg
+
+
+def _parse_cli(preset: Config, argv: list[str]) -> tuple[Config, dict, str | None, bool]:
+    """(preset, {key: typed value}, scale or None for auto, whether --help was asked for) of `argv`."""
     types = {f.name: _field_type(f) for f in fields(Config)}
     overrides: dict = {}
+    scale, wants_help = None, False
     args = list(argv)
     while args:
         arg = args.pop(0)
         if arg in ("-h", "--help"):
-            print(usage(preset))  # asked for: stdout and exit status 0, like any command's --help
-            raise SystemExit(0)
+            wants_help = True
+            continue
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: overrides look like --key=value")
         key, eq, raw = arg[2:].partition("=")
@@ -414,9 +445,6 @@ def from_cli(preset: Config, argv: list[str]) -> Config:
             if raw not in PRESETS:
                 raise ConfigError(f"unknown preset {raw!r}; known: {', '.join(PRESETS)}")
             preset = PRESETS[raw]
-            continue
-        if key == "scale" and eq and raw == "auto":
-            overrides.pop("scale", None)
             continue
         if key not in types:
             raise ConfigError(f"unknown config key --{key} (see --help for the list)")
@@ -427,11 +455,15 @@ def from_cli(preset: Config, argv: list[str]) -> Config:
                 raw = args.pop(0)
             else:
                 raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+        if key == "scale":
+            scale = None if raw == "auto" else raw
+            continue
         overrides[key] = parse_value(key, raw, types[key])
-    device = overrides.get("device", preset.device)
-    scale = overrides.pop("scale", None) or auto_scale(device)
-    if scale not in _CHOICES["scale"]:
-        raise ConfigError(f"scale={scale!r} is not one of auto, {', '.join(_CHOICES['scale'])}")
+    return preset, overrides, scale, wants_help
+
+
+def _at_scale(preset: Config, scale: str, device: str, overrides: dict) -> Config:
+    """`preset` at `scale` with the defaults of `device`'s kind, then the command line's `overrides`."""
     return replace(apply_device_defaults(apply_scale(preset, scale), device_kind(device)), **overrides)
 
 
@@ -442,7 +474,7 @@ def scale_line(cfg: Config, argv: list[str]) -> str:
     return (f"scale {cfg.scale}{chosen}: {cfg.model} {cfg.depth}x{cfg.width}, L={cfg.n_freqs}, "
             f"{cfg.n_samples} samples/ray, {cfg.batch_size} {cfg.batch_unit}s/step, lr {cfg.lr:g}, "
             f"skip {'on' if cfg.skip else 'off'}, {cfg.chunk_points} points per micro-batch, "
-            f"compile {'on' if cfg.compile else 'off'}")
+            f"amp {'on' if cfg.amp else 'off'}, compile {'on' if cfg.compile else 'off'}")
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -450,22 +482,28 @@ def _field_type(f: dataclasses.Field) -> type:
     return {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
 
 
-def usage(preset: Config) -> str:
-    """--help: every key under its section, with its type, the preset's value and its description (the comments
-    of Config's fields). `scale` shows what the command line uses: auto."""
+def usage(cfg: Config, other: Config | None = None, prog: str = "python train.py", auto: bool = True) -> str:
+    """--help: every key under its section, with its type, its value in `cfg` (what the command runs with), the
+    value in `other` (the same command at the other scale) where that differs, and its description (the comments
+    of Config's fields). `prog` is the command that runs the script; `auto`: the scale was picked by auto_scale."""
     described = field_descriptions()
-    lines = [f"usage: python <script>.py [--key=value ...]   (preset: {preset.name})", "",
-             "config keys, with the preset's value at the paper scale (--scale=cpu changes sizes and schedule):"]
+    picked = "picked by --scale=auto: paper on CUDA, cpu elsewhere" if auto else "as --scale says"
+    compared = f"; beside a value, the {other.scale} scale's where that differs" if other else ""
+    lines = [f"usage: {prog} [--key=value ...]   (preset: {cfg.name})", ""]
+    lines += textwrap.wrap(f"config keys, with the values this command runs with (the {cfg.scale} scale, {picked})"
+                           f"{compared}:", width=112)
     section = None
     for f in fields(Config):
         heading, text = described.get(f.name, ("", ""))
         if heading != section:
             section = heading
             lines += ["", heading]
-        kind, value = _field_type(f).__name__, _cli_value(getattr(preset, f.name))
-        if f.name == "scale":  # from_cli's default, not the dataclass's
-            value, kind = "auto", f"{kind}: auto | paper | cpu; auto is paper on CUDA, cpu elsewhere: " \
-                                  f"{auto_scale(preset.device)} here"
+        kind, value = _field_type(f).__name__, _cli_value(getattr(cfg, f.name))
+        if f.name == "scale":
+            kind += f": auto | paper | cpu; the default, auto, is paper on CUDA, cpu elsewhere: " \
+                    f"{auto_scale(cfg.device)} here"
+        elif other is not None and getattr(other, f.name) != getattr(cfg, f.name):
+            value += f"  ({other.scale} scale: {_cli_value(getattr(other, f.name))})"
         lines.append(f"  --{f.name}={value}  ({kind})")
         lines += textwrap.wrap(text, width=112, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
@@ -481,7 +519,8 @@ def _cli_value(value) -> str:
 def field_descriptions() -> dict[str, tuple[str, str]]:
     """{key: (its section, its description)}, read from the comments of Config's source (configs.py holds the
     text once): a key's description is the comment lines directly above it and the comment at the end of its
-    line; a `# --- section ---` line heads the keys below it. {} where the source cannot be read."""
+    line, up to a line that starts `# measured:` (the evidence for a default, not help); a `# --- section ---`
+    line heads the keys below it. {} where the source cannot be read."""
     try:
         source = textwrap.dedent(inspect.getsource(Config))
     except (OSError, TypeError):
@@ -501,8 +540,10 @@ def field_descriptions() -> dict[str, tuple[str, str]]:
             n -= 1
         trailing = [comments[k][0] for k in range(node.lineno, node.end_lineno + 1)
                     if k in comments and not comments[k][1]]
+        text = above + trailing
+        measured = next((i for i, line in enumerate(text) if line.startswith("measured:")), len(text))
         section = max((k for k in headings if k < node.lineno), default=None)
-        described[node.target.id] = (headings.get(section, ""), " ".join(above + trailing))
+        described[node.target.id] = (headings.get(section, ""), " ".join(text[:measured]))
     return described
 
 

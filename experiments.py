@@ -52,6 +52,13 @@ REGISTRY: dict[str, Experiment] = {e.name: e for e in (
 )}
 
 
+def launch_command(script: str) -> str:
+    """The command that runs `script` (a file name such as exp5.py), as its --help's usage line opens: torchrun
+    for a DDP experiment's script (as the README launches it, N processes), python for any other."""
+    entry = REGISTRY.get(script.removesuffix(".py"))
+    return f"torchrun --standalone --nproc_per_node=N {script}" if entry and entry.torchrun else f"python {script}"
+
+
 def experiment(name: str) -> Experiment:
     """The registered experiment `name`; KeyError with the known names otherwise."""
     if name not in REGISTRY:

@@ -57,6 +57,12 @@ def pick_device(requested: str, local_rank: int = 0, distributed: bool = False) 
     return torch.device(kind if requested == "auto" else requested)
 
 
+def check_device(requested: str) -> None:
+    """Refuse (UserError) a --device=`requested` this machine lacks or this launch cannot use (pick_device's
+    checks, under torchrun when WORLD_SIZE > 1), before a scale or a device default is chosen for it."""
+    pick_device(requested, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
 def compute_init(device_request: str) -> tuple[Dist, torch.device]:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); start the process group if world > 1.
 

@@ -25,11 +25,11 @@ from configs import (EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_chang
                      rays_per_chunk, scale_line)
 from cpu_kernels import kernels_line
 from dataset import RayBatcher, Views, train_val_views
-from experiments import REGISTRY
+from experiments import REGISTRY, launch_command
 from cameras import sweep_poses
 from orbit import render_orbit, write_orbit
 from renderer import VolumeRenderer, render_image
-from hardware import (amp_policy, bitnet_grad_line, compute_cleanup, compute_init, configure_backends,
+from hardware import (amp_policy, bitnet_grad_line, check_device, compute_cleanup, compute_init, configure_backends,
                       device_line, integer_matmul_line, make_grad_scaler)
 from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json, atomic_torch_save,
                    colourise_depth, gather_to_master, load_checkpoint_or_newest_good, master_decides, mse_to_psnr,
@@ -675,7 +675,9 @@ def main(preset: Config = EXP1, argv: list[str] | None = None) -> int:
 
     def body() -> int:
         args = sys.argv[1:] if argv is None else argv
-        cfg = from_cli(preset, args)
+        script = os.path.basename(sys.argv[0]) if argv is None else f"{preset.name}.py"
+        # the device is checked before the scale is chosen for it: a missing GPU is one error, not a paper run
+        cfg = from_cli(preset, args, prog=launch_command(script), check_device=check_device)
         print0(scale_line(cfg, args))  # first, so nobody is surprised by the sizes auto picked
         try:
             train(cfg)

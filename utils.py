@@ -30,7 +30,8 @@ class DataError(ValueError):
 
 def run_cli(body: Callable[[], int | None]) -> int:
     """Run a command-line tool's `body`; a user error (UserError, ConfigError, DataError) becomes one line
-    `error: ...` on stderr and exit code 2 instead of a traceback; Ctrl-C exits 130. Returns the exit code."""
+    `error: ...` on stderr and exit code 2 instead of a traceback; Ctrl-C exits 130; a reader of stdout that left
+    (`| head`) ends it quietly with 141, as SIGPIPE ends other commands. Returns the exit code."""
     try:
         return body() or 0
     except (ConfigError, DataError, UserError) as err:
@@ -39,6 +40,11 @@ def run_cli(body: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at devnull so that flush does not fail too
+        # (https://docs.python.org/3/library/signal.html#note-on-sigpipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # 128 + SIGPIPE, the status of a command the signal ended
 
 
 class ArgParser(argparse.ArgumentParser):

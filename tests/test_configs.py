@@ -3,6 +3,7 @@
 import dataclasses
 from dataclasses import replace
 import os
+import re
 import subprocess
 import sys
 
@@ -169,7 +170,7 @@ def test_help_describes_every_key_from_its_comment_and_shows_the_cli_scale(capsy
     from configs import field_descriptions
 
     with pytest.raises(SystemExit) as done:
-        from_cli(EXP1, ["--help"])
+        from_cli(EXP1, ["--scale=paper", "--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
     lines = text.splitlines()
@@ -180,16 +181,94 @@ def test_help_describes_every_key_from_its_comment_and_shows_the_cli_scale(capsy
         assert section and description, f.name
         assert lines[at + 1].startswith("      ") and lines[at + 1].strip(), f.name  # printed under the key
         assert description.split()[0] in lines[at + 1], f.name
-    assert "  --scale=auto  (str: auto | paper | cpu; auto is paper on CUDA, cpu elsewhere" in text
-    assert "  --lr=0.001  (float)" in text and "  --bitnet_norm=true  (bool)" in text  # the preset's values
+    assert "  --scale=paper  (str: auto | paper | cpu; the default, auto, is paper on CUDA, cpu elsewhere" in text
+    assert "  --lr=0.001  (cpu scale: 0.005)  (float)" in text  # the preset's value, and the other scale's
+    assert "  --bitnet_norm=true  (bool)" in text  # the same at both scales: nothing beside it
     # the description is the comment above the field and the one at the end of its line
     assert described["bitnet_norm"][1].startswith("model=bitnerf: the RMSNorm before each BitLinear")
     assert described["width"] == ("model", "MLP width")
 
 
-def test_experiment_script_help_lists_every_key():
-    proc = subprocess.run([sys.executable, "exp1.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+def without_cuda() -> dict:
+    """The environment of a subprocess that sees no CUDA device, whatever this machine has."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
+def test_experiment_script_help_lists_every_key_at_the_scale_the_command_runs():
+    proc = subprocess.run([sys.executable, "exp4.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=without_cuda())
     assert proc.returncode == 0, proc.stderr
     shown = proc.stdout
-    assert all(f"--{f.name}=" in shown for f in dataclasses.fields(Config)) and "--scale=auto" in shown
+    assert all(f"--{f.name}=" in shown for f in dataclasses.fields(Config))
+    assert shown.splitlines()[0] == "usage: python exp4.py [--key=value ...]   (preset: exp4)"
+    # no CUDA: auto runs the cpu scale, and the paper scale's value stands beside each that differs
+    assert "  --scale=cpu  (str: auto | paper | cpu; the default, auto, is paper on CUDA, cpu elsewhere: cpu here)" \
+           in shown
+    assert "  --lr=0.005  (paper scale: 5e-05)  (float)" in shown
+    assert "  --width=128  (paper scale: 256)  (int)" in shown and "  --chunk_points=8192  (int)" in shown
+
+
+def test_help_shows_what_the_command_runs_with(monkeypatch, capsys):
+    def shown(argv: list[str]) -> list[str]:
+        with pytest.raises(SystemExit) as done:
+            from_cli(EXP4, argv, prog="python exp4.py")
+        assert done.value.code == 0
+        return capsys.readouterr().out.splitlines()
+
+    paper = shown(["--scale=paper", "--help"])
+    assert "  --lr=5e-05  (cpu scale: 0.005)  (float)" in paper and "  --width=256  (cpu scale: 128)  (int)" in paper
+    assert "  --lr=0.002  (float)" in shown(["--help", "--lr=2e-3"])  # an override is the value at both scales
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_cuda = shown(["--help"])  # auto: the paper scale, with CUDA's micro-batches at both scales
+    assert "  --lr=5e-05  (cpu scale: 0.005)  (float)" in on_cuda and "  --chunk_points=131072  (int)" in on_cuda
+    assert on_cuda[0] == "usage: python exp4.py [--key=value ...]   (preset: exp4)"
+
+
+def test_ddp_experiment_help_shows_its_torchrun_line(capsys):
+    import train
+
+    with pytest.raises(SystemExit) as done:
+        train.main(EXP5, ["--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.splitlines()[0] == \
+           "usage: torchrun --standalone --nproc_per_node=N exp5.py [--key=value ...]   (preset: exp5)"
+
+
+def test_help_into_a_pipe_whose_reader_left_ends_quietly():
+    read, write = os.pipe()
+    os.close(read)  # as `| head` does once it has its lines
+    try:
+        proc = subprocess.run([sys.executable, "exp5.py", "--help"], cwd=ROOT, stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120, env=without_cuda())
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (141, "")  # 128 + SIGPIPE, no traceback
+
+
+def test_a_device_this_machine_lacks_is_one_error_before_any_scale(monkeypatch, capsys):
+    import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.main(EXP1, ["--device=cuda"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # no "scale paper (auto: CUDA available)" first
+    assert err == "error: device=cuda requested but CUDA is not available (use --device=auto or cpu)\n"
+
+
+def test_help_states_rules_not_measurements():
+    import inspect
+
+    from configs import field_descriptions
+
+    measurement = re.compile(r"\d dB|\d(\.\d+)?x\b|bench\.py|EPYC|measured")
+    quoted = {k: text for k, (_, text) in field_descriptions().items() if measurement.search(text)}
+    assert not quoted
+    assert "# measured: 1.16x (compiled)" in inspect.getsource(Config)  # the evidence stays beside the default
+    assert field_descriptions()["chunk_points"][1].startswith("sample points per forward/backward micro-batch")
+
+
+def test_the_first_line_names_the_scale_and_whether_amp_is_on():
+    from configs import scale_line
+
+    assert ", amp off, compile on" in scale_line(from_cli(EXP1, ["--scale=cpu"]), ["--scale=cpu"])
+    assert ", amp on, compile on" in scale_line(from_cli(EXP2, ["--scale=cpu"]), ["--scale=cpu"])

@@ -33,6 +33,17 @@ def test_the_ddp_experiments_are_the_torchrun_ones():
         experiment("exp9")
 
 
+def test_the_ddp_scripts_are_launched_as_the_readme_launches_them():
+    from experiments import launch_command
+
+    assert launch_command("exp4.py") == "python exp4.py" and launch_command("train.py") == "python train.py"
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    for script in ("exp5.py", "exp6.py"):  # the README's commands give N as 2
+        assert launch_command(script).startswith("torchrun ")
+        assert launch_command(script).replace("=N", "=2") in readme, script
+
+
 def test_a_new_entry_is_all_the_study_needs(monkeypatch):
     """One registry entry: the study plans it, launches its script, and compares it with its baseline."""
     entry = Experiment(replace(EXP1, name="exp7", n_samples=48), "more samples", baseline="exp1",

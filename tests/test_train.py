@@ -187,6 +187,13 @@ def test_run_writes_its_outputs(tiny_cfg):
     assert sorted(os.listdir(os.path.join(cfg.run_dir, "val"))) == ["view000.png", "view001.png"]
 
 
+def test_the_runs_first_line_and_run_line_say_amp_off(tiny_cfg, capsys):
+    assert train.main(tiny_cfg, ["--scale=paper", "--steps=1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("scale paper: ") and ", amp off, " in lines[0]
+    assert any(line.startswith("tiny: ") and ", amp off, compile False" in line for line in lines)
+
+
 def test_validation_is_deterministic_eval_mode(tiny_cfg):
     raw = assembly.build_renderer(tiny_cfg, torch.device("cpu"))
     a = held_out_psnr(tiny_cfg, raw)
