@@ -31,7 +31,8 @@ class Config:
     name: str = "exp1"  # the run's name; the default output folder is runs/<name>
     out_dir: str = ""  # "" -> runs/<name>
     # a tiny-NeRF .npz, a NeRF-synthetic (Blender) scene folder, an instant-ngp / nerfstudio capture (its
-    # transforms.json or the folder holding it), or "synthetic" for the built-in procedural scene (dataset.py)
+    # transforms.json or the folder holding it), or "synthetic" for the built-in procedural scene (dataset.py);
+    # the default of expN.py and study.py alike: real data is always named
     data: str = "synthetic"
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # paper: the preset as the original configured it; cpu: the same experiment at a size a 2-core CPU trains in

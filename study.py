@@ -192,7 +192,7 @@ def parse_args(argv: list[str]):
                                                   "unless --steps is given)")
     p.add_argument("--steps", type=int, help="training steps per run (default: the scale's schedule)")
     p.add_argument("--data", help="a .npz, a NeRF-synthetic scene folder or a capture's transforms.json (default "
-                                  "data/tiny_nerf_data.npz if present, else synthetic)")
+                                  f"{Config.data}, as for expN.py: the procedural scene)")
     p.add_argument("--out", default=os.path.join("runs", "study"), help="study folder (default runs/study)")
     p.add_argument("--seeds", type=int, default=1, help="runs per experiment, seeds 42, 43, ... (default 1)")
     p.add_argument("--only", help="comma-separated experiments or variants to run, e.g. exp1,exp5")
@@ -217,13 +217,6 @@ def check_overrides(extras: list[str]) -> Config:
         if key in STUDY_KEYS:
             raise UserError(f"--{key} is set by the study for each run (use --out and --seeds)")
     return from_cli(configs.EXP1, ["--scale=paper", *extras])  # ConfigError: one line, exit 2
-
-
-def default_data() -> str:
-    """data/tiny_nerf_data.npz when `python data_setup.py` has fetched it, else the procedural scene."""
-    from data_setup import DEFAULT_OUT
-
-    return DEFAULT_OUT if os.path.exists(DEFAULT_OUT) else "synthetic"
 
 
 def uses_cuda(device: str) -> bool:
@@ -269,7 +262,7 @@ def plan(args, extras: list[str], entries: list[tuple[str, str]] = ()) -> tuple[
     """The runs to do, in order, and what they share (scale, data, budget, arms, process count...)."""
     device = check_overrides(extras).device
     scale = configs.auto_scale(device) if args.scale == "auto" else args.scale
-    data = args.data or default_data()
+    data = args.data or Config.data  # the default of every run, configs.Config's: the same as expN.py's
     minutes = args.minutes if args.minutes is not None else (None if args.steps else DEFAULT_MINUTES)
     arms, variants = study_arms(list(entries))
     names = selected(arms, variants, args.only)

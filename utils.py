@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -152,6 +153,32 @@ def atomic_write(path: str, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_folder(path: str, write) -> None:
+    """Write a folder via `write(tmp_dir)` into a temporary folder beside it, then rename it into place: readers
+    never see half a folder, and a failure leaves whatever was at `path` untouched. Whatever was there is
+    replaced: moved aside first, removed once the new folder is in place."""
+    path = os.path.normpath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-", suffix=os.path.basename(path))
+    aside = None
+    try:
+        write(tmp)
+        if os.path.lexists(path):
+            aside = tempfile.mkdtemp(dir=parent, prefix=".old-", suffix=os.path.basename(path))
+            os.rename(path, os.path.join(aside, "old"))
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if aside:
+                os.rename(os.path.join(aside, "old"), path)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if aside:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def atomic_torch_save(obj, path: str) -> None:

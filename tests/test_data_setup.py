@@ -1,5 +1,6 @@
 """data_setup.py: the download with `requests` replaced by fakes (no network), the NeRF-synthetic (Blender)
-conversion on a tiny scene folder written here, and the procedural-scene writer.
+conversions (into a .npz, and into a scene folder re-split as the figures' data/lego400) on tiny scene folders
+written here, and the procedural-scene writer.
 
 Every failure must: exit 2 with one `error:` line naming the problem, retry exactly when retrying can help (with
 exponential backoff), leave no temporary file, and leave a pre-existing good file byte-for-byte untouched.
@@ -387,3 +388,173 @@ def test_blender_and_synthetic_together_are_refused(blender_scene, tmp_path, cap
     folder, _, _ = blender_scene
     assert data_setup.main(["--blender", str(folder), "--synthetic", str(tmp_path / "s.npz")]) == 2
     assert "give one of them" in capsys.readouterr().err
+
+
+# --- NeRF-synthetic scene folders (--folder, --resplit) -----------------------------------------------------------
+def known_block(rgba: np.ndarray) -> None:
+    """Two 2x2 blocks whose area means are known by hand: at (0, 0) two red pixels of alpha 204 beside two white
+    ones of alpha 0; at (0, 2) four opaque ones."""
+    rgba[:2, :2] = [[(200, 0, 0, 204), (100, 0, 0, 204)], [(255, 255, 255, 0), (255, 255, 255, 0)]]
+    rgba[:2, 2:4] = [[(200, 0, 0, 255), (100, 0, 0, 255)], [(0, 40, 0, 255), (0, 0, 80, 255)]]
+
+
+@pytest.fixture
+def lego_like(tmp_path):
+    """A NeRF-synthetic-shaped scene: transforms_train.json with 20 views r_0 ... r_19 of 16x16 RGBA (listed out of
+    order: the re-split goes by the number in the name) and transforms_val.json with 3 views of its own."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "lego"
+    meta, images = {}, {}
+    for split, numbers in (("train", rng.permutation(20)), ("val", [0, 1, 2])):
+        (folder / split).mkdir(parents=True)
+        frames = []
+        for k in numbers:
+            rgba = rng.integers(0, 256, size=(16, 16, 4), dtype=np.uint8)
+            rgba[8:, :, 3] = rng.choice([0, 255], size=(8, 16))
+            if split == "train" and k == 3:
+                known_block(rgba)
+            Image.fromarray(rgba, "RGBA").save(folder / split / f"r_{k}.png")
+            images[split, int(k)] = rgba
+            frames.append({"file_path": f"./{split}/r_{k}", "rotation": 0.0126, "transform_matrix": rigid_pose(rng)})
+        meta[split] = {"camera_angle_x": ANGLE_X, "frames": frames}
+        (folder / f"transforms_{split}.json").write_text(json.dumps(meta[split], indent=4))
+    return folder, meta, images
+
+
+def read_json(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_resplit_folder_holds_the_figures_views_with_the_sources_poses(lego_like, tmp_path, capsys):
+    from dataset import load_views
+
+    folder, meta, images = lego_like
+    out = tmp_path / "data" / "lego8"
+    assert data_setup.main(["--blender", str(folder), "--size", "8", "--resplit", "--folder", str(out)]) == 0
+    assert "train 16 views, val 2 views" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["train", "transforms_train.json", "transforms_val.json"]  # no test split
+    source = {f["file_path"]: f for f in meta["train"]["frames"]}
+    expect = {"train": [p for p in source if int(p.split("_")[-1]) % 10 not in (0, 5)],  # in the source's order
+              "val": [p for p in source if int(p.split("_")[-1]) % 10 == 0]}
+    assert sorted(expect["val"]) == ["./train/r_0", "./train/r_10"] and len(expect["train"]) == 16
+    for split, paths in expect.items():
+        written = read_json(out / f"transforms_{split}.json")
+        assert written["camera_angle_x"] == ANGLE_X
+        assert [f["file_path"] for f in written["frames"]] == paths
+        assert [f["transform_matrix"] for f in written["frames"]] == [source[p]["transform_matrix"] for p in paths]
+        assert all(f["rotation"] == 0.0126 for f in written["frames"])
+    assert sorted(os.listdir(out / "train")) == sorted(f"r_{k}.png" for k in range(20) if k % 10 != 5)
+    # through dataset.py's NeRF-synthetic loader, as training reads it
+    for split, n in (("train", 16), ("val", 2)):
+        views = load_views(str(out), split, val_views=10)
+        assert len(views) == n and tuple(views.images.shape) == (n, 8, 8, 4)
+        poses = np.array([source[p]["transform_matrix"] for p in expect[split]], dtype=np.float32)
+        assert np.array_equal(views.poses.numpy(), poses)
+        assert np.allclose(views.cameras.fx.numpy(), 4 / math.tan(ANGLE_X / 2))
+
+
+def test_resplit_area_filter_is_premultiplied_and_agrees_with_the_npz_path(lego_like, tmp_path):
+    from scene_files import read_image
+
+    folder, _, images = lego_like
+    out = tmp_path / "lego8"
+    assert data_setup.main(["--blender", str(folder), "--size", "8", "--resplit", "--folder", str(out)]) == 0
+    png = data_setup.read_png(str(out / "train" / "r_3.png"))
+    assert png.shape == (8, 8, 4)
+    # by hand: alpha (204 + 204 + 0 + 0) / 4 = 102; colour (200 * 204 + 100 * 204) / 4 / 102 = 150, 0, 0: the
+    # transparent white adds nothing (a box filter over straight colour would give 202.5, 127.5, 127.5)
+    assert tuple(png[0, 0]) == (150, 0, 0, 102)
+    assert tuple(png[0, 1]) == (75, 10, 20, 255)  # four opaque pixels: their plain mean
+    assert tuple(read_image(str(out / "train" / "r_3.png"))[0, 0]) == (60, 0, 0, 102)  # the loader premultiplies
+    for k in (k for k in range(20) if k % 10 != 5):  # one rule: the folder's colour x alpha is the .npz's value
+        png = data_setup.read_png(str(out / "train" / f"r_{k}.png")).astype(np.float64)
+        premultiplied = png[..., :3] * png[..., 3:] / 255**2
+        np.testing.assert_allclose(premultiplied, data_setup.composite_and_shrink(images["train", k], 2),
+                                   rtol=0, atol=0.5 / 255 + 1e-6)
+
+
+def test_folder_without_resplit_keeps_the_sources_splits(lego_like, tmp_path):
+    folder, meta, _ = lego_like
+    out = tmp_path / "lego16"
+    assert data_setup.main(["--blender", str(folder), "--size", "16", "--folder", str(out)]) == 0
+    for split in ("train", "val"):
+        written = read_json(out / f"transforms_{split}.json")
+        assert written == meta[split]  # the same paths (without extension), poses and angle
+    assert sorted(os.listdir(out / "val")) == ["r_0.png", "r_1.png", "r_2.png"]
+
+
+@pytest.mark.parametrize("kind", ["folder", "npz"])
+def test_an_existing_output_is_replaced_only_with_force(lego_like, tmp_path, capsys, kind):
+    folder, _, _ = lego_like
+    out = tmp_path / "out" / ("lego8" if kind == "folder" else "lego8.npz")
+    out.parent.mkdir()
+    if kind == "folder":
+        out.mkdir()
+        (out / "mine.txt").write_text("keep me")
+        argv = ["--blender", str(folder), "--size", "8", "--resplit", "--folder", str(out)]
+    else:
+        out.write_bytes(b"keep me")
+        argv = ["--blender", str(folder), "--size", "8", "--out", str(out)]
+    assert data_setup.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {out} already exists: give --force to replace it"]
+    assert (out / "mine.txt" if kind == "folder" else out).read_bytes() == b"keep me"
+    assert data_setup.main([*argv, "--force"]) == 0
+    assert os.listdir(out.parent) == [out.name]  # replaced, and no temporary left beside it
+    if kind == "folder":
+        assert sorted(os.listdir(out)) == ["train", "transforms_train.json", "transforms_val.json"]
+    else:
+        assert len(data_setup.load_npz(str(out))) == 20
+
+
+@pytest.mark.parametrize("change, argv_extra, problem", [
+    ("no-source", [], "transforms_train.json not found: --blender takes a NeRF-synthetic scene folder"),
+    (None, ["--size", "3"], "--size 3 must divide its width"),
+    ("missing-image", [], "cannot read"),
+    ("not-r_K", [], "is not named r_K"),
+    ("bad-pose", [], "is not a rigid camera-to-world matrix"),
+    (None, ["--leave-out", "10:5"], "--leave-out apply to a .npz"),
+], ids=["no-source", "size", "missing-image", "not-r_K", "bad-pose", "leave-out"])
+def test_folder_problems_are_one_line_and_leave_nothing(lego_like, tmp_path, capsys, change, argv_extra, problem):
+    folder, meta, _ = lego_like
+    frames = meta["train"]["frames"]
+    if change == "no-source":
+        folder = tmp_path / "nowhere"
+    elif change == "missing-image":
+        os.remove(folder / "train" / "r_7.png")
+    elif change in ("not-r_K", "bad-pose"):
+        if change == "not-r_K":
+            os.rename(folder / "train" / "r_7.png", folder / "train" / "seven.png")
+            next(f for f in frames if f["file_path"] == "./train/r_7")["file_path"] = "./train/seven"
+        else:
+            frames[4]["transform_matrix"][0][0] *= 2
+        (folder / "transforms_train.json").write_text(json.dumps(meta["train"]))
+    out = tmp_path / "out" / "lego8"
+    argv = ["--blender", str(folder), "--folder", str(out), "--resplit", "--size", "8", *argv_extra]
+    assert data_setup.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and problem in err[0], err
+    assert ".tmp-" not in err[0]  # the message names the output, not its temporary
+    assert not out.parent.exists() or os.listdir(out.parent) == []
+
+
+def test_folder_arguments_that_do_not_go_together_are_refused(lego_like, tmp_path, capsys):
+    folder, _, _ = lego_like
+    assert data_setup.main(["--folder", str(tmp_path / "x")]) == 2
+    assert data_setup.main(["--blender", str(folder), "--resplit"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "give --blender DIR too" in err[0] and "--resplit applies to --folder" in err[1]
+
+
+@pytest.mark.slow
+def test_cli_missing_source_folder_is_one_line(tmp_path):
+    """The real script: a source folder that is not there is one line on stderr and exit 2."""
+    out = tmp_path / "lego400"
+    proc = subprocess.run([sys.executable, "data_setup.py", "--blender", str(tmp_path / "nerf_synthetic" / "lego"),
+                           "--size", "400", "--resplit", "--folder", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "transforms_train.json not found" in proc.stderr and not out.exists()

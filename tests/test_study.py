@@ -212,6 +212,24 @@ def test_a_variant_that_trains_what_its_base_trains_is_refused(tiny_scene_path):
                                       "exp1 width=16", *TINY]))
 
 
+def test_study_and_the_experiment_scripts_default_to_the_same_data(tmp_path, monkeypatch):
+    """Without --data a study trains what `python expN.py` trains: configs.Config.data, the procedural scene, even
+    where `python data_setup.py` has fetched the tiny NeRF file; real data is always named."""
+    import configs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tiny_nerf_data.npz").write_bytes(b"")  # a fetched file must not change the default
+    trials, shared = study.plan(*study.parse_args(["--out=o", "--steps=2", *TINY]))
+    assert shared["data"] == configs.Config.data == "synthetic"
+    assert {t.arm.script for t in trials} == set(REGISTRY)
+    for trial in trials:
+        alone = configs.from_cli(REGISTRY[trial.arm.script].preset, TINY)  # the script run without --data
+        assert trial.cfg.data == alone.data == "synthetic", trial.arm.name
+    trials, shared = study.plan(*study.parse_args(["--out=o", "--steps=2", "--data=data/tiny_nerf_data.npz", *TINY]))
+    assert shared["data"] == "data/tiny_nerf_data.npz" and {t.cfg.data for t in trials} == {shared["data"]}
+
+
 @pytest.mark.slow
 def test_a_two_seed_study_with_a_variant_end_to_end(tmp_path, tiny_scene_path):
     out = str(tmp_path / "study")
