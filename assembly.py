@@ -15,11 +15,11 @@ from bitnerf import BitNeRF, plain_state_dict, quantize_bitnet
 from bitnerf_format import OCCUPIED_KEY, is_bitnerf_file, read_bitnerf
 from bitnerf_packed import ternary_field
 from configs import Config, ConfigError, config_from_dict, scene_bounds
-from grid_field import GridField
+from grid_field import DensityGrid, GridField
 from nerf import NeRF
 from occupancy import OccupancyGrid
 from renderer import VolumeRenderer
-from samplers import OccupancyGridSampler, StratifiedSampler
+from samplers import OccupancyGridSampler, ProposalSampler, StratifiedSampler
 from hardware import amp_policy, bitnet_bf16_grads, configure_backends, int_mm_available
 from utils import UserError, load_checkpoint
 
@@ -64,6 +64,9 @@ def build_renderer(cfg: Config, device: torch.device, field_state: dict | None =
 def build_sampler(cfg: Config, grid: OccupancyGrid | None) -> StratifiedSampler:
     """The sampler of a config: stratified (+ importance), or through an occupancy grid when skipping."""
     near, far, _, contraction = scene_bounds(cfg)
+    if cfg.n_proposal:
+        proposal = DensityGrid(cfg.proposal_width, scene_bounds(cfg)[2])
+        return ProposalSampler(near, far, cfg.n_samples, proposal, cfg.n_proposal, contraction)
     if grid is None:
         return StratifiedSampler(near, far, cfg.n_samples, cfg.n_importance, contraction)
     return OccupancyGridSampler(near, far, cfg.n_samples, grid, cfg.occ_update_every, contraction)

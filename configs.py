@@ -88,6 +88,8 @@ class Config:
     # --- rendering -----------------------------------------------------------------------------------------
     n_samples: int = 32  # stratified samples per ray
     n_importance: int = 0  # extra samples per ray drawn from the coarse weights (0 = plain stratified)
+    n_proposal: int = 0  # proposal samples per ray (0 = off)
+    proposal_width: int = 64
     # bounded: an object in a box (samples evenly spaced in [near, far], the field sees world points).
     # unbounded: what lies beyond the object (walls, a room, a sky) is modelled too: mip-NeRF 360's contraction
     # (identity inside radius occ_bound / 2, all of space inside occ_bound) with samples evenly spaced to that

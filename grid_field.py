@@ -105,3 +105,27 @@ class GridField(nn.Module):
     def occupied_fraction(self) -> float:
         """Fraction of grid vertices whose density is above the skipping threshold (a progress diagnostic)."""
         return float((self.grid[:, 3] * self.density_scale > self.skip_raw).float().mean())
+
+
+class DensityGrid(nn.Module):
+    """A density on a `resolution`^3 grid of vertices spanning [-bound, bound]^3, trilinearly interpolated: a
+    proposal sampler's field (samplers.ProposalSampler), a few dozen multiply-adds a point. Stored divided by
+    `density_scale`, so Adam's steps (about lr a step) move the pre-activation density_scale times faster."""
+
+    def __init__(self, resolution: int, bound: float, density_scale: float = 50.0, init_density: float = 0.1):
+        super().__init__()
+        self.resolution, self.bound, self.density_scale = resolution, bound, density_scale
+        start = math.log(math.expm1(init_density)) / density_scale
+        self.grid = nn.Parameter(torch.full((resolution**3, 1), start))
+        self.corners = GridField.corners.__get__(self)
+        r = resolution
+        self.register_buffer("offsets", torch.tensor([(dx * r + dy) * r + dz for dx in (0, 1) for dy in (0, 1)
+                                                      for dz in (0, 1)]), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"resolution={self.resolution}, bound={self.bound}, density_scale={self.density_scale}"
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """points [P, 3] (inside the grid) -> density pre-activation [P]."""
+        idx, w, _ = self.corners(points)
+        return _Interpolate.apply(self.grid, idx, w)[:, 0] * self.density_scale

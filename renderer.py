@@ -19,7 +19,7 @@ from torch import nn
 from cameras import pinhole_directions, rays_from_directions
 from configs import rays_per_chunk
 from nerf import colour, density
-from samplers import OccupancyGridSampler, Samples, StratifiedSampler, stratified_samples
+from samplers import OccupancyGridSampler, Samples, StratifiedSampler, compositing_weights, sample_pdf, stratified_samples
 
 Field = Callable[..., torch.Tensor]
 Positions = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -41,6 +41,7 @@ class Rendered(NamedTuple):
     depth: torch.Tensor  # [N]   expected t: sum_i w_i t_i
     acc: torch.Tensor  # [N]   accumulated opacity: sum_i w_i
     weights: torch.Tensor  # [N, S]
+    proposal_loss: torch.Tensor | None = None  # [N] a proposal sampler's loss per ray, in training (its `loss`)
 
 
 def pixel_rays(c2w: torch.Tensor, px: torch.Tensor, py: torch.Tensor, focal: float,
@@ -70,12 +71,7 @@ def composite(raw: torch.Tensor, delta: torch.Tensor, t: torch.Tensor, rays_d: t
     alpha_i = 1 - exp(-sigma_i * delta_i * |d|); T_i = prod_{j<i} (1 - alpha_j) (exclusive: T_0 = 1);
     w_i = T_i alpha_i; rgb = sum w_i c_i + (1 - acc) * background; depth = sum w_i t_i; acc = sum w_i.
     """
-    sigma = density(raw[..., 3])
-    optical = sigma * delta * rays_d.norm(dim=-1, keepdim=True)  # [N, S]
-    alpha = 1.0 - torch.exp(-optical)
-    # exclusive cumulative product in log space: T_i = exp(-sum_{j<i} sigma_j delta_j)
-    acc_optical = torch.cumsum(optical, dim=-1) - optical
-    weights = alpha * torch.exp(-acc_optical)
+    weights = compositing_weights(density(raw[..., 3]), delta, rays_d)
     # one reduction per channel: summing [N, S, 3] over S makes torch.compile's CPU code open a thread team
     # per ray (its loop heuristic sees the 3 channels as zero vector steps); per channel it loops over rays
     rgb = torch.stack([(weights * colour(raw[..., c])).sum(dim=-1) for c in range(3)], dim=-1)
@@ -83,26 +79,6 @@ def composite(raw: torch.Tensor, delta: torch.Tensor, t: torch.Tensor, rays_d: t
     if background is not None:
         rgb = rgb + (1.0 - acc)[:, None] * background
     return Rendered(rgb=rgb, depth=(weights * t).sum(dim=-1), acc=acc, weights=weights)
-
-
-def sample_pdf(bins_t: torch.Tensor, weights: torch.Tensor, n_samples: int,
-               u: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse-transform samples from the piecewise-constant pdf given by `weights` over bin edges.
-
-    bins_t: [N, S + 1] bin edges; weights: [N, S]; u: [N, n] uniform in [0, 1) or None (evenly spaced, eval).
-    Returns t: [N, n], sorted.
-    """
-    weights = weights.detach() + 1e-5  # no gradient through the sampling; no empty pdf
-    pdf = weights / weights.sum(dim=-1, keepdim=True)
-    cdf = torch.cat([torch.zeros_like(pdf[..., :1]), torch.cumsum(pdf, dim=-1)], dim=-1)  # [N, S + 1]
-    if u is None:
-        u = torch.linspace(0.0, 1.0, n_samples + 2, device=weights.device)[1:-1].expand(weights.shape[0], -1)
-    u = u.contiguous()
-    idx = torch.searchsorted(cdf, u, right=True).clamp(1, cdf.shape[-1] - 1)  # [N, n]
-    cdf_lo, cdf_hi = cdf.gather(-1, idx - 1), cdf.gather(-1, idx)
-    bin_lo, bin_hi = bins_t.gather(-1, idx - 1), bins_t.gather(-1, idx)
-    frac = ((u - cdf_lo) / (cdf_hi - cdf_lo).clamp_min(1e-8)).clamp(0.0, 1.0)
-    return torch.sort(bin_lo + frac * (bin_hi - bin_lo), dim=-1).values
 
 
 def intervals(t: torch.Tensor, far: float) -> torch.Tensor:
@@ -195,9 +171,12 @@ class VolumeRenderer(nn.Module):
         if samples is None:
             samples = self.sampler.sample(rays_o, rays_d)
         if samples.keep is None:
-            return render_samples(self.field, rays_o, rays_d, samples.t, samples.delta, self.sampler.near,
-                                  self.sampler.far, self.sampler.n_importance, samples.importance_u, background,
-                                  self.sampler.positions if self.sampler.contraction else None)
+            out = render_samples(self.field, rays_o, rays_d, samples.t, samples.delta, self.sampler.near,
+                                 self.sampler.far, self.sampler.n_importance, samples.importance_u, background,
+                                 self.sampler.positions if self.sampler.contraction else None)
+            if samples.edges is not None and torch.is_grad_enabled():  # a proposal sampler learns in training
+                out = out._replace(proposal_loss=self.sampler.loss(rays_o, rays_d, samples, out.weights))
+            return out
         points = self.sampler.positions(rays_o, rays_d, samples.t)
         # the directions of exactly the evaluated samples
         dirs = sample_dirs(rays_d, samples.t.shape[1])[samples.keep] if uses_dirs(self.field) else None

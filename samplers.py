@@ -42,6 +42,8 @@ class Samples(NamedTuple):
     delta: torch.Tensor
     keep: torch.Tensor | None = None
     importance_u: torch.Tensor | None = None
+    edges: torch.Tensor | None = None  # [N, S + 1] a proposal sampler's bin edges of the samples, in s
+    proposal_s: torch.Tensor | None = None  # [N, P] where (in s) its proposal field was evaluated
 
     def of_rays(self, index: slice) -> "Samples":
         """The samples of rays `index`."""
@@ -65,6 +67,35 @@ def stratified_samples(n_rays: int, n_samples: int, near: float, far: float,
     t = starts + u * bin_width  # [N, S]
     t = t.expand(n_rays, n_samples)
     return t, torch.full_like(t, bin_width)
+
+
+def compositing_weights(sigma: torch.Tensor, delta: torch.Tensor, rays_d: torch.Tensor) -> torch.Tensor:
+    """Volume rendering weights w_i = T_i alpha_i [N, S] of densities sigma [N, S] over intervals delta [N, S] of
+    rays rays_d [N, 3] (any length): alpha_i = 1 - exp(-sigma_i delta_i |d|), T_i = prod_{j<i} (1 - alpha_j)."""
+    optical = sigma * delta * rays_d.norm(dim=-1, keepdim=True)  # [N, S]
+    alpha = 1.0 - torch.exp(-optical)
+    # exclusive cumulative product in log space: T_i = exp(-sum_{j<i} sigma_j delta_j)
+    return alpha * torch.exp(-(torch.cumsum(optical, dim=-1) - optical))
+
+
+def sample_pdf(bins_t: torch.Tensor, weights: torch.Tensor, n_samples: int,
+               u: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse-transform samples from the piecewise-constant pdf given by `weights` over bin edges.
+
+    bins_t: [N, S + 1] bin edges; weights: [N, S]; u: [N, n] uniform in [0, 1) or None (evenly spaced, eval).
+    Returns t: [N, n], sorted.
+    """
+    weights = weights.detach() + 1e-5  # no gradient through the sampling; no empty pdf
+    pdf = weights / weights.sum(dim=-1, keepdim=True)
+    cdf = torch.cat([torch.zeros_like(pdf[..., :1]), torch.cumsum(pdf, dim=-1)], dim=-1)  # [N, S + 1]
+    if u is None:
+        u = torch.linspace(0.0, 1.0, n_samples + 2, device=weights.device)[1:-1].expand(weights.shape[0], -1)
+    u = u.contiguous()
+    idx = torch.searchsorted(cdf, u, right=True).clamp(1, cdf.shape[-1] - 1)  # [N, n]
+    cdf_lo, cdf_hi = cdf.gather(-1, idx - 1), cdf.gather(-1, idx)
+    bin_lo, bin_hi = bins_t.gather(-1, idx - 1), bins_t.gather(-1, idx)
+    frac = ((u - cdf_lo) / (cdf_hi - cdf_lo).clamp_min(1e-8)).clamp(0.0, 1.0)
+    return torch.sort(bin_lo + frac * (bin_hi - bin_lo), dim=-1).values
 
 
 def contract(x: torch.Tensor, radius: float) -> torch.Tensor:
@@ -196,3 +227,64 @@ class OccupancyGridSampler(StratifiedSampler):
         norm = points.norm(dim=-1).clamp(max=2 * radius * (1 - 1e-6))
         world = torch.where(norm <= radius, torch.full_like(norm, radius), radius * radius / (2 * radius - norm))
         return (world / radius).clamp(max=self.far / radius) ** 2
+
+
+class ProposalSampler(StratifiedSampler):
+    """n_samples per ray where a small density field, the proposal, expects the scene to be: mip-NeRF 360's
+    proposal sampling (nerfacc's PropNetEstimator). The proposal is evaluated at n_proposal stratified samples
+    (evenly spaced in s: t, or disparity beyond the contraction radius); its compositing weights are a pdf over
+    their bins, and the n_samples + 1 bin edges of the field's samples are drawn from it (stratified in training,
+    evenly spaced without a generator). The proposal learns from the field's own weights (`loss`): each of the
+    field's bins should weigh no more than the proposal's bins that overlap it, so the proposal's weights come
+    to bound the field's from above and the samples go where the field puts weight."""
+
+    def __init__(self, near: float, far: float, n_samples: int, proposal: nn.Module, n_proposal: int,
+                 contraction: float = 0.0):
+        super().__init__(near, far, n_samples, contraction=contraction)
+        self.proposal, self.n_proposal = proposal, n_proposal
+        self.register_buffer("proposal_edges", torch.linspace(0.0, 1.0, n_proposal + 1), persistent=False)
+
+    def t_of(self, s: torch.Tensor) -> torch.Tensor:
+        """Ray parameter t of s in [0, 1] (lindisp_t in an unbounded scene, linear in a bounded one)."""
+        if self.contraction:
+            return lindisp_t(s, self.near, self.linear_end, self.far)
+        return self.near + (self.far - self.near) * s
+
+    def proposal_weights(self, rays_o: torch.Tensor, rays_d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """[N, P] the proposal's compositing weights at s [N, P] (one sample inside each of its bins)."""
+        points = self.positions(rays_o, rays_d, self.t_of(s))
+        sigma = nn.functional.softplus(self.proposal(points.reshape(-1, 3)).float()).reshape(s.shape)
+        return compositing_weights(sigma, torch.diff(self.t_of(self.proposal_edges)), rays_d)
+
+    def sample(self, rays_o: torch.Tensor, rays_d: torch.Tensor,
+               generator: torch.Generator | None = None) -> Samples:
+        n, device = rays_o.shape[0], rays_o.device
+        jitter = (torch.rand(n, self.n_proposal, generator=generator, device=device) if generator is not None
+                  else torch.full((1, self.n_proposal), 0.5, device=device))
+        s_proposal = (torch.arange(self.n_proposal, device=device) + jitter) / self.n_proposal  # [N|1, P]
+        s_proposal = s_proposal.expand(n, -1)
+        with torch.no_grad():
+            weights = self.proposal_weights(rays_o, rays_d, s_proposal)
+        k = self.n_samples + 1  # edges; without a generator from s = 0 to 1, the whole ray
+        if generator is not None:
+            u = (torch.arange(k, device=device) + torch.rand(n, k, generator=generator, device=device)) / k
+        else:
+            u = torch.linspace(0.0, 1.0, k, device=device).expand(n, -1)
+        edges = sample_pdf(self.proposal_edges.expand(n, -1), weights, k, u)  # [N, S + 1]
+        t_edges = self.t_of(edges)
+        t = self.t_of((edges[:, 1:] + edges[:, :-1]) / 2)
+        return Samples(t, torch.diff(t_edges, dim=-1), None, None, edges, s_proposal)
+
+    def loss(self, rays_o: torch.Tensor, rays_d: torch.Tensor, samples: Samples,
+             weights: torch.Tensor) -> torch.Tensor:
+        """[N] per ray: sum over the field's bins of max(0, w - bound)^2 / w, w the field's weight [N, S]
+        (detached: this trains the proposal only) and bound the proposal's weight of the bins that overlap it
+        (mip-NeRF 360's interlevel loss)."""
+        proposal = self.proposal_weights(rays_o, rays_d, samples.proposal_s)  # [N, P], with gradient
+        cumulative = torch.cat([torch.zeros_like(proposal[:, :1]), torch.cumsum(proposal, dim=-1)], dim=-1)
+        edges = self.proposal_edges.expand(samples.edges.shape[0], -1).contiguous()
+        lo = (torch.searchsorted(edges, samples.edges[:, :-1].contiguous(), right=True) - 1).clamp(0, self.n_proposal)
+        hi = torch.searchsorted(edges, samples.edges[:, 1:].contiguous(), right=False).clamp(0, self.n_proposal)
+        bound = cumulative.gather(-1, hi) - cumulative.gather(-1, lo)
+        w = weights.detach().float()
+        return (torch.relu(w - bound) ** 2 / (w + 1e-7)).sum(dim=-1)

@@ -134,6 +134,8 @@ class Trainer:
                     loss = torch.sum((out.rgb.float() - target[s]) ** 2) / (3 * n)
                     seen = None if see_through is None else see_through[s]
                     total = loss + self.background_penalty(out.acc, seen, n)
+                    if out.proposal_loss is not None:
+                        total = total + out.proposal_loss.sum() / n
                 (self.scaler.scale(total) if self.scaler else total).backward()
             loss_sum += loss.detach()  # logged: the photometric loss alone
         if self.scaler:
