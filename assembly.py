@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from bitnerf import BitNeRF, plain_state_dict, quantize_bitnet
-from bitnerf_format import OCCUPIED_KEY, is_bitnerf_file, read_bitnerf
+from bitnerf_format import OCCUPIED_KEY, PROPOSAL_KEY, is_bitnerf_file, read_bitnerf
 from bitnerf_packed import ternary_field
-from configs import Config, ConfigError, config_from_dict, scene_bounds
+from configs import Config, ConfigError, config_from_dict, scene_bounds, skip_method
 from grid_field import DensityGrid, GridField
 from nerf import NeRF
 from occupancy import OccupancyGrid
@@ -41,9 +41,10 @@ def build_field(cfg: Config) -> nn.Module:
 
 
 def build_renderer(cfg: Config, device: torch.device, field_state: dict | None = None,
-                   occupancy_state: dict | None = None) -> VolumeRenderer:
-    """Float field (weights from `field_state` if given) -> BitNet quantization (bitnerf) -> renderer, with an
-    occupancy grid (its state from `occupancy_state` if given) when `cfg.skip`.
+                   occupancy_state: dict | None = None, proposal_state: dict | None = None) -> VolumeRenderer:
+    """Float field (weights from `field_state` if given) -> BitNet quantization (bitnerf) -> renderer, with the
+    occupancy grid or proposal grid of a skipping config (their states from `occupancy_state` / `proposal_state`
+    if given).
 
     Quantization comes after loading because checkpoints hold plain float latent weights.
     """
@@ -58,15 +59,19 @@ def build_renderer(cfg: Config, device: torch.device, field_state: dict | None =
     if cfg.model == "bitnerf":
         int_mm_available(device)  # decided now, eagerly: under torch.compile it is a constant
         quantize_bitnet(field, bf16_grads=bitnet_bf16_grads(cfg.bitnet_grad, device))
-    return VolumeRenderer(field, build_sampler(cfg, build_occupancy(cfg, device, occupancy_state)), cfg.chunk_points)
+    sampler = build_sampler(cfg, build_occupancy(cfg, device, occupancy_state), proposal_state)
+    return VolumeRenderer(field, sampler.to(device), cfg.chunk_points)
 
 
-def build_sampler(cfg: Config, grid: OccupancyGrid | None) -> StratifiedSampler:
-    """The sampler of a config: stratified (+ importance), or through an occupancy grid when skipping."""
-    near, far, _, contraction = scene_bounds(cfg)
-    if cfg.n_proposal:
-        proposal = DensityGrid(cfg.proposal_width, scene_bounds(cfg)[2])
-        return ProposalSampler(near, far, cfg.n_samples, proposal, cfg.n_proposal, contraction)
+def build_sampler(cfg: Config, grid: OccupancyGrid | None, proposal_state: dict | None = None) -> StratifiedSampler:
+    """The sampler of a config: stratified (+ importance), or, skipping empty space, through the occupancy grid
+    `grid` or a proposal grid (its weights from `proposal_state` if given)."""
+    near, far, bound, contraction = scene_bounds(cfg)
+    if skip_method(cfg) == "proposal":
+        proposal = DensityGrid(cfg.proposal_resolution, bound)
+        if proposal_state is not None:
+            load_part(proposal, proposal_state, "saved proposal grid")
+        return ProposalSampler(near, far, cfg.n_samples, cfg.fine_samples, proposal, contraction)
     if grid is None:
         return StratifiedSampler(near, far, cfg.n_samples, cfg.n_importance, contraction)
     return OccupancyGridSampler(near, far, cfg.n_samples, grid, cfg.occ_update_every, contraction)
@@ -74,15 +79,20 @@ def build_sampler(cfg: Config, grid: OccupancyGrid | None) -> StratifiedSampler:
 
 def build_occupancy(cfg: Config, device: torch.device, state: dict | None = None) -> OccupancyGrid | None:
     """The occupancy grid of a skipping config (None without skipping), from a saved state if given."""
-    if not cfg.skip:
+    if skip_method(cfg) != "grid":
         return None
     grid = OccupancyGrid(cfg.occ_resolution, scene_bounds(cfg)[2], cfg.occ_threshold)
     if state is not None:
-        try:
-            grid.load_state_dict(state)
-        except RuntimeError as err:
-            raise UserError(f"saved occupancy grid does not fit this config: {str(err).splitlines()[0]}") from None
+        load_part(grid, state, "saved occupancy grid")
     return grid.to(device)
+
+
+def load_part(module: nn.Module, state: dict, what: str) -> None:
+    """module.load_state_dict(state), a mismatch a one-line UserError naming `what`."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"{what} does not fit this config: {str(err).splitlines()[0]}") from None
 
 
 def field_state_dict(renderer: VolumeRenderer) -> dict:
@@ -107,14 +117,16 @@ def load_trained(path: str, device: torch.device | str = "cpu") -> tuple[VolumeR
     except (ConfigError, TypeError) as err:
         raise UserError(f"{path}: saved config is unreadable ({err})") from None
     configure_backends(torch.device(device), cfg.tf32)  # the precision and memory settings training ran with
-    renderer = build_renderer(cfg, torch.device(device), ckpt["model"], ckpt.get("occupancy"))
+    renderer = build_renderer(cfg, torch.device(device), ckpt["model"], ckpt.get("occupancy"), ckpt.get("proposal"))
     return renderer.eval(), cfg
 
 
 def load_exported(path: str, device: torch.device | str = "cpu", mode: str = "int8"):
     """A .bitnerf file -> (VolumeRenderer around bitnerf_packed.ternary_field in eval mode, Config)."""
     cfg, state, _ = read_bitnerf(path)
-    occupied = state.pop(OCCUPIED_KEY, None)
+    occupied, proposal = state.pop(OCCUPIED_KEY, None), state.pop(PROPOSAL_KEY, None)
+    if skip_method(cfg) == "proposal" and proposal is None:
+        raise UserError(f"{path}: its config samples through a proposal grid, which the file does not hold")
     occupancy = build_occupancy(cfg, torch.device("cpu")) if occupied is not None else None
     if occupancy is not None:
         if occupied.shape != occupancy.occupied.shape:
@@ -126,7 +138,8 @@ def load_exported(path: str, device: torch.device | str = "cpu", mode: str = "in
         field.load_state_dict(state)
     except RuntimeError as err:
         raise UserError(f"{path}: tensors do not fit its config: {str(err).splitlines()[0]}") from None
-    renderer = VolumeRenderer(field, build_sampler(cfg, occupancy), cfg.chunk_points)
+    sampler = build_sampler(cfg, occupancy, None if proposal is None else {"grid": proposal.float()})
+    renderer = VolumeRenderer(field, sampler, cfg.chunk_points)
     int_mm_available(torch.device(device))  # decided now, eagerly (see build_renderer)
     configure_backends(torch.device(device), cfg.tf32)
     return renderer.to(torch.device(device)).eval(), cfg

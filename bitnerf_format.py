@@ -31,6 +31,7 @@ from utils import UserError, atomic_write
 
 MAGIC = b"BITNERF\x00"
 OCCUPIED_KEY = "occupancy.occupied"  # the occupancy grid's cells, stored beside the field's tensors
+PROPOSAL_KEY = "proposal.grid"  # a proposal sampler's density grid, likewise
 VERSION = 1
 _PREFIX = struct.Struct("<8sII")  # magic, version, header length
 _DIGEST = 32

@@ -88,8 +88,6 @@ class Config:
     # --- rendering -----------------------------------------------------------------------------------------
     n_samples: int = 32  # stratified samples per ray
     n_importance: int = 0  # extra samples per ray drawn from the coarse weights (0 = plain stratified)
-    n_proposal: int = 0  # proposal samples per ray (0 = off)
-    proposal_width: int = 64
     # bounded: an object in a box (samples evenly spaced in [near, far], the field sees world points).
     # unbounded: what lies beyond the object (walls, a room, a sky) is modelled too: mip-NeRF 360's contraction
     # (identity inside radius occ_bound / 2, all of space inside occ_bound) with samples evenly spaced to that
@@ -106,10 +104,18 @@ class Config:
     # measured: lego, cpu scale, 1500 steps: 0 -> 26.36 dB, background opacity 0.064; 1e-3 -> 26.31, 0.022;
     # 1e-2 -> 26.15, 0.003 (with carving; without it the original's fields reached 0.40-0.50)
     bg_opacity_weight: float = 1e-3
-    # empty-space skipping (occupancy.py): the field is evaluated only at samples inside occupied cells of a
-    # binary grid over [-occ_bound, occ_bound]^3, refreshed from the field's own density every occ_update_every
-    # steps (EMA); occ_carve empties, before training, the cells that background training pixels see through
+    # empty-space skipping: the field is evaluated only where the scene is, found by skip_with
     skip: bool = True
+    # grid (occupancy.py): at the stratified samples inside occupied cells of a binary grid over
+    # [-occ_bound, occ_bound]^3, refreshed from the field's own density every occ_update_every steps (EMA);
+    # occ_carve empties, before training, the cells that background training pixels see through.
+    # proposal (samplers.ProposalSampler, mip-NeRF 360's proposal sampling): a density grid over the same box is
+    # evaluated at the n_samples stratified samples, and the field at fine_samples samples drawn from its weights;
+    # the grid learns to bound the field's weights. It skips the empty space of a room or sky, which fills few grid
+    # cells but many samples' worth of ray. auto: grid for a bounded scene, proposal for an unbounded one
+    skip_with: str = "auto"
+    fine_samples: int = 24  # skip_with=proposal: samples per ray the field is evaluated at
+    proposal_resolution: int = 64  # skip_with=proposal: the density grid's vertices per axis
     occ_resolution: int = 128  # occupancy grid cells per axis
     # the occupancy grid spans [-occ_bound, occ_bound]^3; in an unbounded scene that is the contracted space, the
     # identity inside radius occ_bound / 2. 0 = from the data: 1.5 bounded, 2 R unbounded (see near)
@@ -179,6 +185,7 @@ _CHOICES = {
     "background": ("auto", "white", "black", "random", "none"),
     "bitnet_grad": ("auto", "fp32", "bf16"),
     "scene": ("auto", "bounded", "unbounded"),
+    "skip_with": ("auto", "grid", "proposal"),
 }
 
 
@@ -189,7 +196,7 @@ def _problems(c: Config):
     if not (c.device in ("auto", "cpu", "cuda", "mps") or _is_cuda_index(c.device)):
         yield f"device={c.device!r} is not auto, cpu, cuda, cuda:N or mps"
     positive = ("epochs", "batch_size", "chunk_points", "n_freqs", "width", "depth", "log_every", "video_frames",
-                "video_fps", "keep_ckpts")
+                "video_fps", "keep_ckpts", "fine_samples")
     for key in positive:
         if getattr(c, key) < 1:
             yield f"{key} must be >= 1 (got {getattr(c, key)})"
@@ -231,6 +238,8 @@ def _problems(c: Config):
                    or not 0 < c.occ_threshold < 1):
         yield (f"need occ_resolution >= 2, occ_bound >= 0 (0: from the data), occ_update_every >= 1, 0 < occ_threshold < 1 (got "
                f"{c.occ_resolution}, {c.occ_bound}, {c.occ_update_every}, {c.occ_threshold})")
+    if c.skip and c.proposal_resolution < 2:
+        yield f"proposal_resolution must be >= 2 (got {c.proposal_resolution})"
     if c.video_radius <= 0:
         yield f"video_radius must be > 0 (got {c.video_radius})"
     if not c.name or "/" in c.name:
@@ -283,9 +292,19 @@ def scene_bounds(cfg: Config) -> tuple[float, float, float, float]:
     return near, far, bound, 0.0
 
 
+def skip_method(cfg: Config) -> str | None:
+    """How `cfg` skips empty space: "grid", "proposal", or None (it does not); skip_with auto is the proposal
+    for an unbounded scene, the occupancy grid for the rest."""
+    if not cfg.skip:
+        return None
+    if cfg.skip_with != "auto":
+        return cfg.skip_with
+    return "proposal" if cfg.scene == "unbounded" else "grid"
+
+
 # Keys the data sets when they are left at these values (dataset.resolve_scene, the automatic downscale): a run's
 # saved config holds what was chosen, and a request that left them to the data asks for the same run.
-FROM_THE_DATA = {"scene": "auto", "downscale": 0, "near": 0.0, "far": 0.0, "occ_bound": 0.0}
+FROM_THE_DATA = {"scene": "auto", "downscale": 0, "near": 0.0, "far": 0.0, "occ_bound": 0.0, "skip_with": "auto"}
 
 
 def config_changes(saved: Config, requested: Config, ignore=frozenset()) -> list[str]:

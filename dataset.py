@@ -215,23 +215,29 @@ def resolve_scene(cfg, views: Views):
     every loader puts an object in. Unbounded (auto for a real background): R = the cameras' largest distance from
     the scene's centre (the origin), the contraction the identity inside R (occ_bound = 2 R), near = 0.05 R, and
     far = R (1 + k sqrt(3)) with k the capture's aabb_scale (instant-ngp's scene extent in units of the cameras'
-    region; DEFAULT_AABB_SCALE if absent): from a camera, across the farthest corner of that box."""
-    from configs import BOUNDED_SCENE
+    region; DEFAULT_AABB_SCALE if absent): from a camera, across the farthest corner of that box. skip_with auto
+    becomes what the scene skips empty space with (configs.skip_method)."""
+    from configs import BOUNDED_SCENE, skip_method
 
     kind = cfg.scene if cfg.scene != "auto" else ("bounded" if views.background.known else "unbounded")
+    cfg = replace(cfg, scene=kind)
+    cfg = replace(cfg, skip_with=skip_method(cfg) or cfg.skip_with)
+    skipping = {"grid": "occupancy grid",
+                "proposal": f"the field at {cfg.fine_samples} samples per ray drawn from a {cfg.proposal_resolution}^3 "
+                            f"proposal grid"}.get(skip_method(cfg), "no skipping")
     if kind == "bounded":
         chosen = {k: getattr(cfg, k) or v for k, v in BOUNDED_SCENE.items()}
-        return replace(cfg, scene=kind, **chosen), (f"scene bounded: near {chosen['near']:g}, far {chosen['far']:g}, "
-                                                    f"occupancy box +-{chosen['occ_bound']:g}")
+        return replace(cfg, **chosen), (f"scene bounded: near {chosen['near']:g}, far {chosen['far']:g}, "
+                                        f"{skipping} over +-{chosen['occ_bound']:g}")
     radius = float(views.poses[:, :3, 3].norm(dim=-1).max())
     extent = views.aabb_scale or DEFAULT_AABB_SCALE
     derived = {"near": NEAR_PER_RADIUS * radius, "far": radius * (1 + extent * math.sqrt(3)), "occ_bound": 2 * radius}
     chosen = {k: float(f"{getattr(cfg, k) or v:.4g}") for k, v in derived.items()}
     source = "aabb_scale" if views.aabb_scale else "default extent"
-    return replace(cfg, scene=kind, **chosen), (
+    return replace(cfg, **chosen), (
         f"scene unbounded (a real background): contracted beyond radius {chosen['occ_bound'] / 2:g} (the cameras' "
         f"distance), near {chosen['near']:g}, far {chosen['far']:g} ({source} {extent:g}), samples even in depth "
-        f"to the radius and in disparity beyond, occupancy grid over the contracted +-{chosen['occ_bound']:g}")
+        f"to the radius and in disparity beyond, {skipping} over the contracted +-{chosen['occ_bound']:g}")
 
 
 def evaluation_background(data: str, background: str) -> torch.Tensor | None:

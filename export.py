@@ -13,7 +13,7 @@ import os
 import sys
 
 from assembly import build_field
-from bitnerf_format import FLOAT_STORAGES, OCCUPIED_KEY, read_bitnerf, write_bitnerf
+from bitnerf_format import FLOAT_STORAGES, OCCUPIED_KEY, PROPOSAL_KEY, read_bitnerf, write_bitnerf
 from bitnerf_packed import ternary_state_dict
 from configs import ConfigError, config_from_dict
 from utils import ArgParser, UserError, load_checkpoint, run_cli
@@ -39,6 +39,8 @@ def export_checkpoint(ckpt_path: str, out_path: str, packing: str = "base3", flo
                                cfg.viewdirs)
     if cfg.skip and ckpt.get("occupancy"):  # inference skips the same empty space as training's renders
         state[OCCUPIED_KEY] = ckpt["occupancy"]["occupied"]
+    if cfg.skip and ckpt.get("proposal"):  # and samples where training's renders did
+        state[PROPOSAL_KEY] = ckpt["proposal"]["grid"].float()
     size = write_bitnerf(out_path, state, cfg, packing, floats)
     grid = read_bitnerf(out_path)[2]["tensors"].get(OCCUPIED_KEY, {}).get("nbytes", 0)
     float_bytes = sum(v.numel() * v.element_size() for v in ckpt["model"].values())

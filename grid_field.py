@@ -25,6 +25,31 @@ from torch import nn
 EMPTY_DENSITY_RAW = -30.0
 
 
+def corner_offsets(resolution: int) -> torch.Tensor:
+    """[8] int64: the flat-index offsets of a cell's 8 vertices from its lowest one, in the order of the weights."""
+    r = resolution
+    return torch.tensor([(dx * r + dy) * r + dz for dx in (0, 1) for dy in (0, 1) for dz in (0, 1)])
+
+
+def trilinear_corners(points: torch.Tensor, resolution: int, bound: float,
+                      offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 8 vertices around each of points [P, 3] on a resolution^3 grid of vertices spanning [-bound, bound]^3
+    (flat index (i * R + j) * R + k): indices [P, 8] int64, trilinear weights [P, 8] (summing to 1), and whether
+    the point lies inside the grid [P] bool (outside: the nearest cell's vertices, extrapolated weights).
+    offsets: corner_offsets(resolution), on the points' device."""
+    r = resolution
+    x = (points + bound) * ((r - 1) / (2 * bound))  # vertex coordinates
+    inside = ((x >= 0) & (x <= r - 1)).all(dim=-1)
+    lower = x.floor().clamp_(0, r - 2)
+    frac = x - lower  # in [0, 1] inside the grid
+    lower = lower.long()
+    base = (lower[:, 0] * r + lower[:, 1]) * r + lower[:, 2]
+    idx = base[:, None] + offsets  # [P, 8]
+    wx = torch.stack([1 - frac, frac], dim=-1)  # [P, 3, 2]
+    w = (wx[:, 0, :, None, None] * wx[:, 1, None, :, None] * wx[:, 2, None, None, :]).reshape(-1, 8)
+    return idx, w, inside
+
+
 class _Interpolate(torch.autograd.Function):
     """values [P, C] = sum_k w[:, k] * grid[idx[:, k]]; grid [V, C], idx [P, 8] int64, w [P, 8]."""
 
@@ -65,10 +90,7 @@ class GridField(nn.Module):
         grid = torch.zeros(resolution**3, 4)
         grid[:, 3] = math.log(math.expm1(init_density)) / density_scale
         self.grid = nn.Parameter(grid)
-        r = resolution
-        corners = [(dx, dy, dz) for dx in (0, 1) for dy in (0, 1) for dz in (0, 1)]
-        self.register_buffer("offsets", torch.tensor([(dx * r + dy) * r + dz for dx, dy, dz in corners]),
-                             persistent=False)
+        self.register_buffer("offsets", corner_offsets(resolution), persistent=False)
         self.register_buffer("scale", torch.tensor([1.0, 1.0, 1.0, density_scale]), persistent=False)
         self.register_buffer("empty", torch.tensor([0.0, 0.0, 0.0, EMPTY_DENSITY_RAW]), persistent=False)
 
@@ -77,17 +99,7 @@ class GridField(nn.Module):
 
     def corners(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """points [P, 3] -> vertex indices [P, 8] int64, trilinear weights [P, 8], inside-the-grid mask [P]."""
-        r = self.resolution
-        x = (points + self.bound) * ((r - 1) / (2 * self.bound))  # vertex coordinates
-        inside = ((x >= 0) & (x <= r - 1)).all(dim=-1)
-        lower = x.floor().clamp_(0, r - 2)
-        frac = x - lower  # in [0, 1] inside the grid
-        lower = lower.long()
-        base = (lower[:, 0] * r + lower[:, 1]) * r + lower[:, 2]
-        idx = base[:, None] + self.offsets  # [P, 8]
-        wx = torch.stack([1 - frac, frac], dim=-1)  # [P, 3, 2]
-        w = (wx[:, 0, :, None, None] * wx[:, 1, None, :, None] * wx[:, 2, None, None, :]).reshape(-1, 8)
-        return idx, w, inside
+        return trilinear_corners(points, self.resolution, self.bound, self.offsets)
 
     def forward(self, points: torch.Tensor, dirs: torch.Tensor | None = None) -> torch.Tensor:
         """points: [..., 3] -> raw [..., 4] (RGB logits, density pre-activation); dirs (viewing directions) are
@@ -117,15 +129,12 @@ class DensityGrid(nn.Module):
         self.resolution, self.bound, self.density_scale = resolution, bound, density_scale
         start = math.log(math.expm1(init_density)) / density_scale
         self.grid = nn.Parameter(torch.full((resolution**3, 1), start))
-        self.corners = GridField.corners.__get__(self)
-        r = resolution
-        self.register_buffer("offsets", torch.tensor([(dx * r + dy) * r + dz for dx in (0, 1) for dy in (0, 1)
-                                                      for dz in (0, 1)]), persistent=False)
+        self.register_buffer("offsets", corner_offsets(resolution), persistent=False)
 
     def extra_repr(self) -> str:
         return f"resolution={self.resolution}, bound={self.bound}, density_scale={self.density_scale}"
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """points [P, 3] (inside the grid) -> density pre-activation [P]."""
-        idx, w, _ = self.corners(points)
+        idx, w, _ = trilinear_corners(points, self.resolution, self.bound, self.offsets)
         return _Interpolate.apply(self.grid, idx, w)[:, 0] * self.density_scale

@@ -19,7 +19,7 @@ from torch import nn
 from cameras import pinhole_directions, rays_from_directions
 from configs import rays_per_chunk
 from nerf import colour, density
-from samplers import OccupancyGridSampler, Samples, StratifiedSampler, compositing_weights, sample_pdf, stratified_samples
+from samplers import OccupancyGridSampler, ProposalSampler, Samples, StratifiedSampler, compositing_weights, sample_pdf, stratified_samples
 
 Field = Callable[..., torch.Tensor]
 Positions = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -153,6 +153,11 @@ class VolumeRenderer(nn.Module):
     def occupancy(self):
         """The occupancy grid of a skipping sampler (occupancy.OccupancyGrid), else None."""
         return self.sampler.grid if isinstance(self.sampler, OccupancyGridSampler) else None
+
+    @property
+    def proposal(self):
+        """The proposal grid of a proposal sampler (grid_field.DensityGrid), else None."""
+        return self.sampler.proposal if isinstance(self.sampler, ProposalSampler) else None
 
     def compile_field(self) -> None:
         """torch.compile the field (fullgraph: a graph break is an error). A plain function, not a submodule,

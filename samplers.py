@@ -12,6 +12,8 @@ points each ray costs) and the render.
   renderer places those samples from the coarse weights: they depend on the field).
 - `OccupancyGridSampler`: the stratified samples, of which only those inside occupied cells of an
   `occupancy.OccupancyGrid` are evaluated (the others are empty space).
+- `ProposalSampler`: a learned density grid (the proposal) evaluated at the stratified samples says where the
+  scene is, and the field is evaluated at fewer samples drawn from its weights (mip-NeRF 360's proposal sampling).
 
 Bounded scenes (an object in a box: the Blender scenes, tiny-NeRF) are sampled evenly in t over [near, far] and the
 field sees world points. Unbounded scenes (a capture whose walls, room or sky lie far beyond the object) use
@@ -36,14 +38,15 @@ from occupancy import OccupancyGrid
 class Samples(NamedTuple):
     """Samples of N rays: t, delta [N, S] (position and interval length, in units of the ray parameter); keep
     [N, S] bool, the samples the field is evaluated at (None: all); importance_u [N, n] uniforms of the importance
-    pass (None: evenly spaced)."""
+    pass (None: evenly spaced); a proposal sampler's edges [N, S + 1] of the samples' bins in s (the sampler's
+    parameter of the ray, in [0, 1]) and proposal_s [N, P], where its proposal was evaluated."""
 
     t: torch.Tensor
     delta: torch.Tensor
     keep: torch.Tensor | None = None
     importance_u: torch.Tensor | None = None
-    edges: torch.Tensor | None = None  # [N, S + 1] a proposal sampler's bin edges of the samples, in s
-    proposal_s: torch.Tensor | None = None  # [N, P] where (in s) its proposal field was evaluated
+    edges: torch.Tensor | None = None
+    proposal_s: torch.Tensor | None = None
 
     def of_rays(self, index: slice) -> "Samples":
         """The samples of rays `index`."""
@@ -230,61 +233,78 @@ class OccupancyGridSampler(StratifiedSampler):
 
 
 class ProposalSampler(StratifiedSampler):
-    """n_samples per ray where a small density field, the proposal, expects the scene to be: mip-NeRF 360's
-    proposal sampling (nerfacc's PropNetEstimator). The proposal is evaluated at n_proposal stratified samples
-    (evenly spaced in s: t, or disparity beyond the contraction radius); its compositing weights are a pdf over
-    their bins, and the n_samples + 1 bin edges of the field's samples are drawn from it (stratified in training,
-    evenly spaced without a generator). The proposal learns from the field's own weights (`loss`): each of the
-    field's bins should weigh no more than the proposal's bins that overlap it, so the proposal's weights come
-    to bound the field's from above and the samples go where the field puts weight."""
+    """The field's samples drawn where a proposal expects the scene: mip-NeRF 360's proposal sampling (nerfacc's
+    PropNetEstimator), with a density grid (grid_field.DensityGrid) for the proposal network.
 
-    def __init__(self, near: float, far: float, n_samples: int, proposal: nn.Module, n_proposal: int,
+    The proposal, `points [P, 3] -> density pre-activation [P]`, is evaluated at the n_samples stratified samples
+    (evenly spaced in s: in t, and in disparity beyond an unbounded scene's contraction radius); its compositing
+    weights are a pdf over their bins, from which the fine_samples + 1 bin edges of the field's samples are drawn
+    (stratified in training; evenly spaced in the cdf without a generator, from the ray's start to its end). Each
+    field sample sits at the middle (in s) of its bin and stands for the whole bin. The proposal learns from the
+    field's weights (`loss`, added to the training loss), so it needs no refresh of its own."""
+
+    def __init__(self, near: float, far: float, n_samples: int, fine_samples: int, proposal: nn.Module,
                  contraction: float = 0.0):
         super().__init__(near, far, n_samples, contraction=contraction)
-        self.proposal, self.n_proposal = proposal, n_proposal
-        self.register_buffer("proposal_edges", torch.linspace(0.0, 1.0, n_proposal + 1), persistent=False)
+        self.proposal, self.fine_samples = proposal, fine_samples
+        self.register_buffer("proposal_edges", torch.linspace(0.0, 1.0, n_samples + 1), persistent=False)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fine_samples={self.fine_samples}"
+
+    @property
+    def points_per_ray(self) -> int:
+        return self.fine_samples
 
     def t_of(self, s: torch.Tensor) -> torch.Tensor:
-        """Ray parameter t of s in [0, 1] (lindisp_t in an unbounded scene, linear in a bounded one)."""
+        """Ray parameter t of s in [0, 1] (see lindisp_t; evenly spaced in t from near to far when bounded)."""
         if self.contraction:
             return lindisp_t(s, self.near, self.linear_end, self.far)
         return self.near + (self.far - self.near) * s
 
     def proposal_weights(self, rays_o: torch.Tensor, rays_d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """[N, P] the proposal's compositing weights at s [N, P] (one sample inside each of its bins)."""
-        points = self.positions(rays_o, rays_d, self.t_of(s))
-        sigma = nn.functional.softplus(self.proposal(points.reshape(-1, 3)).float()).reshape(s.shape)
-        return compositing_weights(sigma, torch.diff(self.t_of(self.proposal_edges)), rays_d)
+        """[N, S] the proposal's compositing weights over its S bins of rays [N, 3], sampled at s [N, S] (one
+        point inside each bin), in float32 whatever the autocast around it."""
+        with torch.autocast(rays_o.device.type, enabled=False):
+            points = self.positions(rays_o.float(), rays_d.float(), self.t_of(s))
+            sigma = nn.functional.softplus(self.proposal(points.reshape(-1, 3))).reshape(s.shape)
+            return compositing_weights(sigma, torch.diff(self.t_of(self.proposal_edges)), rays_d.float())
 
     def sample(self, rays_o: torch.Tensor, rays_d: torch.Tensor,
                generator: torch.Generator | None = None) -> Samples:
-        n, device = rays_o.shape[0], rays_o.device
-        jitter = (torch.rand(n, self.n_proposal, generator=generator, device=device) if generator is not None
-                  else torch.full((1, self.n_proposal), 0.5, device=device))
-        s_proposal = (torch.arange(self.n_proposal, device=device) + jitter) / self.n_proposal  # [N|1, P]
-        s_proposal = s_proposal.expand(n, -1)
-        with torch.no_grad():
-            weights = self.proposal_weights(rays_o, rays_d, s_proposal)
-        k = self.n_samples + 1  # edges; without a generator from s = 0 to 1, the whole ray
+        """Samples of rays [N, 3]: t, delta [N, fine_samples], their bin edges in s [N, fine_samples + 1] and
+        where the proposal was evaluated (proposal_s [N, n_samples], what `loss` evaluates it at again)."""
+        n, device, k = rays_o.shape[0], rays_o.device, self.fine_samples + 1
         if generator is not None:
+            jitter = torch.rand(n, self.n_samples, generator=generator, device=device)
             u = (torch.arange(k, device=device) + torch.rand(n, k, generator=generator, device=device)) / k
         else:
-            u = torch.linspace(0.0, 1.0, k, device=device).expand(n, -1)
-        edges = sample_pdf(self.proposal_edges.expand(n, -1), weights, k, u)  # [N, S + 1]
-        t_edges = self.t_of(edges)
+            jitter = torch.full((n, self.n_samples), 0.5, device=device)
+            u = torch.linspace(0.0, 1.0, k, device=device).expand(n, -1)  # s = 0 to 1: the whole ray
+        s_proposal = (torch.arange(self.n_samples, device=device) + jitter) / self.n_samples  # [N, S]
+        with torch.no_grad():
+            weights = self.proposal_weights(rays_o, rays_d, s_proposal)
+        edges = sample_pdf(self.proposal_edges.expand(n, -1), weights, k, u)  # [N, fine_samples + 1]
         t = self.t_of((edges[:, 1:] + edges[:, :-1]) / 2)
-        return Samples(t, torch.diff(t_edges, dim=-1), None, None, edges, s_proposal)
+        return Samples(t, torch.diff(self.t_of(edges), dim=-1), edges=edges, proposal_s=s_proposal)
 
     def loss(self, rays_o: torch.Tensor, rays_d: torch.Tensor, samples: Samples,
              weights: torch.Tensor) -> torch.Tensor:
-        """[N] per ray: sum over the field's bins of max(0, w - bound)^2 / w, w the field's weight [N, S]
-        (detached: this trains the proposal only) and bound the proposal's weight of the bins that overlap it
-        (mip-NeRF 360's interlevel loss)."""
-        proposal = self.proposal_weights(rays_o, rays_d, samples.proposal_s)  # [N, P], with gradient
-        cumulative = torch.cat([torch.zeros_like(proposal[:, :1]), torch.cumsum(proposal, dim=-1)], dim=-1)
-        edges = self.proposal_edges.expand(samples.edges.shape[0], -1).contiguous()
-        lo = (torch.searchsorted(edges, samples.edges[:, :-1].contiguous(), right=True) - 1).clamp(0, self.n_proposal)
-        hi = torch.searchsorted(edges, samples.edges[:, 1:].contiguous(), right=False).clamp(0, self.n_proposal)
-        bound = cumulative.gather(-1, hi) - cumulative.gather(-1, lo)
+        """[N]: mip-NeRF 360's interlevel loss of rays [N, 3] rendered at `samples` with field weights [N, F]:
+        sum over the field's bins of max(0, w - bound)^2 / w, bound the proposal's weight of the bins that overlap
+        the field's bin. The field's weights are a constant here: the loss trains the proposal alone."""
+        bound = overlapping_weight(self.proposal_edges, self.proposal_weights(rays_o, rays_d, samples.proposal_s),
+                                   samples.edges)
         w = weights.detach().float()
         return (torch.relu(w - bound) ** 2 / (w + 1e-7)).sum(dim=-1)
+
+
+def overlapping_weight(edges: torch.Tensor, weights: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """[N, Q]: for each interval [query_j, query_j+1] of query [N, Q + 1] (sorted), the total of the weights
+    [N, S] of the intervals of `edges` [S + 1] (sorted, shared by all rays) that overlap it."""
+    cumulative = torch.cat([torch.zeros_like(weights[:, :1]), torch.cumsum(weights, dim=-1)], dim=-1)  # [N, S + 1]
+    n_bins = weights.shape[1]
+    # the first bin whose end lies beyond the query's start, and one past the last whose start lies before its end
+    first = (torch.searchsorted(edges, query[:, :-1].contiguous(), right=True) - 1).clamp(0, n_bins)
+    last = torch.searchsorted(edges, query[:, 1:].contiguous(), right=False).clamp(0, n_bins)
+    return cumulative.gather(-1, last) - cumulative.gather(-1, first)

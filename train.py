@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from assembly import build_renderer, field_state_dict
 from bitnerf_ddp import assert_replicas_agree
 from configs import (EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_changes, config_from_dict, from_cli,
-                     rays_per_chunk, scale_line)
+                     scale_line)
 from cpu_kernels import kernels_line
 from dataset import RayBatcher, Views, train_val_views
 from experiments import REGISTRY, launch_command
@@ -174,7 +174,7 @@ class Trainer:
         n, chunk = samples.t.shape[0], self.cfg.chunk_points
         counts, per_ray = samples.counts(), self.points_per_ray
         if counts is None:
-            parts = even_chunks(n, rays_per_chunk(self.cfg))
+            parts = even_chunks(n, max(1, chunk // per_ray))
             return [slice(k * (n // parts), (k + 1) * (n // parts)) for k in range(parts)], n * per_ray
         cumulative = torch.cumsum(counts, 0)
         part = (cumulative - 1).clamp_min(0) // chunk  # [N], non-decreasing
@@ -319,6 +319,7 @@ def save_checkpoint(path: str, trainer: Trainer, cfg: Config, step: int, train_t
     ckpt = {
         "model": field_state_dict(trainer.raw),
         "occupancy": trainer.raw.occupancy.state_dict() if trainer.raw.occupancy is not None else None,
+        "proposal": trainer.raw.proposal.state_dict() if trainer.raw.proposal is not None else None,
         "optimizer": trainer.optimizer.state_dict(),
         "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
         "step": step,
@@ -437,7 +438,7 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
     batcher = RayBatcher(train_views, cfg.batch_unit, cfg.batch_size, cfg.seed, dist_info.rank, dist_info.world_size)
     n_steps = total_steps(cfg, batcher.steps_per_epoch)
 
-    raw = build_renderer(cfg, device, ckpt["model"] if ckpt else None, ckpt.get("occupancy") if ckpt else None)
+    raw = build_renderer(cfg, device, *((ckpt["model"], ckpt.get("occupancy"), ckpt.get("proposal")) if ckpt else ()))
     if raw.occupancy is not None and cfg.occ_carve and not ckpt:
         see_through = train_views.see_through(train_views.images)
         if see_through is None:

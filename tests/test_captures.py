@@ -216,7 +216,7 @@ def test_odd_frames_are_padded_to_even_for_h264():
 def test_an_odd_sized_capture_trains_learns_and_writes_its_videos(capture, tiny_cfg):
     """The unbounded capture (45 x 33, distorted, a real background) learns: the held-out PSNR climbs well above
     the first step's, and the videos of an odd size are written."""
-    cfg = replace(tiny_cfg, data=capture, val_views=2, steps=60, lr=5e-3, occ_update_every=8, n_samples=32,
+    cfg = replace(tiny_cfg, data=capture, val_views=2, steps=150, lr=5e-3, occ_update_every=8, n_samples=32,
                   video=True, video_frames=3)
     first = train.train(replace(cfg, steps=1, video=False, out_dir=cfg.out_dir + "-1"))["val_psnr"]
     summary = train.train(cfg)

@@ -433,7 +433,7 @@ def test_train_val_views_follow_the_config(blender_scene_path, tiny_cfg):
     resolved, train_views, val, scene = train_val_views(cfg)
     assert len(train_views) == 8 and len(val) == 2 and train_views.width == 16
     assert (resolved.scene, resolved.near, resolved.far, resolved.occ_bound, resolved.downscale) == (
-        "bounded", 2.0, 6.0, 1.5, 2) and scene == "scene bounded: near 2, far 6, occupancy box +-1.5"
+        "bounded", 2.0, 6.0, 1.5, 2) and scene == "scene bounded: near 2, far 6, occupancy grid over +-1.5"
     assert train_views.background.train == "random" and val.background.eval == "white"
 
 
