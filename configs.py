@@ -86,7 +86,8 @@ class Config:
     grid_resolution: int = 128  # model=grid: vertices per axis
     grid_bound: float = 1.5  # model=grid: the grid spans [-bound, bound]^3 (outside is empty space)
     # --- rendering -----------------------------------------------------------------------------------------
-    n_samples: int = 32  # stratified samples per ray
+    # stratified samples per ray (skip_with=proposal: where the proposal grid is evaluated; the field at fine_samples)
+    n_samples: int = 32
     n_importance: int = 0  # extra samples per ray drawn from the coarse weights (0 = plain stratified)
     # bounded: an object in a box (samples evenly spaced in [near, far], the field sees world points).
     # unbounded: what lies beyond the object (walls, a room, a sky) is modelled too: mip-NeRF 360's contraction

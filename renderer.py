@@ -9,7 +9,6 @@ camera-space depth. Each sample stands for an interval of length `delta` along t
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Callable, NamedTuple
 
 import torch
@@ -17,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cameras import pinhole_directions, rays_from_directions
-from configs import rays_per_chunk
 from nerf import colour, density
-from samplers import OccupancyGridSampler, ProposalSampler, Samples, StratifiedSampler, compositing_weights, sample_pdf, stratified_samples
+from samplers import (OccupancyGridSampler, ProposalSampler, Samples, StratifiedSampler, compositing_weights,
+                      sample_pdf, stratified_samples)
 
 Field = Callable[..., torch.Tensor]
 Positions = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -213,12 +212,12 @@ class VolumeRenderer(nn.Module):
         return density(self.evaluate(points, dirs)[:, 3].float())
 
     def eval_chunk_rays(self) -> int:
-        """Rays per no-grad forward when rendering images: configs.rays_per_chunk of this renderer's sizes. With
-        skipping most samples are never evaluated and the field runs in chunks anyway, so the chunk of rays can be
-        much larger (16 times)."""
-        sizes = SimpleNamespace(chunk_points=self.chunk_points, n_samples=self.sampler.n_samples,
-                                n_importance=self.sampler.n_importance)
-        return rays_per_chunk(sizes) * (16 if self.occupancy is not None else 1)
+        """Rays per no-grad forward when rendering images: those whose field evaluations fill one chunk_points
+        micro-batch, times 16 with an occupancy grid (most samples are never evaluated and the field runs in chunks
+        anyway) and 4 with a proposal grid (no activations are kept for a backward: four chunks' worth is a few
+        tens of MB, in fewer, larger matmuls)."""
+        rays = max(1, self.chunk_points // self.sampler.points_per_ray)
+        return rays * (16 if self.occupancy is not None else 4 if self.proposal is not None else 1)
 
     @torch.no_grad()
     def update_sampler(self, step: int, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> None:

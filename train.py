@@ -471,9 +471,11 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
     earlier = ckpt or {}  # what earlier sessions left (a checkpoint without wall_time_s: its train time)
     logger = RunLogger(cfg, run_dir, master, start_step if ckpt else None, earlier.get("wandb_run_id"),
                        earlier.get("wall_time_s", earlier.get("train_time_s", 0.0)), started=t_start)
-    n_params = sum(p.numel() for p in raw.parameters())
-    print0(f"{cfg.name}: {cfg.model}, {n_params:,} parameters, {len(train_views)} train / {len(val_views)} val "
-           f"views, {n_steps} steps of {cfg.batch_size} {cfg.batch_unit}s, device {device}, "
+    n_params = sum(p.numel() for p in raw.field.parameters())  # the model's; a proposal grid's are the sampler's
+    sampler_params = sum(p.numel() for p in raw.sampler.parameters())
+    in_sampler = f" (+ {sampler_params:,} in the proposal grid)" if sampler_params else ""
+    print0(f"{cfg.name}: {cfg.model}, {n_params:,} parameters{in_sampler}, {len(train_views)} train / "
+           f"{len(val_views)} val views, {n_steps} steps of {cfg.batch_size} {cfg.batch_unit}s, device {device}, "
            f"world size {dist_info.world_size}, amp {amp_name(trainer.autocast_dtype)}, compile {cfg.compile}")
 
     stop = StopFlag()

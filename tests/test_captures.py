@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -14,14 +15,14 @@ import pytest
 import torch
 
 import train
-from assembly import build_renderer
+from assembly import build_renderer, load_trained
 from cameras import sweep_poses
 from configs import Config, ConfigError, scene_bounds
 from dataset import load_views, open_data, resolve_scene, train_val_views, write_synthetic_capture
-from renderer import VolumeRenderer, render_rays
+from renderer import VolumeRenderer, render_image, render_rays
 from occupancy import OccupancyGrid
 from samplers import OccupancyGridSampler, StratifiedSampler, contract, lindisp_samples, lindisp_t
-from utils import DataError, even_sized
+from utils import DataError, even_sized, load_checkpoint
 
 
 # --- the contraction ---------------------------------------------------------------------------------------------
@@ -152,6 +153,10 @@ def test_a_capture_is_unbounded_with_its_extent_from_the_cameras_and_aabb_scale(
         (0.05 * radius, radius * (1 + math.sqrt(3)), 2 * radius), rel=1e-3)
     assert scene_bounds(cfg)[3] == pytest.approx(radius, rel=1e-3)
     assert "scene unbounded" in phrase and "(aabb_scale 1)" in phrase
+    # an unbounded scene skips empty space with the proposal grid, a bounded one with the occupancy grid
+    assert cfg.skip_with == "proposal" and "drawn from a 64^3 proposal grid" in phrase
+    assert resolve_scene(replace(Config(), scene="bounded"), views)[0].skip_with == "grid"
+    assert resolve_scene(replace(Config(), skip_with="grid"), views)[0].skip_with == "grid"  # a flag wins
     # resolving a resolved config changes nothing (a hint never compounds); flags win over the data
     assert resolve_scene(cfg, views)[0] == cfg
     mine = resolve_scene(replace(cfg, far=0.0, near=0.5, scene="auto"), views)[0]
@@ -222,7 +227,7 @@ def test_an_odd_sized_capture_trains_learns_and_writes_its_videos(capture, tiny_
     summary = train.train(cfg)
     assert summary["val_psnr"] > first + 3.0, (first, summary["val_psnr"])
     saved = json.load(open(os.path.join(cfg.out_dir, "config.json")))
-    assert saved["scene"] == "unbounded" and saved["far"] > 6
+    assert saved["scene"] == "unbounded" and saved["far"] > 6 and saved["skip_with"] == "proposal"
     for name in ("video_rgb.mp4", "video_depth.mp4", "summary.json", "val/view000.png"):
         assert os.path.getsize(os.path.join(cfg.out_dir, name)) > 0, name
     # render.py follows the cameras' track too, at the views' own (odd) size
@@ -343,3 +348,40 @@ def test_wandb_gets_the_validation_images_and_the_videos(tiny_cfg, monkeypatch):
     videos = [d for d in logged if isinstance(d, dict) and "video_rgb" in d]
     assert len(videos) == 1 and videos[0]["video_rgb"] == ("video", os.path.join(cfg.run_dir, "video_rgb.mp4"))
     assert any(isinstance(d, dict) and "loss" in d for d in logged) and logged[-1] == "finish"
+
+
+# --- the proposal sampler on a capture: resumption and export --------------------------------------------------------
+@pytest.mark.slow
+def test_a_proposal_run_resumes_exactly(capture, tiny_cfg, tmp_path):
+    """2 steps + resume + 2 steps == 4 steps, bitwise: the proposal grid and its optimizer state are saved."""
+    cfg = replace(tiny_cfg, data=capture, val_views=2, steps=4, ckpt_every=2, keep_ckpts=3)
+    train.train(cfg)
+    resumed = replace(cfg, out_dir=str(tmp_path / "resumed"))
+    os.makedirs(resumed.run_dir)
+    shutil.copy(os.path.join(cfg.run_dir, "ckpt_step0000002.pt"), os.path.join(resumed.run_dir, "ckpt.pt"))
+    train.train(resumed)
+    a, b = (load_checkpoint(os.path.join(c.run_dir, "ckpt.pt")) for c in (cfg, resumed))
+    assert a["config"]["skip_with"] == "proposal" and a["occupancy"] is None
+    assert not torch.equal(a["proposal"]["grid"], load_checkpoint(
+        os.path.join(cfg.run_dir, "ckpt_step0000002.pt"))["proposal"]["grid"])  # it learns
+    assert torch.equal(a["proposal"]["grid"], b["proposal"]["grid"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert len(a["optimizer"]["state"]) == len(list(load_trained(os.path.join(cfg.run_dir, "ckpt.pt"))[0].parameters()))
+
+
+@pytest.mark.slow
+def test_an_exported_proposal_bitnerf_renders_like_the_qat_model(capture, tiny_cfg, tmp_path):
+    import export
+
+    cfg = replace(tiny_cfg, data=capture, val_views=2, model="bitnerf", steps=3)
+    train.train(cfg)
+    ckpt = os.path.join(cfg.run_dir, "ckpt.pt")
+    qat, _ = load_trained(ckpt)
+    out = str(tmp_path / "f32.bitnerf")
+    assert export.main(["--ckpt", ckpt, "--out", out, "--floats", "float32"]) == 0
+    exported, saved = load_trained(out)
+    assert saved.skip_with == "proposal"
+    assert torch.equal(exported.proposal.grid, qat.proposal.grid)
+    rays_o = torch.randn(300, 3) + torch.tensor([0.0, 0.0, 3.0])
+    rays_d = torch.nn.functional.normalize(torch.randn(300, 3) * 0.3 + torch.tensor([0.0, 0.0, -1.0]), dim=-1)
+    assert torch.equal(render_image(qat, rays_o, rays_d, 128).rgb, render_image(exported, rays_o, rays_d, 128).rgb)

@@ -8,7 +8,8 @@ import torch
 
 from nerf import positional_encoding
 from cameras import pose_spherical
-from renderer import composite, get_rays, pixel_rays, render_rays, sample_pdf
+from renderer import composite, get_rays, pixel_rays, render_rays
+from samplers import sample_pdf
 from samplers import stratified_samples
 
 
