@@ -217,7 +217,7 @@ def resolve_scene(cfg, views: Views):
     far = R (1 + k sqrt(3)) with k the capture's aabb_scale (instant-ngp's scene extent in units of the cameras'
     region; DEFAULT_AABB_SCALE if absent): from a camera, across the farthest corner of that box. skip_with auto
     becomes what the scene skips empty space with (configs.skip_method)."""
-    from configs import BOUNDED_SCENE, skip_method
+    from configs import BOUNDED_SCENE, ConfigError, skip_method
 
     kind = cfg.scene if cfg.scene != "auto" else ("bounded" if views.background.known else "unbounded")
     cfg = replace(cfg, scene=kind)
@@ -229,6 +229,9 @@ def resolve_scene(cfg, views: Views):
         chosen = {k: getattr(cfg, k) or v for k, v in BOUNDED_SCENE.items()}
         return replace(cfg, **chosen), (f"scene bounded: near {chosen['near']:g}, far {chosen['far']:g}, "
                                         f"{skipping} over +-{chosen['occ_bound']:g}")
+    if cfg.model == "grid":  # a dense grid fine enough for the object cannot also span the contracted room
+        raise ConfigError(f"model=grid (the fast preset's voxel grid) spans +-{cfg.grid_bound:g} and cannot model an "
+                          f"unbounded scene: train exp1 on it, or pass --scene=bounded to model that box alone")
     radius = float(views.poses[:, :3, 3].norm(dim=-1).max())
     extent = views.aabb_scale or DEFAULT_AABB_SCALE
     derived = {"near": NEAR_PER_RADIUS * radius, "far": radius * (1 + extent * math.sqrt(3)), "occ_bound": 2 * radius}

@@ -164,6 +164,9 @@ def test_a_capture_is_unbounded_with_its_extent_from_the_cameras_and_aabb_scale(
     assert resolve_scene(replace(Config(), scene="bounded"), views)[0].far == 6.0
     with pytest.raises(ConfigError, match="scene=unbounded needs near, far and occ_bound"):
         scene_bounds(replace(Config(), scene="unbounded"))
+    # the fast preset's voxel grid cannot hold a room: one line saying what to do instead
+    with pytest.raises(ConfigError, match="cannot model an unbounded scene: train exp1 on it, or pass --scene=bounded"):
+        resolve_scene(replace(Config(), model="grid", skip=False, compile=False), views)
 
 
 def test_auto_downscale_bounds_the_longer_side_and_keeps_the_intrinsics(capture):

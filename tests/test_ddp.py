@@ -320,6 +320,27 @@ def test_torchrun_on_a_blender_scene_folder(blender_scene_path, tmp_path):
 
 
 @pytest.mark.slow
+def test_torchrun_on_a_capture_trains_its_proposal_grid_on_both_ranks(tmp_path):
+    """exp5 on an unbounded capture: the proposal grid's gradients are all-reduced with the field's (the replica
+    check at the end compares every parameter, the grid's included), and it is saved in the checkpoint."""
+    from dataset import write_synthetic_capture
+
+    capture = str(tmp_path / "capture")
+    write_synthetic_capture(capture, n_views=8, width=24, height=20)
+    run_dir = tmp_path / "exp5"
+    args = [f"--data={capture}", f"--out_dir={run_dir}", *TINY_ARGS, "--steps=4", "--batch_size=256",
+            "--log_every=1", "--eval_every=0", "--ckpt_every=4"]
+    proc = torchrun("exp5.py", args, tmp_path / "log.txt")
+    code = finish(proc, timeout_s=180)
+    log = (tmp_path / "log.txt").read_text()
+    assert code == 0, log[-3000:]
+    assert "proposal grid" in log and "world size 2" in log
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["skip_with"] == "proposal" and ckpt["proposal"]["grid"].shape == (64**3, 1)
+    check_outputs_written_once(run_dir, n_steps=4, log_every=1)
+
+
+@pytest.mark.slow
 def test_torchrun_exp6_survives_a_dead_rank_with_max_restarts(tiny_scene_path, tmp_path):
     """Kill rank 1 after the first checkpoint: torchrun restarts both workers, which resume from ckpt.pt."""
     run_dir = tmp_path / "exp6"
