@@ -1,6 +1,7 @@
-"""The README, read as a user reads it: every command in it parses, every repository file, test, attribute and
-section it points at exists, its experiments and config tables say what configs.py does, and the tools write
-their files where it says, into places git ignores.
+"""The README and the pages of docs/, read as a user reads them: every command in them parses, every repository
+file, test, attribute, page and section they point at exists (links across pages included), the experiments and
+config tables say what configs.py does wherever they live, the README stays short and leads to every page, and
+the tools write their files where the README says, into places git ignores.
 
 Commands are checked without running them: a training script's `--key=value` overrides go through
 configs.from_cli (unknown keys, bad types and invalid combinations are refused there); a tool's arguments go
@@ -23,8 +24,20 @@ import configs
 from experiments import REGISTRY
 from tests.conftest import ROOT
 
-with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as _f:
-    README = _f.read()
+
+def _read(page: str) -> str:
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+        return f.read()
+
+
+README = _read("README.md")
+# the pages a user reads: the README and the hand-written pages of docs/ (a study's generated results.md in a
+# folder of docs/ is checked for diary lines only, below)
+PAGES = {"README.md": README} | {
+    f"docs/{name}": _read(f"docs/{name}") for name in sorted(os.listdir(os.path.join(ROOT, "docs")))
+    if name.endswith(".md")}
+DOC_PAGES = sorted(set(PAGES) - {"README.md"})
+README_MAX_LINES = 250
 
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 
@@ -39,7 +52,8 @@ def prose(text: str) -> str:
 
 
 def inline_spans(text: str) -> list[str]:
-    return re.findall(r"`([^`\n]+)`", prose(text))
+    """Inline code spans; one may break across a line (read as a space), as markdown's do, not a paragraph."""
+    return [" ".join(span.split("\n")) for span in re.findall(r"`([^`]+)`", prose(text)) if "\n\n" not in span]
 
 
 # --- commands ---------------------------------------------------------------------------------------------------
@@ -52,13 +66,33 @@ def command_lines(text: str) -> list[str]:
     found = []
     for line in lines:
         line = line.strip().lstrip("!")  # a notebook cell's shell line
-        for part in re.split(r"&&|;", line):
+        for part in shell_parts(line):
             words = part.split()
             while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
                 words.pop(0)  # OMP_NUM_THREADS=1 python ...
+            if words[:1] == ["taskset"] and len(words) > 2:
+                del words[:3]  # taskset -c 0 python ...
             if words and (words[0] in ("python", "python3", "torchrun")):
                 found.append(" ".join(words))
     return found
+
+
+def shell_parts(line: str) -> list[str]:
+    """A shell line cut at `&&` and `;` outside quotes (`python -c "import a; a.f()"` stays whole)."""
+    parts, current, quote, i = [], "", None, 0
+    while i < len(line):
+        char = line[i]
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == ";" or line.startswith("&&", i):
+            parts.append(current)
+            current, i = "", i + (2 if char == "&" else 1)
+            continue
+        current += char
+        i += 1
+    return parts + [current]
 
 
 def script_and_args(command: str) -> tuple[str, list[str]] | None:
@@ -72,7 +106,12 @@ def script_and_args(command: str) -> tuple[str, list[str]] | None:
     return None
 
 
-COMMANDS = sorted({c for c in command_lines(README) if "|" in c or script_and_args(c)})
+def commands(text: str) -> list[str]:
+    return sorted({c for c in command_lines(text) if "|" in c or script_and_args(c)})
+
+
+COMMANDS = commands(README)
+PAGE_COMMANDS = [(page, command) for page, text in PAGES.items() for command in commands(text)]
 
 
 def preset_of(script: str) -> configs.Config:
@@ -125,8 +164,8 @@ TOOL_MAINS = {"evaluate.py": ("evaluate", "main"), "render.py": ("render", "main
               "report.py": ("report", "main"), "export.py": ("export", "main")}
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_command_parses(command, monkeypatch, capsys):
+@pytest.mark.parametrize("page, command", PAGE_COMMANDS, ids=[f"{p}: {c}" for p, c in PAGE_COMMANDS])
+def test_command_parses(page, command, monkeypatch, capsys):
     assert "|" not in command, "a '|' in a command pipes when it is pasted into a shell: write two commands"
     script, args = script_and_args(command)
     path = os.path.join(ROOT, script)
@@ -172,16 +211,20 @@ def test_command_checks_can_fail(monkeypatch):
             parse_tool(monkeypatch, importlib.import_module("evaluate").main, bad)
     assert script_and_args("python -m pytest -q") is None
     assert "|" in "".join(command_lines("`python exp4.py|exp1.py --steps=1`"))
+    assert command_lines("`OMP_NUM_THREADS=1 taskset -c 0 python exp1.py\n--steps=1` `cd x && python a.py; python b.py`"
+                         "\n```bash\npython -c \"import a; a.f()\"\n```\n") == [
+        'python -c "import a; a.f()"', "python exp1.py --steps=1", "python a.py", "python b.py"]
 
 
-# --- files, tests, attributes and sections it names ------------------------------------------------------------
+# --- files, tests, attributes, pages and sections they name -----------------------------------------------------
 SOURCE_SUFFIXES = (".py", ".md", ".txt", ".cff", ".ini")
 OUTPUT_ROOTS = ("runs/", "data/", "wandb/")  # what the tools write: not in a fresh clone
 
 
-def named_paths(text: str) -> list[str]:
-    """Repository paths in inline code (a file or test name, or a path under an existing top-level folder) and
-    relative link targets."""
+def named_paths(text: str, page: str = "README.md") -> list[str]:
+    """Repository paths in inline code (a file or test name, or a path under an existing top-level folder: from the
+    repository's root, where the commands run) and relative link targets (from the folder of `page`, as a
+    browser follows them), both as paths from the root."""
     paths = []
     for span in inline_spans(text):
         token = span.strip()
@@ -195,12 +238,16 @@ def named_paths(text: str) -> list[str]:
             paths.append(token)
     for target in re.findall(r"\]\(([^)\s]+)\)", prose(text)):
         if not re.match(r"[a-z]+:|#", target):
-            paths.append(target.split("#")[0])
+            paths.append(os.path.normpath(os.path.join(os.path.dirname(page), target.split("#")[0])))
     return sorted(set(paths))
 
 
-@pytest.mark.parametrize("path", named_paths(README))
-def test_named_path_exists(path):
+PAGE_PATHS = [(page, path) for page, text in PAGES.items() for path in named_paths(text, page)]
+
+
+@pytest.mark.parametrize("page, path", PAGE_PATHS, ids=[f"{p}: {q}" for p, q in PAGE_PATHS])
+def test_named_path_exists(page, path):
+    assert not path.startswith(".."), f"{path} is outside the repository"
     file, _, test = path.partition("::")
     assert os.path.exists(os.path.join(ROOT, file)), f"{file} does not exist"
     if test:
@@ -219,7 +266,10 @@ def named_attributes(text: str) -> list[tuple[str, str]]:
     return sorted(found)
 
 
-@pytest.mark.parametrize("module, name", named_attributes(README))
+PAGE_ATTRIBUTES = sorted({pair for text in PAGES.values() for pair in named_attributes(text)})
+
+
+@pytest.mark.parametrize("module, name", PAGE_ATTRIBUTES)
 def test_named_attribute_exists(module, name):
     assert hasattr(importlib.import_module(module), name), f"{module}.{name} does not exist"
 
@@ -245,15 +295,70 @@ def test_every_section_link_has_its_section():
     assert targets and targets <= anchors(README), targets - anchors(README)
 
 
+def section_links(text: str, page: str) -> list[tuple[str, str]]:
+    """(page, anchor) of every link to a section: `#anchor` on `page` itself, `other.md#anchor` on another page
+    (from `page`'s folder, as a path from the root)."""
+    found = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", prose(text)):
+        file, hash_, anchor = target.partition("#")
+        if hash_ and not re.match(r"[a-z]+:", target):
+            found.append((os.path.normpath(os.path.join(os.path.dirname(page), file)) if file else page, anchor))
+    return found
+
+
+def _anchors_of(page: str) -> set[str]:
+    path = os.path.join(ROOT, page)
+    return anchors(_read(page)) if page.endswith(".md") and os.path.isfile(path) else set()
+
+
+@pytest.mark.parametrize("page", sorted(PAGES))
+def test_every_link_to_a_section_has_its_section(page):
+    """In-page `#anchor` links and `page.md#anchor` links to another page land on an existing heading."""
+    missing = [f"{target}#{anchor}" for target, anchor in section_links(PAGES[page], page)
+               if anchor not in _anchors_of(target)]
+    assert missing == []
+
+
+def test_the_pages_link_each_other():
+    """The cross-page check sees links both ways, or it passes vacuously."""
+    readme_to_docs = {t for t, _ in section_links(README, "README.md") if t.startswith("docs/")}
+    docs_to_readme = {p for p in DOC_PAGES for t, _ in section_links(PAGES[p], p) if t == "README.md"}
+    assert len(readme_to_docs) >= 3 and docs_to_readme
+
+
 def test_path_and_link_checks_can_fail():
     assert named_paths("`tests/test_nothing.py::test_x` `confgs.py` [x](docs/none.md) `runs/a/ckpt.pt`") == [
         "confgs.py", "docs/none.md", "tests/test_nothing.py::test_x"]
+    assert named_paths("[r](../README.md) [n](none.md#a) `tests/conftest.py`", "docs/x.md") == [
+        "README.md", "docs/none.md", "tests/conftest.py"]
     assert anchors("## GPUs: CUDA, Colab\n### A\n### A") == {"gpus-cuda-colab", "a", "a-1"}
+    assert section_links("[a](#x) [b](../README.md#quickstart) [c](gpu.md#no-such-section) [d](https://a.b/#c)",
+                         "docs/x.md") == [("docs/x.md", "x"), ("README.md", "quickstart"),
+                                          ("docs/gpu.md", "no-such-section")]
+    assert "quickstart" in _anchors_of("README.md") and "no-such-section" not in _anchors_of("docs/gpu.md")
+    assert _anchors_of("docs/none.md") == set()
+
+
+# --- the README: short, and a way into every page -----------------------------------------------------------------
+def test_the_readme_is_short():
+    assert README.count("\n") <= README_MAX_LINES
+
+
+def test_the_readme_links_every_page_of_docs():
+    linked = set(named_paths(README))
+    assert [p for p in DOC_PAGES if p not in linked] == []
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_each_page_has_one_title(page):
+    headings = re.findall(r"^(#{1,6}) ", prose(PAGES[page]), re.M)
+    assert PAGES[page].startswith("# ") and headings.count("#") == 1
 
 
 # --- documentation for users, not a build diary ------------------------------------------------------------------
 DIARY = re.compile(r"\b(last|earlier|previous|this|that|one) (session|sitting)\b|\bissue ?#?\d+|\bthe issue'?s?\b"
-                   r"|\bwas before\b|\bno longer\b|\bused to\b|\bbefore this (work|change)\b|\bwere rerun\b", re.I)
+                   r"|\bwas before\b|\bno longer\b|\bused to\b|\bbefore this (work|change)\b|\bwere rerun\b"
+                   r"|\bpreviously\b", re.I)
 
 
 def documents() -> list[str]:
@@ -272,13 +377,14 @@ def test_documents_describe_the_code_not_its_history(path):
 
 def test_diary_check_can_fail():
     assert DIARY.search("0.63 dB with last session's layer") and DIARY.search("bench notes (issue 10)")
+    assert DIARY.search("as previously measured")
     assert not DIARY.search("wall_time_s (over all sessions of a resumed run)")
 
 
 # --- the tables --------------------------------------------------------------------------------------------------
-def table_after(heading: str) -> list[dict]:
+def table_after(heading: str, text: str = README) -> list[dict]:
     """The first table after the line `heading`, as one dict per row keyed by the header's cells."""
-    lines = prose(README).splitlines()
+    lines = prose(text).splitlines()
     start = lines.index(heading)
     rows = []
     for line in lines[start + 1:]:
@@ -305,7 +411,28 @@ def changes(a: configs.Config, b: configs.Config) -> dict:
             if f.name != "name" and getattr(a, f.name) != getattr(b, f.name)}
 
 
-EXPERIMENT_ROWS = table_after("## The experiments")
+def headings_titled(title: str) -> list[tuple[str, str]]:
+    """(page, heading line) of every heading, at any level, titled `title` on the pages."""
+    return [(page, line) for page, text in PAGES.items() for line in prose(text).splitlines()
+            if re.fullmatch(r"#{1,6} " + re.escape(title), line)]
+
+
+def table_under(title: str) -> list[dict]:
+    """The first table after the one heading titled `title`, on whichever page holds it; no rows unless exactly
+    one page has such a heading (which test_each_checked_table_has_one_home reports)."""
+    found = headings_titled(title)
+    return table_after(found[0][1], PAGES[found[0][0]]) if len(found) == 1 else []
+
+
+CHECKED_TABLES = ("The experiments", "Config reference")
+
+
+@pytest.mark.parametrize("title", CHECKED_TABLES)
+def test_each_checked_table_has_one_home(title):
+    assert len(headings_titled(title)) == 1, f"headings titled {title!r}: {headings_titled(title)}"
+
+
+EXPERIMENT_ROWS = table_under("The experiments")
 
 
 @pytest.mark.parametrize("row", EXPERIMENT_ROWS, ids=lambda r: r["script"].strip("`"))
@@ -332,9 +459,11 @@ def test_table_checks_can_fail():
     assert changes(configs.EXP2, configs.EXP1) == {"amp": True}
     assert settings("`amp=true`, `batch_size=8`") == {"amp": True, "batch_size": 8}
     assert settings("`amp=true`") != changes(configs.EXP3, configs.EXP1)
+    assert table_after("# T", "# T\ntext\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\nafter\n") == [{"a": "1", "b": "2"}]
+    assert headings_titled("No such table") == [] and table_under("No such table") == []
 
 
-CONFIG_ROWS = [r for r in table_after("## Config reference") if r["key"].startswith("`")]
+CONFIG_ROWS = [r for r in table_under("Config reference") if r["key"].startswith("`")]
 
 
 def cell_value(key: str, cell: str):
@@ -377,7 +506,7 @@ def test_report_plots_go_beside_the_runs_not_into_the_current_folder(tmp_path, m
     assert "runs/report_step.png" in capsys.readouterr().out  # the printed markdown links them
 
 
-@pytest.mark.skipif(shutil.which("git") is None or not os.path.isdir(os.path.join(ROOT, ".git")),
+@pytest.mark.skipif(shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")),
                     reason="needs a git checkout")
 @pytest.mark.parametrize("path", ["runs/exp1/ckpt.pt", "runs/study/results.md", "data/lego100.npz",
                                   "data/tiny_nerf_data.npz", "wandb/run/x", "model.bitnerf", "ckpt.pt",
