@@ -291,32 +291,33 @@ def check_outputs_written_once(run_dir, n_steps: int, log_every: int, world_size
     assert not [n for n in names if n.startswith(".tmp")]
 
 
-@pytest.mark.slow
-def test_torchrun_exp5_end_to_end(tiny_scene_path, tmp_path):
-    run_dir = tmp_path / "exp5"
-    args = [f"--data={tiny_scene_path}", f"--out_dir={run_dir}", *TINY_ARGS, "--steps=6", "--batch_size=256",
-            "--log_every=1", "--eval_every=3", "--ckpt_every=3"]
+def run_exp5(data: str, run_dir, tmp_path, steps: int, *extra: str) -> str:
+    """torchrun exp5.py on `data` with the tiny sizes for `steps` steps (a checkpoint at the end); its log, after
+    checking that it exited 0 and wrote its outputs once."""
+    args = [f"--data={data}", f"--out_dir={run_dir}", *TINY_ARGS, f"--steps={steps}", "--batch_size=256",
+            "--log_every=1", *extra]
     proc = torchrun("exp5.py", args, tmp_path / "log.txt")
     code = finish(proc, timeout_s=180)
     log = (tmp_path / "log.txt").read_text()
     assert code == 0, log[-3000:]
-    assert log.count("val PSNR") == 2 and "world size 2" in log  # rank 0 prints: step 3, and the final line
-    check_outputs_written_once(run_dir, n_steps=6, log_every=1)
+    assert "world size 2" in log
+    check_outputs_written_once(run_dir, n_steps=steps, log_every=1)
+    return log
+
+
+@pytest.mark.slow
+def test_torchrun_exp5_end_to_end(tiny_scene_path, tmp_path):
+    log = run_exp5(tiny_scene_path, tmp_path / "exp5", tmp_path, 6, "--eval_every=3", "--ckpt_every=3")
+    assert log.count("val PSNR") == 2  # rank 0 prints: step 3, and the final line
 
 
 @pytest.mark.slow
 def test_torchrun_on_a_blender_scene_folder(blender_scene_path, tmp_path):
     """exp5 on a NeRF-synthetic folder (RGBA, random background in training, scored on white) at --downscale=2."""
-    run_dir = tmp_path / "exp5"
-    args = [f"--data={blender_scene_path}", f"--out_dir={run_dir}", *TINY_ARGS, "--steps=4", "--batch_size=256",
-            "--log_every=1", "--eval_every=0", "--ckpt_every=4", "--downscale=2"]
-    proc = torchrun("exp5.py", args, tmp_path / "log.txt")
-    code = finish(proc, timeout_s=180)
-    log = (tmp_path / "log.txt").read_text()
-    assert code == 0, log[-3000:]
+    log = run_exp5(blender_scene_path, tmp_path / "exp5", tmp_path, 4, "--eval_every=0", "--ckpt_every=4",
+                   "--downscale=2")
     assert "8 train / 2 val views of 16x16 (downscale 2), RGBA torch.uint8, background random in training, white" \
-           in log and "world size 2" in log
-    check_outputs_written_once(run_dir, n_steps=4, log_every=1)
+           in log
 
 
 @pytest.mark.slow
@@ -327,17 +328,10 @@ def test_torchrun_on_a_capture_trains_its_proposal_grid_on_both_ranks(tmp_path):
 
     capture = str(tmp_path / "capture")
     write_synthetic_capture(capture, n_views=8, width=24, height=20)
-    run_dir = tmp_path / "exp5"
-    args = [f"--data={capture}", f"--out_dir={run_dir}", *TINY_ARGS, "--steps=4", "--batch_size=256",
-            "--log_every=1", "--eval_every=0", "--ckpt_every=4"]
-    proc = torchrun("exp5.py", args, tmp_path / "log.txt")
-    code = finish(proc, timeout_s=180)
-    log = (tmp_path / "log.txt").read_text()
-    assert code == 0, log[-3000:]
-    assert "proposal grid" in log and "world size 2" in log
-    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    log = run_exp5(capture, tmp_path / "exp5", tmp_path, 4, "--eval_every=0", "--ckpt_every=4")
+    assert "proposal grid" in log
+    ckpt = torch.load(tmp_path / "exp5" / "ckpt.pt", weights_only=True)
     assert ckpt["config"]["skip_with"] == "proposal" and ckpt["proposal"]["grid"].shape == (64**3, 1)
-    check_outputs_written_once(run_dir, n_steps=4, log_every=1)
 
 
 @pytest.mark.slow
