@@ -397,3 +397,45 @@ def dist_timeout_s() -> float:
     """Seconds a collective may wait for another rank. Generous by default: a cold torch.compile on a slow
     notebook CPU can take minutes on one rank while the others wait at the next collective."""
     return float(os.environ.get("NERF_DIST_TIMEOUT_S", "1800"))
+
+
+# --- provenance ----------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def source_commit() -> str:
+    """The git commit of this checkout ("unknown" outside git), "+changes" when tracked files differ from it:
+    a measurement is reproducible from its commit only if the code was that commit."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=10)
+        head = run("rev-parse", "--short=10", "HEAD")
+        if head.returncode:
+            return "unknown"
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance(device: torch.device) -> dict:
+    """What a measurement was made with: commit, torch, Python, the machine, the date (UTC)."""
+    from datetime import datetime, timezone
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"})
+    machine = f"{cpu_model()} ({', '.join(flags) or 'no AVX2'}), {os.cpu_count()} cores"
+    if device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}; {machine}"
+    return {"commit": source_commit(), "torch": torch.__version__, "python": platform.python_version(),
+            "machine": machine, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

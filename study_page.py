@@ -361,6 +361,19 @@ def setup_lines(groups: dict, shared: dict) -> list[str]:
             f"- reproduce (skips what is done): `python study.py {shlex.join(shared['argv'])}`"]
 
 
+def provenance_line(groups: dict) -> str:
+    """What the runs were measured with (commit, torch, Python, machine, dates), from their summary.json; a study
+    whose runs disagree on any of these says so, since its comparisons then mix code or machines."""
+    found = [f.run.summary.get("provenance") or {} for group in groups.values() for f in group]
+    def one(key: str) -> str:
+        seen = sorted({p.get(key, "not recorded") for p in found})
+        return seen[0] if len(seen) == 1 else "MIXED: " + " | ".join(seen)
+    dates = sorted(p["date"] for p in found if "date" in p)
+    when = f"{dates[0]} to {dates[-1]}" if dates else "not recorded"
+    return (f"- measured at commit `{one('commit')}`, torch {one('torch')}, Python {one('python')}, on "
+            f"{one('machine')}, {when}")
+
+
 def column_notes(groups: dict) -> list[str]:
     views = next(iter(groups.values()))[0].run.evaluation or {}
     return [
@@ -392,7 +405,7 @@ def write_results(trials: list, shared: dict) -> str:
         with open(path, "w") as f:
             f.write("# Study\n\nNo run has finished yet.\n")
         return path
-    parts = [f"# Study: {', '.join(groups)}", "", *setup_lines(groups, shared), "",
+    parts = [f"# Study: {', '.join(groups)}", "", *setup_lines(groups, shared), provenance_line(groups), "",
              results_table(groups, shared), "", *column_notes(groups), "", "## Comparisons", "", METHOD, "",
              *comparisons(groups, shared), "", "## Figures", ""]
     for title, name, plot in FIGURES:

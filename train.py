@@ -30,7 +30,7 @@ from cameras import sweep_poses
 from orbit import render_orbit, write_orbit
 from renderer import VolumeRenderer, render_image
 from hardware import (amp_policy, bitnet_grad_line, check_device, compute_cleanup, compute_init, configure_backends,
-                      device_line, integer_matmul_line, make_grad_scaler)
+                      device_line, integer_matmul_line, make_grad_scaler, provenance)
 from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json, atomic_torch_save,
                    colourise_depth, gather_to_master, load_checkpoint_or_newest_good, master_decides, mse_to_psnr,
                    print0, run_cli, seed_everything, to_uint8)
@@ -497,7 +497,7 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
             # this session's rate without its first (compiling) step; a resumed run's earlier steps are not counted
             "train_points_per_s": train_points / max(rate_time, 1e-9), "parameters": n_params,
             "world_size": dist_info.world_size, "amp": amp_name(trainer.autocast_dtype), "device": str(device),
-            "data": cfg.data, "val_views": len(val_views),
+            "data": cfg.data, "val_views": len(val_views), "provenance": provenance(device),
         }
         if master:  # the final checkpoint was saved by _loop; the measurements go next, the pictures last
             atomic_json(summary, os.path.join(run_dir, "summary.json"))

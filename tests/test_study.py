@@ -89,6 +89,26 @@ def test_table_and_figures_match_the_runs(study_out):
 
 
 @pytest.mark.slow
+def test_the_page_names_the_commit_versions_and_machine_its_runs_were_measured_with(study_out):
+    import hardware
+    summary = read(os.path.join(study_out["out"], "exp1", "seed0", "summary.json"))
+    prov = summary["provenance"]
+    assert prov["torch"] == __import__("torch").__version__ and prov["commit"] == hardware.source_commit()
+    with open(os.path.join(study_out["out"], "results.md")) as f:
+        line = next(x for x in f if x.startswith("- measured at commit"))
+    assert f"`{prov['commit']}`" in line and prov["machine"] in line and "MIXED" not in line
+
+
+def test_a_page_whose_runs_disagree_on_the_commit_says_so():
+    def finished(commit):
+        prov = {"commit": commit, "torch": "2.13.0", "python": "3.12.1", "machine": "M", "date": "2026-12-02 20:00 UTC"}
+        return SimpleNamespace(run=SimpleNamespace(summary={"provenance": prov}))
+    line = study_page.provenance_line({"a": [finished("abc")], "b": [finished("def")]})
+    assert "MIXED: abc | def" in line and "torch 2.13.0" in line
+    assert "not recorded" in study_page.provenance_line({"a": [SimpleNamespace(run=SimpleNamespace(summary={}))]})
+
+
+@pytest.mark.slow
 def test_comparisons_with_one_seed_give_no_interval_and_say_so(study_out):
     with open(os.path.join(study_out["out"], "results.md")) as f:
         text = f.read()
