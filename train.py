@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -484,7 +485,7 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
             result = _loop(cfg, trainer, batcher, val_views, logger, stop, start_step, n_steps, train_time, device)
         finally:
             stop.restore()
-        step, train_time, train_points, rate_time = result
+        step, train_time, train_points, rate_time = result[:4]
         eval_chunk = raw.eval_chunk_rays()
         val_psnr, renders = evaluate_views(raw, val_views, dist_info, eval_chunk, trainer.autocast_dtype, keep=True,
                                            progress=True)
@@ -496,6 +497,7 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
             "wall_time_s": logger.wall_time(), "train_time_s": train_time,
             # this session's rate without its first (compiling) step; a resumed run's earlier steps are not counted
             "train_points_per_s": train_points / max(rate_time, 1e-9), "parameters": n_params,
+            "first_step_s": result.first_step_s, "steady_step_s": result.steady_step_s,
             "world_size": dist_info.world_size, "amp": amp_name(trainer.autocast_dtype), "device": str(device),
             "data": cfg.data, "val_views": len(val_views), "provenance": provenance(device),
         }
@@ -519,6 +521,7 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
     """
     from tqdm import tqdm
 
+    start_step = step
     dist_info = trainer.dist
     run_dir = cfg.run_dir
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
@@ -621,7 +624,19 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
         print0(f"the GradScaler skipped {skipped_total} of this session's fp16 steps (inf/NaN gradients)")
     warm_points, warm_time = first_step if first_step and points > first_step[0] else (0, 0.0)
     rate_points = all_reduce_sum(torch.tensor(float(points - warm_points), device=device)).item()  # all ranks'
-    return step, train_time, rate_points, session_time - warm_time
+    session_steps = step - start_step
+    steady = (session_time - warm_time) / (session_steps - 1) if session_steps > 1 else session_time
+    return LoopResult(step, train_time, rate_points, session_time - warm_time,
+                      first_step[1] if first_step else 0.0, steady)
+
+
+class LoopResult(NamedTuple):
+    step: int  # the step reached
+    train_time: float  # training seconds, earlier sessions' included
+    rate_points: float  # this session's points (all ranks) without its first step ...
+    rate_time: float  # ... and the seconds they took: the steady training rate
+    first_step_s: float  # this session's first step: torch.compile's compilation happens there
+    steady_step_s: float  # the mean step time after it
 
 
 def _gather_renders(renders: dict) -> dict:
