@@ -167,7 +167,8 @@ class Views:
         if not self.background.known:
             return None
         rgb = values[..., :3].float() / 255.0 if values.dtype == torch.uint8 else values[..., :3]
-        colour = torch.tensor(COLOURS[self.background.eval], device=values.device)
+        # filled on the device: a tensor from a Python list is a host-to-device copy, which a GPU step waits for
+        colour = torch.stack([values.new_full((), c, dtype=rgb.dtype) for c in COLOURS[self.background.eval]])
         return ((rgb - colour).abs() <= SEE_THROUGH_TOLERANCE).all(dim=-1)
 
     def eval_background(self) -> torch.Tensor | None:

@@ -181,12 +181,16 @@ class VolumeRenderer(nn.Module):
             if samples.edges is not None and torch.is_grad_enabled():  # a proposal sampler learns in training
                 out = out._replace(proposal_loss=self.sampler.loss(rays_o, rays_d, samples, out.weights))
             return out
-        points = self.sampler.positions(rays_o, rays_d, samples.t)
+        n_rays, n_samples = samples.t.shape
+        # gathered and scattered by position (index_select / index_copy, whose backwards are the same two ops):
+        # a boolean mask as an index costs a host sync per use, forward and backward
+        kept = samples.kept if samples.kept is not None else samples.keep.reshape(-1).nonzero().squeeze(1)
+        points = self.sampler.positions(rays_o, rays_d, samples.t).reshape(-1, 3).index_select(0, kept)
         # the directions of exactly the evaluated samples
-        dirs = sample_dirs(rays_d, samples.t.shape[1])[samples.keep] if uses_dirs(self.field) else None
-        raw_kept = self.evaluate(points[samples.keep], dirs)  # [P, 4]
-        raw = empty_raw(samples.keep.shape, raw_kept.device).index_put((samples.keep,), raw_kept.float())
-        return composite(raw, samples.delta, samples.t, rays_d, background)
+        dirs = sample_dirs(rays_d, n_samples).reshape(-1, 3).index_select(0, kept) if uses_dirs(self.field) else None
+        raw_kept = self.evaluate(points, dirs)  # [P, 4]
+        raw = empty_raw((n_rays * n_samples,), raw_kept.device).index_copy(0, kept, raw_kept.float())
+        return composite(raw.view(n_rays, n_samples, 4), samples.delta, samples.t, rays_d, background)
 
     def evaluate(self, points: torch.Tensor, dirs: torch.Tensor | None = None) -> torch.Tensor:
         """raw [P, 4] of the field at points [P, 3], seen along dirs [P, 3] (unit; needed by, and only passed to,

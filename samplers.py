@@ -39,7 +39,9 @@ class Samples(NamedTuple):
     """Samples of N rays: t, delta [N, S] (position and interval length, in units of the ray parameter); keep
     [N, S] bool, the samples the field is evaluated at (None: all); importance_u [N, n] uniforms of the importance
     pass (None: evenly spaced); a proposal sampler's edges [N, S + 1] of the samples' bins in s (the sampler's
-    parameter of the ray, in [0, 1]) and proposal_s [N, P], where its proposal was evaluated."""
+    parameter of the ray, in [0, 1]) and proposal_s [N, P], where its proposal was evaluated; kept [P] int64, the
+    flat positions (ray * S + sample, ascending) of keep's true entries when they are known without a host sync
+    (see kept_positions; None: the renderer finds them itself)."""
 
     t: torch.Tensor
     delta: torch.Tensor
@@ -47,14 +49,26 @@ class Samples(NamedTuple):
     importance_u: torch.Tensor | None = None
     edges: torch.Tensor | None = None
     proposal_s: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
 
     def of_rays(self, index: slice) -> "Samples":
-        """The samples of rays `index`."""
-        return Samples(*(None if x is None else x[index] for x in self))
+        """The samples of rays `index` (kept, the whole batch's positions, is left out)."""
+        return Samples(*(None if x is None else x[index] for x in self[:-1]))
 
     def counts(self) -> torch.Tensor | None:
         """[N] int64: how many of each ray's samples the field is evaluated at (None: all of them)."""
         return None if self.keep is None else self.keep.sum(dim=1)
+
+
+def kept_positions(keep: torch.Tensor, total: int) -> torch.Tensor:
+    """The flat positions [total] (ascending) of the true entries of keep [N, S], given their number `total`.
+
+    A boolean mask used as an index (or nonzero) makes the host wait for the device to count its entries: a
+    sync per use on a GPU. With the count known, a stable sort puts the true entries first, in order, at a size
+    fixed in advance: no sync, on every device."""
+    flat = keep.reshape(-1).to(torch.uint8)
+    return torch.sort(flat, descending=True, stable=True).indices[:total]
+
 
 
 def stratified_samples(n_rays: int, n_samples: int, near: float, far: float,

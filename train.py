@@ -30,6 +30,7 @@ from experiments import REGISTRY, launch_command
 from cameras import sweep_poses
 from orbit import render_orbit, write_orbit
 from renderer import VolumeRenderer, render_image
+from samplers import Samples, kept_positions
 from hardware import (amp_policy, bitnet_grad_line, check_device, compute_cleanup, compute_init, configure_backends,
                       device_line, integer_matmul_line, make_grad_scaler, provenance)
 from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json, atomic_torch_save,
@@ -120,17 +121,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         samples = self.raw.sampler.sample(rays_o, rays_d, gen if cfg.perturb else None)  # once per step
-        slices, self.last_points = self.micro_batches(samples)
+        parts, self.last_points = self.micro_batches(samples)
         loss_sum = torch.zeros((), device=self.device)
-        for k, s in enumerate(slices):
+        for k, (s, part) in enumerate(parts):
             # DDP: all-reduce gradients only after the last micro-batch
-            last = k == len(slices) - 1
+            last = k == len(parts) - 1
             sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.model.no_sync()
             with sync:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):
-                    out = self.model(rays_o[s], rays_d[s], samples.of_rays(s),
-                                     None if background is None else background[s])
+                    out = self.model(rays_o[s], rays_d[s], part, None if background is None else background[s])
                     # the batch's mean squared error, whatever the micro-batches' sizes
                     loss = torch.sum((out.rgb.float() - target[s]) ** 2) / (3 * n)
                     seen = None if see_through is None else see_through[s]
@@ -164,28 +164,41 @@ class Trainer:
             return acc.new_zeros(())
         return self.cfg.bg_opacity_weight * torch.sum(acc.float() * see_through.to(acc.dtype)) / n
 
-    def micro_batches(self, samples) -> tuple[list[slice], int]:
-        """Consecutive ray slices, each holding at most chunk_points evaluated samples (memory, not maths), and
-        the number of samples the field is evaluated at.
+    def micro_batches(self, samples: Samples) -> tuple[list[tuple[slice, Samples]], int]:
+        """Consecutive ray slices with their samples, each slice holding at most chunk_points evaluated samples
+        (memory, not maths), and the number of samples the field is evaluated at.
 
         Without skipping every ray has the same samples: equal slices, one compiled graph. With skipping the
         occupied samples per ray vary: slices are cut where the running count crosses a multiple of chunk_points,
-        so each fills about one chunk of the compiled field.
+        so each fills about one chunk of the compiled field, and each slice's samples carry the positions of its
+        occupied ones (Samples.kept), found once for the whole batch.
         """
         n, chunk = samples.t.shape[0], self.cfg.chunk_points
         counts, per_ray = samples.counts(), self.points_per_ray
         if counts is None:
             parts = even_chunks(n, max(1, chunk // per_ray))
-            return [slice(k * (n // parts), (k + 1) * (n // parts)) for k in range(parts)], n * per_ray
+            slices = [slice(k * (n // parts), (k + 1) * (n // parts)) for k in range(parts)]
+            return [(s, samples.of_rays(s)) for s in slices], n * per_ray
         cumulative = torch.cumsum(counts, 0)
         part = (cumulative - 1).clamp_min(0) // chunk  # [N], non-decreasing
         # at most one slice per chunk of the whole batch's samples, so the bound needs no sync; one .tolist() of
-        # the ends and the total is the step's only host sync here (a GPU would idle at each one)
+        # the slices' ends and of the occupied samples before each is the step's only host sync (a GPU idles at
+        # each one); the last end is n, so the last count is the total
         most = max(1, n * per_ray // chunk + 1)
         ends = torch.searchsorted(part, torch.arange(most, device=part.device), right=True)
-        *ends, total = torch.cat([ends, cumulative[-1:]]).tolist()
-        starts = [0] + ends[:-1]
-        return [slice(a, b) for a, b in zip(starts, ends) if b > a], total
+        before = torch.cat([cumulative.new_zeros(1), cumulative]).index_select(0, ends)
+        bounds = torch.cat([ends, before]).tolist()
+        ends, kept_ends = bounds[:most], bounds[most:]
+        kept = kept_positions(samples.keep, kept_ends[-1])
+        out, start, kept_start = [], 0, 0
+        for end, kept_end in zip(ends, kept_ends):
+            if end > start:
+                s = slice(start, end)
+                # positions within the slice: its first ray's samples start at start * S
+                mine = kept[kept_start:kept_end] - start * samples.t.shape[1]
+                out.append((s, samples.of_rays(s)._replace(kept=mine)))
+            start, kept_start = end, kept_end
+        return out, kept_ends[-1]
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cpu_kernels
 import hardware
@@ -21,6 +22,7 @@ from bitnerf import BitNeRF, scale_and_bias, quantize_bitnet
 from bitnerf_packed import TernaryLinear
 from configs import EXP1, EXP2, apply_device_defaults, device_kind, from_cli
 from dataset import RayBatcher, load_views, split_views
+from samplers import Samples
 from hardware import amp_policy, configure_backends, make_grad_scaler, pick_device, probe_product
 from train import Trainer, evaluate_views, step_generator, train
 from utils import Dist, UserError
@@ -279,19 +281,79 @@ class SyncCounter:
         return wrapper
 
 
-def test_a_skipping_step_syncs_with_the_host_once_however_many_micro_batches(tiny_cfg, monkeypatch):
-    cfg = replace(tiny_cfg, chunk_points=512, batch_size=512)
+class SyncingOps(TorchDispatchMode):
+    """Records the aten ops that make a GPU wait for the host: an output whose size depends on the data (nonzero,
+    masked_select, a boolean mask as an index) or a value read back (_local_scalar_dense: .item(), bool())."""
+
+    SIZE_FROM_DATA = ("aten.nonzero", "aten.masked_select", "aten._local_scalar_dense", "aten.unique")
+    INDEXING = ("aten.index.Tensor", "aten.index_put", "aten._index_put_impl", "aten.masked_scatter")
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        masks = [i for a in args if isinstance(a, (list, tuple)) for i in a
+                 if isinstance(i, torch.Tensor) and i.dtype == torch.bool]
+        if name.startswith(self.SIZE_FROM_DATA) or (name.startswith(self.INDEXING) and masks):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_boolean_mask_as_an_index_is_seen_as_a_sync():
+    """The counter itself: what a step must not do is caught (and a gather by positions is not)."""
+    x, mask = torch.arange(6.0), torch.tensor([True, False] * 3)
+    with SyncingOps() as mode:
+        x.index_select(0, torch.tensor([0, 2, 4]))
+        x.sum()
+    assert mode.ops == []
+    with SyncingOps() as mode:
+        x[mask]
+        torch.zeros(6).index_put((mask,), x[:3])
+        mask.nonzero()
+        bool(x.sum() > 0)
+    assert len(mode.ops) >= 4, mode.ops
+
+
+@pytest.mark.parametrize("viewdirs", [False, True])
+def test_a_skipping_step_syncs_with_the_host_once_however_many_micro_batches(tiny_cfg, monkeypatch, viewdirs):
+    """One .tolist() (the micro-batch plan) and no syncing aten op in a whole step, forward and backward: on a
+    GPU each one idles the device (a boolean mask as an index was one per micro-batch, twice forward, once back)."""
+    cfg = replace(tiny_cfg, chunk_points=512, batch_size=512, viewdirs=viewdirs, occ_update_every=1000)
     train_views, _ = split_views(load_views(cfg.data), cfg.val_views)
     raw = build_renderer(cfg, torch.device("cpu"))
     trainer = Trainer(cfg, raw, Dist(), torch.device("cpu"))
-    rays_o, rays_d, target = RayBatcher(train_views, cfg.batch_unit, cfg.batch_size, cfg.seed).batch(0)
+    batcher = RayBatcher(train_views, cfg.batch_unit, cfg.batch_size, cfg.seed)
+    rays_o, rays_d, target = batcher.batch(0)
+    raw.update_sampler(0, step_generator(cfg.seed, 0, 0, torch.device("cpu")))  # the grid's refresh: not a step
     trainer.step(rays_o, rays_d, target, step_generator(cfg.seed, 0, 0, torch.device("cpu")), cfg.lr)  # warm up
+    parts, _ = trainer.micro_batches(raw.sampler.sample(rays_o, rays_d, None))
+    assert len(parts) >= 4  # 512 rays x 16 samples in chunks of 512 points
+    rays_o, rays_d, target = batcher.batch(1)
+    background, see_through = batcher.background(1)
     counter = SyncCounter(monkeypatch)
-    slices, _ = trainer.micro_batches(raw.sampler.sample(rays_o, rays_d, None))
-    assert len(slices) >= 4  # 512 rays x 16 samples in chunks of 512 points
-    counter.calls.clear()
-    trainer.step(rays_o, rays_d, target, step_generator(cfg.seed, 0, 1, torch.device("cpu")), cfg.lr)
+    with SyncingOps() as mode:
+        trainer.step(rays_o, rays_d, target, step_generator(cfg.seed, 0, 1, torch.device("cpu")), cfg.lr,
+                     background, see_through)
     assert counter.calls == ["tolist"], counter.calls
+    assert mode.ops == [], mode.ops
+
+
+def test_micro_batches_carry_the_positions_of_exactly_their_occupied_samples(tiny_cfg):
+    """Samples.kept of each slice lists the flat positions of its keep mask's true entries, in order, and the
+    slices tile the rays; hand-made mask: 5 rays of 4 samples, chunks of 3 points."""
+    cfg = replace(tiny_cfg, chunk_points=3, n_samples=4)
+    trainer = Trainer(cfg, build_renderer(cfg, torch.device("cpu")), Dist(), torch.device("cpu"))
+    keep = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]], dtype=torch.bool)
+    t = torch.zeros(5, 4)
+    parts, total = trainer.micro_batches(Samples(t, t, keep))
+    assert total == 9
+    # running counts 2, 2, 6, 8, 9 -> chunk of each ray's last point 0, 0, 1, 2, 2: slices [0, 2), [2, 3), [3, 5)
+    assert [(s.start, s.stop) for s, _ in parts] == [(0, 2), (2, 3), (3, 5)]
+    for s, part in parts:
+        assert torch.equal(part.kept, part.keep.reshape(-1).nonzero().squeeze(1))
+        assert torch.equal(part.keep, keep[s])
 
 
 class Float64Moves(TorchFunctionMode):
