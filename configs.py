@@ -352,16 +352,22 @@ def auto_scale(device: str) -> str:
     return "paper" if device_kind(device) == "cuda" else "cpu"
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is a torchrun worker: torchrun sets WORLD_SIZE for every worker, one process included
+    (a 1-rank process group, DDP and all: the multi-GPU path on one GPU); a plain `python` run has none."""
+    return "WORLD_SIZE" in os.environ
+
+
 def device_kind(requested: str, distributed: bool | None = None) -> str:
     """'cuda', 'mps' or 'cpu': the kind of device a run with --device=`requested` uses (availability is checked
-    by hardware.pick_device). auto: CUDA, else MPS, else the CPU; under torchrun (WORLD_SIZE > 1) never MPS, whose
-    tensors gloo cannot send."""
+    by hardware.pick_device). auto: CUDA, else MPS, else the CPU; under torchrun never MPS, whose tensors gloo cannot
+    send."""
     if requested != "auto":
         return requested.partition(":")[0]
     import torch
 
     if distributed is None:
-        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        distributed = launched_by_torchrun()
     if torch.cuda.is_available():
         return "cuda"
     if torch.backends.mps.is_available() and not distributed:

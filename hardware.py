@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from configs import device_kind
+from configs import device_kind, launched_by_torchrun
 from utils import Dist, UserError, print0
 
 
@@ -59,17 +59,19 @@ def pick_device(requested: str, local_rank: int = 0, distributed: bool = False) 
 
 def check_device(requested: str) -> None:
     """Refuse (UserError) a --device=`requested` this machine lacks or this launch cannot use (pick_device's
-    checks, under torchrun when WORLD_SIZE > 1), before a scale or a device default is chosen for it."""
-    pick_device(requested, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    checks, under torchrun), before a scale or a device default is chosen for it."""
+    pick_device(requested, distributed=launched_by_torchrun())
 
 
 def compute_init(device_request: str) -> tuple[Dist, torch.device]:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); start the process group if world > 1.
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); under torchrun start the process group, one
+    rank included (so `torchrun --nproc_per_node=1` runs DDP on one GPU, as nanoGPT's train.py does).
 
     gloo on CPU, nccl on CUDA. A plain `python expN.py` is world size 1 with no process group.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    info = Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
+    info = Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world,
+                launched=launched_by_torchrun())
     device = pick_device(device_request, info.local_rank, info.enabled)
     if info.enabled and not dist.is_initialized():
         if device.type == "cuda":
@@ -179,11 +181,12 @@ def _native_bf16(device: torch.device) -> bool:
     return False  # MPS: fp16 is the Apple GPU's fast half type
 
 
-def make_grad_scaler(policy: AmpPolicy, device: torch.device) -> torch.amp.GradScaler | None:
-    """A GradScaler when the policy needs one. On MPS before torch 2.8 GradScaler.unscale_ calls .double(),
-    which MPS cannot hold: refused with one line instead of a crash mid-step."""
+def make_grad_scaler(policy: AmpPolicy, device: torch.device) -> torch.amp.GradScaler:
+    """The step's GradScaler, enabled when the policy needs one (fp16); disabled, each of its calls is the
+    identity or the plain optimizer step. On MPS before torch 2.8 GradScaler.unscale_ calls .double(), which MPS
+    cannot hold: refused with one line instead of a crash mid-step."""
     if not policy.scaler:
-        return None
+        return torch.amp.GradScaler(device.type, enabled=False)
     if device.type == "mps" and not torch_at_least(2, 8):
         raise UserError(f"fp16 AMP on MPS needs torch >= 2.8 for its GradScaler (this is {torch.__version__}); "
                         f"use --amp=false or upgrade torch")
@@ -352,10 +355,14 @@ def bitnet_grad_line(bitnet_grad: str, device: torch.device) -> str:
 # --- backends ----------------------------------------------------------------------------------------------------
 
 
-def configure_backends(device: torch.device, tf32: bool) -> None:
-    """Process-wide settings for `device`: CUDA fp32 matmuls on TF32 tensor cores ("high": inputs rounded to a
-    10-bit mantissa, fp32 accumulation) unless tf32 is False; on a CPU, freed memory kept for reuse
-    (keep_freed_memory)."""
+def configure_backends(device: torch.device, tf32: bool, distributed: bool = False) -> None:
+    """Process-wide settings for `device`, made once before training: CUDA fp32 matmuls on TF32 tensor cores
+    ("high": inputs rounded to a 10-bit mantissa, fp32 accumulation) unless tf32 is False; on a CPU, freed memory
+    kept for reuse (keep_freed_memory). Distributed: no DDPOptimizer (it splits a compiled graph at gradient-bucket
+    boundaries to overlap the all-reduce, which buys nothing for fields whose ~2 MB of gradients fill one bucket,
+    and with dynamic shapes that path is where compiled DDP has crashed and recompiled)."""
+    if distributed:
+        torch._dynamo.config.optimize_ddp = False
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high" if tf32 else "highest")
     elif device.type == "cpu":

@@ -98,17 +98,14 @@ class Trainer:
         if dist_info.enabled:
             # DDP wraps the compiled module (nanoGPT's order); the loss's forward goes through it below. Buffers
             # are not broadcast: the occupancy grid is the same on every rank by construction (occupancy.py).
-            # No DDPOptimizer: splitting the compiled graph at gradient-bucket boundaries buys overlap for large
-            # models, but the fields' ~2 MB of gradients fill one bucket, and with dynamic shapes that path is
-            # where compiled DDP has crashed and recompiled
-            torch._dynamo.config.optimize_ddp = False
+            # configure_backends turned DDPOptimizer off (distributed=True)
             model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                         **_no_buffer_broadcast())
         self.model = model
         self.optimizer = make_optimizer(cfg, list(raw.parameters()), device)
         self.amp = amp_policy(cfg.amp, cfg.amp_dtype, device)
         self.autocast_dtype = self.amp.dtype
-        self.scaler = make_grad_scaler(self.amp, device)  # fp16 only: bf16 has fp32's exponent range
+        self.scaler = make_grad_scaler(self.amp, device)  # enabled for fp16 only: bf16 has fp32's exponent range
         self.points_per_ray = raw.sampler.points_per_ray  # the most field evaluations a ray can cost
 
     def step(self, rays_o, rays_d, target, gen: torch.Generator, lr: float, background: torch.Tensor | None = None,
@@ -137,20 +134,16 @@ class Trainer:
                     total = loss + self.background_penalty(out.acc, seen, n)
                     if out.proposal_loss is not None:
                         total = total + out.proposal_loss.sum() / n
-                (self.scaler.scale(total) if self.scaler else total).backward()
+                self.scaler.scale(total).backward()
             loss_sum += loss.detach()  # logged: the photometric loss alone
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)  # true gradients before clipping and the logged norm
+        self.scaler.unscale_(self.optimizer)  # true gradients before clipping and the logged norm
         params = [p for p in self.raw.parameters() if p.grad is not None]
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if self.scaler:
-            self.scaler.step(self.optimizer)  # skipped when the fp16 gradients hold inf/NaN
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.scaler.step(self.optimizer)  # fp16: skipped when the gradients hold inf/NaN
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, grad_norm
 
@@ -335,7 +328,7 @@ def save_checkpoint(path: str, trainer: Trainer, cfg: Config, step: int, train_t
         "occupancy": trainer.raw.occupancy.state_dict() if trainer.raw.occupancy is not None else None,
         "proposal": trainer.raw.proposal.state_dict() if trainer.raw.proposal is not None else None,
         "optimizer": trainer.optimizer.state_dict(),
-        "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
+        "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
         "step": step,
         "train_time_s": train_time,
         "config": cfg.to_dict(),
@@ -447,7 +440,7 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
     # rank 0 reads the checkpoint and hands it out: on several nodes only rank 0 need see run_dir
     ckpt = master_decides(lambda: resume_state(cfg, run_dir))
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights (DDP also broadcasts)
-    configure_backends(device, cfg.tf32)
+    configure_backends(device, cfg.tf32, dist_info.enabled)
 
     batcher = RayBatcher(train_views, cfg.batch_unit, cfg.batch_size, cfg.seed, dist_info.rank, dist_info.world_size)
     n_steps = total_steps(cfg, batcher.steps_per_epoch)
@@ -473,7 +466,7 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
     start_step, train_time = 0, 0.0
     if ckpt:
         trainer.optimizer.load_state_dict(ckpt["optimizer"])
-        if trainer.scaler and ckpt.get("scaler"):
+        if trainer.scaler.is_enabled() and ckpt.get("scaler"):
             trainer.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         start_step, train_time = ckpt["step"], ckpt["train_time_s"]
@@ -526,121 +519,162 @@ def _run(cfg: Config, dist_info: Dist, device: torch.device) -> dict:
 
 
 def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogger, stop: StopFlag,
-          step: int, n_steps: int, train_time: float, device):
-    """Steps from `step` to `n_steps` (or the time budget, or a signal).
-
-    Returns (step, train time, points, seconds) where points / seconds is this session's training rate without
-    its first step (which includes torch.compile's compilation).
-    """
+          step: int, n_steps: int, train_time: float, device) -> "LoopResult":
+    """Steps from `step` to `n_steps` (or the time budget, or a signal), with the log records, validations and
+    checkpoints on their schedules. The rate it returns leaves out this session's first step (which includes
+    torch.compile's compilation)."""
     from tqdm import tqdm
 
-    start_step = step
-    dist_info = trainer.dist
-    run_dir = cfg.run_dir
-    ckpt_path = os.path.join(run_dir, "ckpt.pt")
+    dist_info, start_step = trainer.dist, step
+    ckpt_path = os.path.join(cfg.run_dir, "ckpt.pt")
     eval_chunk = trainer.raw.eval_chunk_rays()
+    window, health = LossWindow(device), Health(trainer.scaler.is_enabled(), device)
     points, session_time, first_step = 0, 0.0, None
     budget_used = train_time / cfg.max_time_s if cfg.max_time_s > 0 else 0.0  # a resumed run's spent share
-    window_loss, window_steps, window_points, window_time = torch.zeros((), device=device), 0, 0, 0.0
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    # fp16 steps the GradScaler skipped (inf/NaN gradients): since the last checkpoint, and in all
-    skipped, skipped_total, steps_since_save = torch.zeros((), device=device), 0, 0
+    # under DDP the ranks agree on stopping (a signal, the time budget) every log_every steps, not every step:
+    # an all-reduce read back on the host is a sync that idles a GPU
+    agree_every = cfg.log_every if dist_info.enabled else 1
     bar = tqdm(total=n_steps, initial=step, desc=cfg.name, disable=not dist_info.is_master, dynamic_ncols=True)
-    while step < n_steps:
-        t0 = time.perf_counter()
-        # the sampler's own refresh schedule (the occupancy grid's): the same cells and points on every rank
-        # (rank 0's generator), each rank evaluating its share
-        trainer.raw.update_sampler(step, step_generator(cfg.seed, 0, step, device), dist_info.rank,
-                                   dist_info.world_size)
-        rays_o, rays_d, target = batcher.batch(step)
-        background, see_through = batcher.background(step)
-        gen = step_generator(cfg.seed, dist_info.rank, step, device)
-        lr = lr_at(cfg, step, n_steps, budget_used)
-        loss, grad_norm = trainer.step(rays_o, rays_d, target, gen, lr, background, see_through)
-        # a non-finite loss is a broken forward at any precision. A non-finite gradient is already in the weights
-        # without a scaler; with one (fp16) the scaler skipped the step, which is counted below
-        nonfinite |= ~torch.isfinite(loss)
-        if trainer.scaler is None:
-            nonfinite |= ~torch.isfinite(grad_norm)
-        else:
-            skipped += ~torch.isfinite(grad_norm)
-        steps_since_save += 1
-        window_loss += loss
-        step += 1
-        window_steps += 1
-        batch_points = trainer.last_points  # this rank's; summed over ranks where rates are reported
-        points += batch_points
-        window_points += batch_points
-        if device.type == "cuda" and step % cfg.log_every == 0:
-            torch.cuda.synchronize()  # honest timings at the points where we read them
-        dt = time.perf_counter() - t0
-        train_time += dt
-        window_time += dt
-        session_time += dt
-        first_step = first_step or (batch_points, dt)
-        bar.update(1)
+    try:  # the bar closes before any error line is printed, or it redraws below it
+        while step < n_steps:
+            t0 = time.perf_counter()
+            # the sampler's own refresh schedule (the occupancy grid's): the same cells and points on every rank
+            # (rank 0's generator), each rank evaluating its share
+            trainer.raw.update_sampler(step, step_generator(cfg.seed, 0, step, device), dist_info.rank,
+                                       dist_info.world_size)
+            rays_o, rays_d, target = batcher.batch(step)
+            background, see_through = batcher.background(step)
+            lr = lr_at(cfg, step, n_steps, budget_used)
+            loss, grad_norm = trainer.step(rays_o, rays_d, target, step_generator(cfg.seed, dist_info.rank, step,
+                                                                                device), lr, background, see_through)
+            health.add(loss, grad_norm)
+            step += 1
+            if device.type == "cuda" and step % cfg.log_every == 0:
+                torch.cuda.synchronize()  # honest timings at the points where we read them
+            dt = time.perf_counter() - t0
+            train_time, session_time, points = train_time + dt, session_time + dt, points + trainer.last_points
+            window.add(loss, trainer.last_points, dt)  # this rank's points; summed over ranks where reported
+            first_step = first_step or (trainer.last_points, dt)
+            bar.update(1)
 
-        out_of_time = cfg.max_time_s > 0 and train_time >= cfg.max_time_s
-        flags = torch.tensor([float(stop.signum), float(out_of_time), train_time / dist_info.world_size])
-        if dist_info.enabled:  # every rank must agree to stop at the same step (and on the schedule's time)
-            flags = all_reduce_sum(flags)
-        budget_used = float(flags[2]) / cfg.max_time_s if cfg.max_time_s > 0 else 0.0
-        finishing = step == n_steps or bool(flags[:2].any())
-
-        saving = bool(cfg.ckpt_every and step % cfg.ckpt_every == 0) or finishing
-        # a loss window also ends at each checkpoint, so a resumed run logs the same records as an uninterrupted one
-        if step % cfg.log_every == 0 or saving:
-            # before every save, so NaN weights never reach a checkpoint; summed so that all ranks stop together
-            if bool(all_reduce_sum(nonfinite.float()) > 0):
-                bar.close()  # now, or it redraws below the error line
-                raise UserError(f"loss or gradients became NaN/inf by step {step}; stopped without saving (the last "
-                                f"good checkpoint, if any, is {ckpt_path}). Try a lower --lr, --grad_clip or "
-                                f"--amp=false")
-            n_skipped = int(skipped) if trainer.scaler is not None else 0  # the same on every rank (DDP's grads)
-            if saving and n_skipped == steps_since_save:
-                bar.close()
-                raise UserError(f"fp16 overflow: the GradScaler skipped all {n_skipped} steps up to step {step} "
-                                f"(inf/NaN gradients at every loss scale), so nothing was trained; stopped without "
-                                f"saving. Try --amp_dtype=bf16 (where native), --amp=false or a lower --lr")
-            mean_loss = all_reduce_mean(window_loss / window_steps).item()
-            window_points = int(all_reduce_sum(torch.tensor(float(window_points), device=device)))
-            record = {"step": step, "loss": mean_loss, "psnr": mse_to_psnr(mean_loss),
-                      "grad_norm": float(grad_norm), "lr": lr, "time_s": train_time,
-                      "points_per_s": window_points / max(window_time, 1e-9),
-                      "points_per_step": window_points / window_steps}  # field evaluations (all ranks)
-            if trainer.scaler is not None:
-                record["skipped_steps"] = skipped_total + n_skipped  # by the GradScaler, so far
-            logger.log(record)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{record['psnr']:.2f}")
-            window_loss.zero_()
-            window_steps, window_points, window_time = 0, 0, 0.0
-        if cfg.eval_every and step % cfg.eval_every == 0 and not finishing:
-            val_psnr, _ = evaluate_views(trainer.raw, val_views, dist_info, eval_chunk, trainer.autocast_dtype)
-            logger.log({"step": step, "val_psnr": val_psnr, "time_s": train_time})
-            if dist_info.is_master:  # tqdm.write prints even when the bar is disabled
-                bar.write(f"step {step}: val PSNR {val_psnr:.2f} dB")
-        if saving:  # also at the end, before the final evaluation and videos: a signal there loses nothing
-            skipped_total += int(skipped) if trainer.scaler is not None else 0
-            skipped.zero_()
-            steps_since_save = 0
-            if dist_info.enabled:  # a few numbers per parameter: never checkpoint replicas that drifted apart
-                assert_replicas_agree(trainer.raw)
-            if dist_info.is_master:
-                save_checkpoint(ckpt_path, trainer, cfg, step, train_time, cfg.keep_ckpts, logger.checkpoint_info())
-        if flags[0]:
-            bar.close()
-            raise Interrupted(int(stop.signum or signal.SIGTERM), step)
-        if finishing:
-            break
-    bar.close()
-    if skipped_total:
-        print0(f"the GradScaler skipped {skipped_total} of this session's fp16 steps (inf/NaN gradients)")
+            signalled = out_of_time = False
+            if step % agree_every == 0 or step == n_steps:
+                signalled, out_of_time, budget_used = agree_to_stop(cfg, stop, train_time, dist_info)
+            finishing = step == n_steps or signalled or out_of_time
+            saving = bool(cfg.ckpt_every and step % cfg.ckpt_every == 0) or finishing
+            # a loss window also ends at each checkpoint, so a resumed run logs the same records as an uninterrupted one
+            if step % cfg.log_every == 0 or saving:
+                skipped = health.check(step, saving, ckpt_path)  # before every save: NaN weights are never saved
+                record = window.record(step, lr, grad_norm, train_time, device)
+                if health.scaling:
+                    record["skipped_steps"] = health.skipped_total + skipped  # by the GradScaler, so far
+                logger.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.2f}")
+            if cfg.eval_every and step % cfg.eval_every == 0 and not finishing:
+                val_psnr, _ = evaluate_views(trainer.raw, val_views, dist_info, eval_chunk, trainer.autocast_dtype)
+                logger.log({"step": step, "val_psnr": val_psnr, "time_s": train_time})
+                if dist_info.is_master:  # tqdm.write prints even when the bar is disabled
+                    bar.write(f"step {step}: val PSNR {val_psnr:.2f} dB")
+            if saving:  # also at the end, before the final evaluation and videos: a signal there loses nothing
+                health.saved()
+                if dist_info.enabled:  # a few numbers per parameter: never checkpoint replicas that drifted apart
+                    assert_replicas_agree(trainer.raw)
+                if dist_info.is_master:
+                    save_checkpoint(ckpt_path, trainer, cfg, step, train_time, cfg.keep_ckpts,
+                                    logger.checkpoint_info())
+            if signalled:
+                raise Interrupted(int(stop.signum or signal.SIGTERM), step)  # another rank's signal: SIGTERM
+            if finishing:
+                break
+    finally:
+        bar.close()
+    if health.skipped_total:
+        print0(f"the GradScaler skipped {health.skipped_total} of this session's fp16 steps (inf/NaN gradients)")
     warm_points, warm_time = first_step if first_step and points > first_step[0] else (0, 0.0)
     rate_points = all_reduce_sum(torch.tensor(float(points - warm_points), device=device)).item()  # all ranks'
     session_steps = step - start_step
     steady = (session_time - warm_time) / (session_steps - 1) if session_steps > 1 else session_time
     return LoopResult(step, train_time, rate_points, session_time - warm_time,
                       first_step[1] if first_step else 0.0, steady)
+
+
+def agree_to_stop(cfg: Config, stop: StopFlag, train_time: float, dist_info: Dist) -> tuple[bool, bool, float]:
+    """(a signal arrived, the time budget is spent, the share of it spent), agreed by every rank (collective
+    under DDP): every rank must stop at the same step and follow the same schedule."""
+    flags = torch.tensor([float(stop.signum > 0), float(cfg.max_time_s > 0 and train_time >= cfg.max_time_s),
+                          train_time / dist_info.world_size])
+    if dist_info.enabled:
+        flags = all_reduce_sum(flags)
+    budget_used = float(flags[2]) / cfg.max_time_s if cfg.max_time_s > 0 else 0.0
+    return bool(flags[0]), bool(flags[1]), budget_used
+
+
+class LossWindow:
+    """This rank's training loss, steps, field evaluations and seconds since the last log record, the loss kept on
+    the device so that a step never waits for it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss = torch.zeros((), device=device)
+        self.steps, self.points, self.seconds = 0, 0, 0.0
+
+    def add(self, loss: torch.Tensor, points: int, seconds: float) -> None:
+        self.loss += loss
+        self.steps, self.points, self.seconds = self.steps + 1, self.points + points, self.seconds + seconds
+
+    def record(self, step: int, lr: float, grad_norm: torch.Tensor, train_time: float, device) -> dict:
+        """The log record of the window (collective under DDP: means and sums over ranks); starts a new one."""
+        mean_loss = all_reduce_mean(self.loss / self.steps).item()
+        points = int(all_reduce_sum(torch.tensor(float(self.points), device=self.device)))
+        record = {"step": step, "loss": mean_loss, "psnr": mse_to_psnr(mean_loss), "grad_norm": float(grad_norm),
+                  "lr": lr, "time_s": train_time, "points_per_s": points / max(self.seconds, 1e-9),
+                  "points_per_step": points / self.steps}  # field evaluations (all ranks)
+        self.loss.zero_()
+        self.steps, self.points, self.seconds = 0, 0, 0.0
+        return record
+
+
+class Health:
+    """Whether training is still training: non-finite losses or gradients, and fp16 steps the GradScaler skipped,
+    counted on the device and read at log records and checkpoints only.
+
+    A non-finite loss is a broken forward at any precision. A non-finite gradient is already in the weights
+    without a scaler; with one (fp16) the scaler skipped that step, which is counted: a checkpoint interval whose
+    every step was skipped trained nothing and is refused."""
+
+    def __init__(self, scaling: bool, device: torch.device):
+        self.scaling = scaling
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.skipped = torch.zeros((), device=device)  # since the last checkpoint
+        self.skipped_total, self.since_save = 0, 0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.nonfinite |= ~torch.isfinite(loss)
+        if self.scaling:
+            self.skipped += ~torch.isfinite(grad_norm)
+        else:
+            self.nonfinite |= ~torch.isfinite(grad_norm)
+        self.since_save += 1
+
+    def check(self, step: int, saving: bool, ckpt_path: str) -> int:
+        """Raise UserError if training broke (collective: every rank stops together); the steps skipped since
+        the last checkpoint (the same on every rank: DDP's gradients are)."""
+        if bool(all_reduce_sum(self.nonfinite.float()) > 0):
+            raise UserError(f"loss or gradients became NaN/inf by step {step}; stopped without saving (the last "
+                            f"good checkpoint, if any, is {ckpt_path}). Try a lower --lr, --grad_clip or "
+                            f"--amp=false")
+        skipped = int(self.skipped) if self.scaling else 0
+        if saving and skipped == self.since_save:
+            raise UserError(f"fp16 overflow: the GradScaler skipped all {skipped} steps up to step {step} "
+                            f"(inf/NaN gradients at every loss scale), so nothing was trained; stopped without "
+                            f"saving. Try --amp_dtype=bf16 (where native), --amp=false or a lower --lr")
+        return skipped
+
+    def saved(self) -> None:
+        """A checkpoint was written: its interval's skipped steps join the session's."""
+        self.skipped_total += int(self.skipped) if self.scaling else 0
+        self.skipped.zero_()
+        self.since_save = 0
 
 
 class LoopResult(NamedTuple):

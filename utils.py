@@ -61,6 +61,7 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    launched: bool = False  # by torchrun: a process group even with one rank
 
     @property
     def is_master(self) -> bool:
@@ -68,7 +69,8 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Distributed: a process group, DDP, collectives (under torchrun, or several ranks)."""
+        return self.launched or self.world_size > 1
 
 
 def print0(*args, **kwargs) -> None:

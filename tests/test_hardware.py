@@ -79,7 +79,7 @@ def test_apple_gpu_fp16_scaler_needs_torch_2_8(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.7.1")
     with pytest.raises(UserError, match="needs torch >= 2.8"):  # GradScaler.unscale_ calls .double() on MPS
         make_grad_scaler(policy, mps)
-    assert make_grad_scaler(amp_policy(True, "auto", torch.device("cpu")), torch.device("cpu")) is None  # bf16
+    assert not make_grad_scaler(amp_policy(True, "auto", torch.device("cpu")), torch.device("cpu")).is_enabled()  # bf16
 
 
 # --- device choice and defaults ------------------------------------------------------------------------------------

@@ -712,7 +712,7 @@ def test_fp16_scaler_skips_a_step_with_inf_gradients(tiny_cfg):
     torch.manual_seed(0)
     renderer = assembly.build_renderer(cfg, CPU)
     trainer = train.Trainer(cfg, renderer, Dist(), CPU)
-    assert trainer.autocast_dtype == torch.float16 and trainer.scaler is not None
+    assert trainer.autocast_dtype == torch.float16 and trainer.scaler.is_enabled()
     gen = torch.Generator().manual_seed(0)
     rays_o = torch.tensor([[0.0, 0.0, 4.0]]).expand(64, 3)
     rays_d = torch.nn.functional.normalize(torch.randn(64, 3, generator=gen) * 0.1 + torch.tensor([0, 0, -1.0]), dim=-1)

@@ -131,7 +131,7 @@ def test_trainer_step_runs_the_compiled_module(tiny_cfg):
 def test_amp_bf16_needs_no_scaler_and_learns(tiny_cfg):
     cfg = replace(tiny_cfg, amp=True, steps=60, lr=5e-3)
     trainer = train.Trainer(cfg, assembly.build_renderer(cfg, torch.device("cpu")), Dist(), torch.device("cpu"))
-    assert trainer.autocast_dtype == torch.bfloat16 and trainer.scaler is None
+    assert trainer.autocast_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
     summary = train.train(cfg)
     assert summary["val_psnr"] > black_image_psnr(cfg) + 2.0 and summary["amp"] == "bfloat16"
 
@@ -146,7 +146,7 @@ def test_fp16_scaler_unscales_before_the_logged_grad_norm(tiny_cfg):
     batch = RayBatcher(split_views(load_views(cfg.data), 2)[0], "ray", 256, 0).batch(0)
     fp16 = train.Trainer(cfg, raw, Dist(), torch.device("cpu"))
     fp32 = train.Trainer(replace(cfg, amp=False), reference, Dist(), torch.device("cpu"))
-    assert fp16.scaler is not None and fp16.scaler.get_scale() == 2.0**16
+    assert fp16.scaler.is_enabled() and fp16.scaler.get_scale() == 2.0**16
     _, norm16 = fp16.step(*batch, torch.Generator().manual_seed(0), 1e-3)
     _, norm32 = fp32.step(*batch, torch.Generator().manual_seed(0), 1e-3)
     assert float(norm16) == pytest.approx(float(norm32), rel=0.05)  # not 65536x larger
