@@ -209,7 +209,7 @@ def run_logged(cmd: list[str], timeout_s: float, env: dict | None = None) -> tup
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         log_only(output or "")
-        raise CheckTimeout(f"{os.path.basename(cmd[0])} {' '.join(cmd[1:4])} ... ran past its {timeout_s:.0f} s "
+        raise CheckTimeout(f"{os.path.basename(cmd[0])} {' '.join(cmd[1:4])[:80]} ... ran past its {timeout_s:.0f} s "
                            f"timeout and was killed") from None
     log_only(output)
     log_only(f"(exit code {proc.returncode})")
