@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -105,7 +106,8 @@ def test_a_subprocess_past_its_timeout_is_a_failed_row_and_is_killed_with_its_ch
 
 def test_the_log_holds_a_failing_checks_whole_traceback_and_the_row_its_last_line(tmp_path):
     def deep_inside_a_library():
-        raise RuntimeError("the first line of a long message\na middle line\nCUBLAS_STATUS_NOT_SUPPORTED for 17x360x256")
+        raise RuntimeError("the first line of a long message\na middle line\n"
+                           "CUBLAS_STATUS_NOT_SUPPORTED for 17x360x256")
 
     def failing(timeout):
         deep_inside_a_library()
@@ -162,3 +164,49 @@ def test_the_sync_counters_see_what_makes_a_gpu_wait_and_not_what_does_not():
         x.tolist()
     assert calls == ["item", "tolist"]
     assert [op.split(".")[1] for op in mode.ops] == ["index", "nonzero", "_local_scalar_dense"]
+
+
+def test_the_tests_row_names_the_failing_tests_and_refuses_an_empty_selection(monkeypatch):
+    """The CUDA branch with pytest's run faked: its failing ids reach the row; no test selected is a failure."""
+    import gpu_check
+
+    output = ("..F.\nFAILED tests/test_export.py::test_cuda_int8_layer_matches_cpu[5-40-24] - RuntimeError: x\n"
+              "ERROR tests/test_models.py::test_fused_bitnerf_matches_torchao_on_cuda[amp1] - boom\n"
+              "1 failed, 6 passed, 1 error in 9.1s\n")
+    commands = []
+    monkeypatch.setattr(gpu_check, "run_logged", lambda cmd, timeout: (commands.append((cmd, timeout)), (1, output))[1])
+    ok, figures = gpu_check.check_tests(torch.device("cuda"), 60)
+    assert not ok and figures == {"pytest": "1 failed, 6 passed, 1 error in 9.1s", "failed":
+                                  "tests/test_export.py::test_cuda_int8_layer_matches_cpu[5-40-24] "
+                                  "tests/test_models.py::test_fused_bitnerf_matches_torchao_on_cuda[amp1]"}
+    assert commands[0][0][1:5] == ["-m", "pytest", "-m", "cuda"] and commands[0][1] == 60
+    monkeypatch.setattr(gpu_check, "run_logged", lambda cmd, timeout: (5, "8 deselected\n"))
+    assert gpu_check.check_tests(torch.device("cuda"), 60)[0] is False
+    with pytest.raises(gpu_check.Skip, match="need CUDA"):
+        gpu_check.check_tests(torch.device("cpu"), 60)
+
+
+def test_a_refused_int_mm_shape_is_a_row_not_a_crash(monkeypatch):
+    """cuBLASLt refusing one of BitNeRF's shapes (faked: the skip layer's K) names that shape in a FAILED row."""
+    import gpu_check
+    from configs import EXP4
+
+    cfg = gpu_check.configs_for(torch.device("cpu"), "/unused", "synthetic")["exp4"]
+    skip_k = cfg.width + 40  # toy: 64 wide, 3 + 6 * 6 = 39 encoding dims padded to 40
+    assert (skip_k, cfg.width) in gpu_check.ternary_shapes(cfg)
+    assert (256 + 104, 256) in gpu_check.ternary_shapes(EXP4)  # the paper scale's skip layer: K = 360
+    real = gpu_check.int8_mm
+
+    def refusing(a, b):
+        if a.shape[1] == skip_k:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul")
+        return real(a, b)
+
+    monkeypatch.setattr(gpu_check, "int8_mm", refusing)
+    monkeypatch.setattr(gpu_check, "probe_int_mm", lambda device: True)
+    ok, figures = gpu_check.check_int_mm(replace(cfg, chunk_points=1024), torch.device("cpu"))
+    assert not ok
+    assert f"eager 1024x{skip_k}x{cfg.width}" in figures["refused"]
+    assert figures["refused"][f"eager 1001x{skip_k}x{cfg.width}"].endswith("CUBLAS_STATUS_NOT_SUPPORTED when "
+                                                                          "calling cublasLtMatmul")
+    assert not [shape for shape in figures["refused"] if f"x{skip_k}x" not in shape]  # only that K
