@@ -210,3 +210,20 @@ def test_a_refused_int_mm_shape_is_a_row_not_a_crash(monkeypatch):
     assert figures["refused"][f"eager 1001x{skip_k}x{cfg.width}"].endswith("CUBLAS_STATUS_NOT_SUPPORTED when "
                                                                           "calling cublasLtMatmul")
     assert not [shape for shape in figures["refused"] if f"x{skip_k}x" not in shape]  # only that K
+
+
+def test_an_apple_gpu_skips_what_it_cannot_do_with_a_reason_each(tmp_path):
+    """--device=mps: no NCCL, no int8 matmul, no compiled path (the device policy runs MPS eagerly), no TF32, no
+    DDP; each such row raises Skip before touching the device, so this runs anywhere."""
+    import gpu_check
+
+    checks = {c.name: c for c in gpu_check.build_checks(torch.device("mps"), str(tmp_path), "synthetic")}
+    reasons = {}
+    for name in ("int_mm", "ddp", "tests", "tf32_off", "skip_off", "exp5_1gpu"):
+        with pytest.raises(gpu_check.Skip) as why:
+            checks[name].run(60)
+        reasons[name] = str(why.value)
+    assert "MPS" in reasons["int_mm"] and "NCCL" in reasons["ddp"] and "eagerly" in reasons["skip_off"]
+    assert all(reasons.values())
+    cfgs = gpu_check.configs_for(torch.device("mps"), str(tmp_path), "synthetic")
+    assert not any(c.compile for c in cfgs.values()) and {c.scale for c in cfgs.values()} == {"cpu"}
