@@ -277,6 +277,7 @@ def test_cli_exit_code_and_one_line_error(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rows,in_features,out_features", [(64, 40, 24), (5, 40, 24), (64, 7, 3)])
 def test_cuda_int8_layer_matches_cpu(rows, in_features, out_features):
@@ -290,6 +291,7 @@ def test_cuda_int8_layer_matches_cpu(rows, in_features, out_features):
     torch.testing.assert_close(layer.cuda()(x.cuda()).cpu(), layer.cpu()(x), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("viewdirs", [False, True])
 def test_cuda_exported_render_matches_cpu(tmp_path, viewdirs):

@@ -421,6 +421,7 @@ def test_fused_bitnerf_compiles_fullgraph_and_matches_eager(monkeypatch, product
         torch.testing.assert_close(grads[name], param.grad, rtol=5e-2, atol=5e-3)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16])
 def test_fused_bitnerf_matches_torchao_on_cuda(amp):
