@@ -35,7 +35,7 @@ and a training run stops there (max_time_s).
   skip_off        30   exp1 with --skip=false: the whole render compiled as one graph
   bitnerf_amp     25   exp4 under AMP
   exp3            20   exp3's 8 whole images a step, 5 steps: peak memory
-  exp5_1gpu       45   torchrun --nproc_per_node=1 exp5.py on the GPU, 20 steps
+  exp5_1gpu       45   torchrun --nproc_per_node=1 exp5.py on the GPU (a 1-rank NCCL group, DDP), 20 steps
   exp5_2cpu       30   torchrun --nproc_per_node=2 exp5.py --device=cpu (gloo), toy sizes: the multi-rank logic
 """
 
@@ -562,6 +562,7 @@ def check_ddp_compiled(cfg: Config, device: torch.device) -> tuple[bool, dict]:
     cfg, batcher = ray_batches(replace(cfg, compile=True), device, parts=4)
     rays_o, rays_d, target = batcher.batch(0)
     params = {}
+    configure_backends(device, tf32=True, distributed=True)  # as train() sets up a DDP run: no DDPOptimizer
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                             world_size=1)
     try:
@@ -626,8 +627,8 @@ def torchrun_exp5(run_dir: str, data: str, nproc: int, args: list[str], timeout_
 def check_exp5_gpu(device: torch.device, out: str, data: str, timeout_s: float) -> tuple[bool, dict]:
     if device.type != "cuda":
         raise Skip("needs CUDA: this is the torchrun job on the GPU (exp5_2cpu is the CPU one)")
-    # one process: train.train starts no process group at world size 1 (hardware.compute_init), so this is the
-    # torchrun launch on the GPU at the paper scale; NCCL itself is the ddp row's
+    # one process under torchrun is still a process group (hardware.compute_init): NCCL, DDP, the flag
+    # all-reduces and the replica check through the real train(), on one GPU
     return torchrun_exp5(os.path.join(out, "exp5_1gpu"), data, 1, ["--device=cuda", "--steps=20"], timeout_s)
 
 
