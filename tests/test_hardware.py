@@ -13,7 +13,6 @@ from dataclasses import replace
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cpu_kernels
 import hardware
@@ -22,6 +21,7 @@ from bitnerf import BitNeRF, scale_and_bias, quantize_bitnet
 from bitnerf_packed import TernaryLinear
 from configs import EXP1, EXP2, apply_device_defaults, device_kind, from_cli
 from dataset import RayBatcher, load_views, split_views
+from gpu_check import SyncingOps  # gpu_check counts a GPU step's syncs with it too
 from samplers import Samples
 from hardware import amp_policy, configure_backends, make_grad_scaler, pick_device, probe_product
 from train import Trainer, evaluate_views, step_generator, train
@@ -281,28 +281,8 @@ class SyncCounter:
         return wrapper
 
 
-class SyncingOps(TorchDispatchMode):
-    """Records the aten ops that make a GPU wait for the host: an output whose size depends on the data (nonzero,
-    masked_select, a boolean mask as an index) or a value read back (_local_scalar_dense: .item(), bool())."""
-
-    SIZE_FROM_DATA = ("aten.nonzero", "aten.masked_select", "aten._local_scalar_dense", "aten.unique")
-    INDEXING = ("aten.index.Tensor", "aten.index_put", "aten._index_put_impl", "aten.masked_scatter")
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        masks = [i for a in args if isinstance(a, (list, tuple)) for i in a
-                 if isinstance(i, torch.Tensor) and i.dtype == torch.bool]
-        if name.startswith(self.SIZE_FROM_DATA) or (name.startswith(self.INDEXING) and masks):
-            self.ops.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_boolean_mask_as_an_index_is_seen_as_a_sync():
-    """The counter itself: what a step must not do is caught (and a gather by positions is not)."""
+    """The counter (gpu_check's) itself: what a step must not do is caught (and a gather by positions is not)."""
     x, mask = torch.arange(6.0), torch.tensor([True, False] * 3)
     with SyncingOps() as mode:
         x.index_select(0, torch.tensor([0, 2, 4]))
