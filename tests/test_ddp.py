@@ -375,3 +375,24 @@ def test_a_dead_rank_ends_the_job_quickly(tiny_scene_path, tmp_path):
     log = (tmp_path / "log.txt").read_text()
     assert code != 0 and elapsed < 30, (code, elapsed)  # measured: exit 1 after ~2.5 s
     assert "exp5.py FAILED" in log and "rank      : 1" in log  # torchrun names the rank that died
+
+
+@pytest.mark.parametrize("under_torchrun", [False, True])
+def test_ranks_agree_on_stopping_every_log_every_steps_not_every_step(tiny_cfg, monkeypatch, under_torchrun):
+    """Reading an all-reduce back on the host is a sync that idles a GPU: under torchrun (here a 1-rank gloo group
+    in this process) the stop agreement runs at log records and the last step; a plain run checks every step
+    (no collective, so no cost), which keeps its time budget exact."""
+    import train as train_module
+
+    if under_torchrun:
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    calls = []
+    real = train_module.agree_to_stop
+    monkeypatch.setattr(train_module, "agree_to_stop", lambda *a: (calls.append(1), real(*a))[1])
+    summary = train_module.train(replace(tiny_cfg, steps=10, log_every=5))
+    assert summary["steps"] == 10 and summary["world_size"] == 1
+    assert len(calls) == (2 if under_torchrun else 10)
