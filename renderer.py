@@ -186,8 +186,8 @@ class VolumeRenderer(nn.Module):
         # a boolean mask as an index costs a host sync per use, forward and backward
         kept = samples.kept if samples.kept is not None else samples.keep.reshape(-1).nonzero().squeeze(1)
         points = self.sampler.positions(rays_o, rays_d, samples.t).reshape(-1, 3).index_select(0, kept)
-        # the directions of exactly the evaluated samples
-        dirs = sample_dirs(rays_d, n_samples).reshape(-1, 3).index_select(0, kept) if uses_dirs(self.field) else None
+        # the directions of exactly the evaluated samples: their rays' (position // samples per ray)
+        dirs = F.normalize(rays_d, dim=-1).index_select(0, kept // n_samples) if uses_dirs(self.field) else None
         raw_kept = self.evaluate(points, dirs)  # [P, 4]
         raw = empty_raw((n_rays * n_samples,), raw_kept.device).index_copy(0, kept, raw_kept.float())
         return composite(raw.view(n_rays, n_samples, 4), samples.delta, samples.t, rays_d, background)
