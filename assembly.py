@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitnerf import BitNeRF, plain_state_dict, quantize_bitnet
+from bitnerf import BitNeRF, Quantization, plain_state_dict, quantize_bitnet
 from bitnerf_format import OCCUPIED_KEY, PROPOSAL_KEY, is_bitnerf_file, read_bitnerf
 from bitnerf_packed import ternary_field
 from configs import Config, ConfigError, config_from_dict, scene_bounds, skip_method
@@ -58,7 +58,7 @@ def build_renderer(cfg: Config, device: torch.device, field_state: dict | None =
     field.to(device)
     if cfg.model == "bitnerf":
         int_mm_available(device)  # decided now, eagerly: under torch.compile it is a constant
-        quantize_bitnet(field, bf16_grads=bitnet_bf16_grads(cfg.bitnet_grad, device))
+        quantize_bitnet(field, bitnet_bf16_grads(cfg.bitnet_grad, device), Quantization.of(cfg))
     sampler = build_sampler(cfg, build_occupancy(cfg, device, occupancy_state), proposal_state)
     return VolumeRenderer(field, sampler.to(device), cfg.chunk_points)
 
@@ -121,7 +121,7 @@ def load_trained(path: str, device: torch.device | str = "cpu") -> tuple[VolumeR
     return renderer.eval(), cfg
 
 
-def load_exported(path: str, device: torch.device | str = "cpu", mode: str = "int8"):
+def load_exported(path: str, device: torch.device | str = "cpu"):
     """A .bitnerf file -> (VolumeRenderer around bitnerf_packed.ternary_field in eval mode, Config)."""
     cfg, state, _ = read_bitnerf(path)
     occupied, proposal = state.pop(OCCUPIED_KEY, None), state.pop(PROPOSAL_KEY, None)
@@ -132,8 +132,8 @@ def load_exported(path: str, device: torch.device | str = "cpu", mode: str = "in
         if occupied.shape != occupancy.occupied.shape:
             raise UserError(f"{path}: its occupancy grid does not fit its config")
         occupancy.occupied.copy_(occupied)
-    field = ternary_field(cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer, mode, cfg.bitnet_norm, cfg.viewdirs,
-                          cfg.n_freqs_dirs)
+    field = ternary_field(cfg.n_freqs, cfg.width, cfg.depth, cfg.skip_layer, cfg.bitnet_norm, cfg.viewdirs,
+                          cfg.n_freqs_dirs, Quantization.of(cfg))
     try:
         field.load_state_dict(state)
     except RuntimeError as err:

@@ -22,6 +22,7 @@ quantizes its raw input. Packed inference with the exported ternary weights is b
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -42,6 +43,30 @@ class RMSNormLinear(nn.Sequential):
         return self[1]
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """How a BitNeRF layer quantizes (config keys bitnet_scale, bitnet_scale_per, bitnet_act); the defaults are
+    BitNet b1.58's, as torchao's bitnet_training computes it.
+
+    scale: the weight scale the latent weights are divided by before rounding to {-1, 0, +1}: "absmean" (mean |w|,
+    BitNet b1.58) or "median" (median |w|: BitNet b1.58 Reloaded's choice for small networks; more weights stay
+    non-zero). per_channel: one scale per output row [out] instead of one per tensor [] (a row of small weights
+    is not rounded to zeros by its neighbours' scale). int8_activations: per-row absmax int8 activations and an
+    exact integer product (BitNet); False keeps the activations in float and multiplies them by the dequantized
+    ternary weights (ternary weights alone: what the weights cost, without the activations' rounding)."""
+
+    scale: str = "absmean"
+    per_channel: bool = False
+    int8_activations: bool = True
+
+    @classmethod
+    def of(cls, cfg) -> "Quantization":
+        return cls(cfg.bitnet_scale, cfg.bitnet_scale_per == "channel", cfg.bitnet_act == "int8")
+
+
+BITNET_B158 = Quantization()
+
+
 class BitLinear(nn.Linear):
     """A Linear trained with BitNet b1.58 QAT (`quantize_bitnet` turns a hidden Linear into one): the same
     forward and straight-through gradients as torchao's `bitnet_training`, on a plain float `weight` Parameter
@@ -53,44 +78,65 @@ class BitLinear(nn.Linear):
     """
 
     # the precision of the backward's two matmuls: float32 (torchao's STE) or, with bf16_grads, bf16 inputs and
-    # float32 sums (mm_bf16_inputs); set by quantize_bitnet
+    # float32 sums (mm_bf16_inputs); set by quantize_bitnet, as are the two below
     bf16_grads = False
+    quantization = BITNET_B158
+    # False: the layer runs as the float layer it was (late quantization trains in float first, then switches);
+    # a Python attribute, so torch.compile guards on it and recompiles once when it flips
+    qat = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.qat:
+            return super().forward(x)
         return rmsnorm_bitlinear(x, None, 0.0, self)
 
     def ternary(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(ternary weight [out, in] for the integer matmul: int8 where _int_mm runs (hardware.int_mm_available),
         else float32 holding -1, 0, 1;
-        absmean scale [] in the weight's dtype, or `dtype` when the weight is cast to it as under CUDA autocast).
+        scale [] (or [out] per channel) in the weight's dtype, or `dtype` when the weight is cast to it as under
+        CUDA autocast).
 
         As torchao: the scale is computed in float32 from the (cast) weight, then cast back to its dtype."""
-        return _ternary(self.weight, dtype)
+        return _ternary(self.weight, dtype, self.quantization)
 
 
 @torch.no_grad()
-def _ternary(weight: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _ternary(weight: torch.Tensor, dtype: torch.dtype | None,
+             quantization: Quantization) -> tuple[torch.Tensor, torch.Tensor]:
     w = weight.detach()
     if dtype is not None:
         w = w.to(dtype)
-    ternary, scale = _absmean_ternary(w)
+    ternary, scale = _ternary_of(w, quantization)
     ternary = ternary.to(torch.int8) if int_mm_available(w.device) else ternary
     return ternary, scale.to(w.dtype)
 
 
-def _absmean_ternary(w: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+def _ternary_of(w: torch.Tensor, quantization: Quantization = BITNET_B158,
+                eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """BitNet b1.58's weight quantization, in torchao's arithmetic: (round(w / scale) clipped to [-1, 1], float32
-    holding -1, 0, 1; scale = mean |w| in float32 (torchao's get_bitnet_scale and quantize_bitnet_weight))."""
-    scale = w.float().abs().mean()
-    return (w.float() / scale.clip(eps)).round_().clip_(-1, 1), scale
+    holding -1, 0, 1; scale in float32: mean |w| (torchao's get_bitnet_scale and quantize_bitnet_weight), or the
+    median, per tensor [] or per output row [out])."""
+    magnitude = w.float().abs()
+    if quantization.per_channel:
+        scale = magnitude.mean(1) if quantization.scale == "absmean" else magnitude.median(1).values
+        divisor = scale.clip(eps).unsqueeze(1)
+    else:
+        scale = magnitude.mean() if quantization.scale == "absmean" else magnitude.median()
+        divisor = scale.clip(eps)
+    return (w.float() / divisor).round_().clip_(-1, 1), scale
 
 
 @torch.no_grad()
-def ternary_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ternary_weight(weight: torch.Tensor, quantization: Quantization = BITNET_B158) -> tuple[torch.Tensor, torch.Tensor]:
     """The weights the forward pass of a BitLinear with this latent `weight` uses: (int8 ternary [out, in], float32
-    absmean scale []). What export packs, and the scale bitnerf_ddp's replica check compares."""
-    ternary, scale = _absmean_ternary(weight.detach())
+    scale [] or [out]). What export packs, and the scale bitnerf_ddp's replica check compares."""
+    ternary, scale = _ternary_of(weight.detach(), quantization)
     return ternary.to(torch.int8), scale
+
+
+def scaled_ternary(ternary: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ternary [out, in] * scale ([] or [out]) in `dtype`: the dequantized weight [out, in]."""
+    return ternary.to(dtype) * (scale.to(dtype).unsqueeze(1) if scale.dim() else scale.to(dtype))
 
 
 def rmsnorm_bitlinear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float | None,
@@ -113,7 +159,7 @@ def rmsnorm_bitlinear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_ep
     if norm_eps is None:
         norm_eps = torch.finfo(x.dtype).eps
     args = (x, extra, norm_weight, linear.weight, linear.bias, ternary, scale, norm_eps, dtype, relu,
-            linear.bf16_grads)
+            linear.bf16_grads, linear.quantization.int8_activations)
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
             return _RMSNormBitLinear.apply(*args)
@@ -135,17 +181,17 @@ class _RMSNormBitLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, extra, norm_weight, weight, bias, ternary, scale, eps, dtype, relu, bf16_grads):
+    def forward(ctx, x, extra, norm_weight, weight, bias, ternary, scale, eps, dtype, relu, bf16_grads, int8_act):
         lead, k = x.shape[:-1], x.shape[-1]
         x = x.reshape(-1, k)
         parts = (x,) if extra is None else (x, extra.reshape(x.shape[0], -1))
         eager = not torch.compiler.is_compiling()
-        if (dtype is None and cpu_kernels.active(x) and all(p.dtype == torch.float32 for p in parts)
+        if (int8_act and dtype is None and cpu_kernels.active(x) and all(p.dtype == torch.float32 for p in parts)
                 and (norm_weight is None or norm_weight.dtype == torch.float32)):
             # the same arithmetic in two C++ passes (cpu_kernels.py; the RMS summed in its own order)
             y_q, row_scale, deq, r = cpu_kernels.quantize_rows(*_x_and_extra(parts), norm_weight, eps, want_deq=True)
             out = integer_mm(y_q if ternary.dtype == torch.int8 else y_q.float(), ternary)
-            out = cpu_kernels.scale_bias(out, row_scale, scale, bias, relu)
+            out = scale_bias_cpu(out, row_scale, scale, bias, relu)
             ctx.save_for_backward(deq, ternary, scale, out if relu else None,
                                   *((r, norm_weight, *parts) if norm_weight is not None else ()))
             ctx.x_dtype, ctx.lead, ctx.weight_dtype, ctx.bf16_grads = x.dtype, lead, weight.dtype, bf16_grads
@@ -163,6 +209,14 @@ class _RMSNormBitLinear(torch.autograd.Function):
             y = x
         if dtype is not None:  # CUDA autocast: torchao casts the Linear's input
             y = y.to(dtype)
+        if not int8_act:  # ternary weights times float activations; the weight gradient's operand is y itself
+            out = nn.functional.linear(y, scaled_ternary(ternary, scale, y.dtype), None if bias is None else
+                                       bias.to(y.dtype))
+            out = out.relu_() if relu else out
+            ctx.save_for_backward(y, ternary, scale, out if relu else None,
+                                  *((r, norm_weight, *parts) if norm_weight is not None else ()))
+            ctx.x_dtype, ctx.lead, ctx.weight_dtype, ctx.bf16_grads = x.dtype, lead, weight.dtype, bf16_grads
+            return out.view(*lead, -1)
         # torchao's quantize_int8_rowwise(y, eps=1e-5), with its roundings; its clip to [-128, 127] only matters
         # for a scale below float32's (|y| * 127 / max|y| rounds to at most 127 in float32). max |y| per row as
         # max(amax, -amin): equal, and no |y| temporary
@@ -206,7 +260,7 @@ class _RMSNormBitLinear(torch.autograd.Function):
         if needs[0] or needs[2]:
             # torchao: grad of the Linear's input = grad_out @ ternary * scale (straight through the rounding);
             # the scale folded into the small weight saves a pass over the activations
-            grad_y = mm(grad_out, ternary.to(grad_out.dtype) * scale.to(grad_out.dtype))
+            grad_y = mm(grad_out, scaled_ternary(ternary, scale, grad_out.dtype))
             if len(ctx.saved_tensors) == 4:  # no RMSNorm
                 grad_x = grad_y.to(ctx.x_dtype)
             else:  # through y = xhat * g, xhat = x * r, r = rsqrt(mean(x^2) + eps), with c = mean(grad_y * g * xhat):
@@ -218,7 +272,7 @@ class _RMSNormBitLinear(torch.autograd.Function):
                 if cpu_kernels.active(grad_y) and g.dtype == torch.float32:  # one C++ pass
                     grad_x, grad_norm = cpu_kernels.rms_norm_backward(grad_y, *_x_and_extra(parts), r, g)
                     return (grad_x.to(ctx.x_dtype).view(*ctx.lead, -1), None, grad_norm if needs[2] else None,
-                            grad_weight, grad_bias, None, None, None, None, None, None)
+                            grad_weight, grad_bias, None, None, None, None, None, None, None)
                 columns = (grad_y,) if len(parts) == 1 else (grad_y[:, :k], grad_y[:, k:])
                 product = _cat_times(parts, columns, eager)  # grad_y * xhat / r
                 if needs[2]:
@@ -227,7 +281,18 @@ class _RMSNormBitLinear(torch.autograd.Function):
                 grad_x = (grad_y if k == grad_y.shape[1] else grad_y[:, :k]) * g[:k]
                 grad_x = grad_x.mul_(r).addcmul_(parts[0].float(), r.square().mul_(c), value=-1).to(ctx.x_dtype)
             grad_x = grad_x.view(*ctx.lead, -1)
-        return grad_x, None, grad_norm, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_x, None, grad_norm, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def scale_bias_cpu(out: torch.Tensor, row_scale: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                   relu: bool) -> torch.Tensor:
+    """scale_and_bias (then the ReLU) in cpu_kernels' fused pass; a per-channel scale [N] multiplies after it, in
+    scale_and_bias's order (row scale, then weight scale, then bias), so both give the same bits."""
+    if scale.dim() == 0:
+        return cpu_kernels.scale_bias(out, row_scale, scale, bias, relu)
+    out = cpu_kernels.scale_bias(out, row_scale, torch.ones((), dtype=torch.float32), None, False).mul_(scale)
+    out = out if bias is None else out.add_(bias)
+    return out.relu_() if relu else out
 
 
 def _x_and_extra(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -367,8 +432,11 @@ class BitRMSNormLinear(nn.Sequential):
     def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
         """x: [..., K] (and extra: [..., E], no gradient) -> [..., N]: the layer of cat([x, extra], -1), ReLU'd
         if `relu`."""
-        norm = self[0]
-        return rmsnorm_bitlinear(x, norm.weight, norm.eps, self[1], extra, relu)
+        norm, linear = self
+        if not linear.qat:  # the float layer it was: RMSNormLinear's forward of cat([x, extra], -1)
+            out = linear(norm(x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=-1)))
+            return torch.relu(out) if relu else out
+        return rmsnorm_bitlinear(x, norm.weight, norm.eps, linear, extra, relu)
 
     @property
     def linear(self) -> nn.Linear:
@@ -403,7 +471,8 @@ def quantized_layer_names(depth: int, viewdirs: bool = False) -> list[str]:
     return [f"hidden.{i}" for i in range(depth)] + (["feature", "view"] if viewdirs else [])
 
 
-def quantize_bitnet(model: BitNeRF, bf16_grads: bool = False) -> BitNeRF:
+def quantize_bitnet(model: BitNeRF, bf16_grads: bool = False, quantization: Quantization = BITNET_B158,
+                    qat: bool = True) -> BitNeRF:
     """Make the hidden layers (and the direction branch's feature and direction layers) BitNet b1.58 QAT layers
     (RMSNorm + BitLinear, or a BitLinear alone without the norm; torchao bitnet_training's math in one
     autograd.Function), in place. Returns the model. The parameters stay the same plain nn.Parameters (state dict
@@ -411,6 +480,8 @@ def quantize_bitnet(model: BitNeRF, bf16_grads: bool = False) -> BitNeRF:
 
     `bf16_grads` (config bitnet_grad=bf16): the backward's two matmuls take bf16-rounded inputs and keep float32
     sums, as BitNet's own bf16 mixed-precision training computes them; the forward is unchanged.
+    `quantization`: how the weights (and activations) are quantized (config bitnet_scale, bitnet_scale_per,
+    bitnet_act). `qat=False`: the layers run as float layers until `set_qat(model, True)` (late quantization).
     """
     device = next(model.parameters()).device
     int_mm_available(device)  # decided now, eagerly: a constant under torch.compile
@@ -422,8 +493,16 @@ def quantize_bitnet(model: BitNeRF, bf16_grads: bool = False) -> BitNeRF:
     for linear in model.quantized_linears():
         if type(linear) is nn.Linear:
             linear.__class__ = BitLinear
-        linear.bf16_grads = bf16_grads
+        linear.bf16_grads, linear.quantization, linear.qat = bf16_grads, quantization, qat
     return model
+
+
+def set_qat(model: nn.Module, on: bool) -> None:
+    """Turn quantization-aware training on (or off) in every BitLinear of `model`: off, each runs as the float
+    layer it was; on, as BitNet b1.58's. The parameters and the optimizer's state stay as they are."""
+    for module in model.modules():
+        if isinstance(module, BitLinear):
+            module.qat = on
 
 
 def is_quantized(model: nn.Module) -> bool:

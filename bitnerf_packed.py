@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import cpu_kernels
-from bitnerf import BitNeRF, integer_mm, int8_mm, quantized_layer_names, scale_and_bias, ternary_weight
+from bitnerf import (BITNET_B158, BitNeRF, Quantization, integer_mm, int8_mm, quantized_layer_names, scale_and_bias,
+                     scale_bias_cpu, scaled_ternary, ternary_weight)
 from hardware import int_mm_available
 
 
@@ -34,27 +35,26 @@ def ternary_matmul(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
 
 
 class TernaryLinear(nn.Module):
-    """A Linear whose weight is ternary [out, in] (int8) times one fp32 scale, plus a float bias.
+    """A Linear whose weight is ternary [out, in] (int8) times an fp32 scale ([], or [out] per channel), plus a
+    float bias; it computes what the training layer of the same Quantization does.
 
-    mode "int8": BitNet's forward as in training (torchao bitnet): per-row absmax int8 activations, integer
-    matmul with the ternary weights, then * scale * row scale + bias. mode "dequant": float matmul with
-    ternary * scale (no activation quantization; an approximation of the trained forward).
+    int8 activations (BitNet's forward, torchao bitnet's arithmetic): per-row absmax int8 activations, integer
+    matmul with the ternary weights, then * row scale * scale + bias. Float activations (bitnet_act=float): a
+    float matmul with ternary * scale, as training's forward of that recipe.
     """
 
-    def __init__(self, in_features: int, out_features: int, mode: str = "int8"):
+    def __init__(self, in_features: int, out_features: int, quantization: Quantization = BITNET_B158):
         super().__init__()
-        if mode not in ("int8", "dequant"):
-            raise ValueError(f"mode must be int8 or dequant, got {mode!r}")
-        self.mode = mode
+        self.int8_activations = quantization.int8_activations
         self.register_buffer("ternary", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.ones((), dtype=torch.float32))
+        scale_shape = (out_features,) if quantization.per_channel else ()
+        self.register_buffer("scale", torch.ones(scale_shape, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in] -> [..., out]."""
-        if self.mode == "dequant":
-            weight = self.ternary.to(x.dtype) * self.scale.to(x.dtype)
-            return nn.functional.linear(x, weight, self.bias.to(x.dtype))
+        if not self.int8_activations:
+            return nn.functional.linear(x, scaled_ternary(self.ternary, self.scale, x.dtype), self.bias.to(x.dtype))
         return self._int8_forward(x)
 
     def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ class TernaryRMSNormLinear(nn.Sequential):
     def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
         """x: [..., K] (and extra: [..., E]) -> [..., N]: the layer of cat([x, extra], -1), ReLU'd if `relu`."""
         norm, linear = self
-        fused = (linear.mode == "int8" and cpu_kernels.active(x) and norm.weight.dtype == torch.float32
+        fused = (linear.int8_activations and cpu_kernels.active(x) and norm.weight.dtype == torch.float32
                  and (extra is None or extra.dtype == torch.float32))
         if not fused:
             out = linear(norm(x if extra is None else torch.cat([x, extra], dim=-1)))
@@ -103,18 +103,18 @@ def _fused_cpu_forward(x: torch.Tensor, extra: torch.Tensor | None, norm_weight:
     """TernaryLinear's int8 forward of cat([x, extra], -1) [M, K] (RMSNorm'd with gain norm_weight [K] when
     given) in the fused C++ passes, as training's forward computes it (then the ReLU if `relu`) -> [M, N]."""
     x_q, row_scale, _, _ = cpu_kernels.quantize_rows(x, extra, norm_weight, eps, want_deq=False)
-    return cpu_kernels.scale_bias(ternary_matmul(x_q, linear.ternary), row_scale, linear.scale, linear.bias, relu)
+    return scale_bias_cpu(ternary_matmul(x_q, linear.ternary), row_scale, linear.scale, linear.bias, relu)
 
 
-def ternary_field(n_freqs: int, width: int, depth: int, skip_layer: int, mode: str = "int8",
-                  norm: bool = True, viewdirs: bool = False, n_freqs_dirs: int = 4) -> BitNeRF:
+def ternary_field(n_freqs: int, width: int, depth: int, skip_layer: int, norm: bool = True, viewdirs: bool = False,
+                  n_freqs_dirs: int = 4, quantization: Quantization = BITNET_B158) -> BitNeRF:
     """An empty inference BitNeRF: every quantized Linear (the hidden layers and, with `viewdirs`, the direction
     branch's feature and direction layers) replaced by a TernaryLinear (fill it with
     `load_state_dict(ternary_state_dict(...))`). Same forward, encodings, skip and (with `norm`) RMSNorms as the
     trained model."""
     field = BitNeRF(n_freqs, width, depth, skip_layer, norm, viewdirs, n_freqs_dirs)
     for name, linear in zip(quantized_layer_names(depth, viewdirs), field.quantized_linears()):
-        ternary = TernaryLinear(linear.in_features, linear.out_features, mode)
+        ternary = TernaryLinear(linear.in_features, linear.out_features, quantization)
         if norm:
             layer = field.get_submodule(name)
             layer[1] = ternary
@@ -126,23 +126,14 @@ def ternary_field(n_freqs: int, width: int, depth: int, skip_layer: int, mode: s
 
 
 def ternary_state_dict(float_state: dict[str, torch.Tensor], depth: int, norm: bool = True,
-                       viewdirs: bool = False) -> dict[str, torch.Tensor]:
-    """A trained BitNeRF's plain float state dict -> the state dict of `ternary_field` (with the same `norm` and
-    `viewdirs`): each quantized Linear's latent weight becomes (ternary int8, fp32 scale) exactly as training's
-    forward quantizes it."""
+                       viewdirs: bool = False, quantization: Quantization = BITNET_B158) -> dict[str, torch.Tensor]:
+    """A trained BitNeRF's plain float state dict -> the state dict of `ternary_field` (with the same `norm`,
+    `viewdirs` and `quantization`): each quantized Linear's latent weight becomes (ternary int8, fp32 scale)
+    exactly as training's forward quantizes it."""
     state = dict(float_state)
     for name in quantized_layer_names(depth, viewdirs):
         prefix = f"{name}.1." if norm else f"{name}."
-        ternary, scale = ternary_weight(state.pop(prefix + "weight").float())
+        ternary, scale = ternary_weight(state.pop(prefix + "weight").float(), quantization)
         state[prefix + "ternary"], state[prefix + "scale"] = ternary, scale
     return state
 
-
-def set_ternary_mode(field: nn.Module, mode: str) -> nn.Module:
-    """Switch every TernaryLinear of `field` to "int8" or "dequant". Returns the field."""
-    if mode not in ("int8", "dequant"):
-        raise ValueError(f"mode must be int8 or dequant, got {mode!r}")
-    for module in field.modules():
-        if isinstance(module, TernaryLinear):
-            module.mode = mode
-    return field

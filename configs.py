@@ -83,6 +83,19 @@ class Config:
     # (CUDA's fp32 matmuls use TF32 already). The forward is exact either way
     # measured: several times faster on bf16 units, the same held-out PSNR at equal steps (lego, cpu scale)
     bitnet_grad: str = "auto"
+    # model=bitnerf, the training recipe (bitnerf.Quantization; the defaults train BitNet b1.58 as exp4 does): the
+    # scale the latent weights are divided by before rounding to -1, 0, 1: absmean (BitNet b1.58) or median (fewer
+    # weights rounded to 0)
+    bitnet_scale: str = "absmean"
+    # model=bitnerf: one weight scale per tensor (BitNet b1.58) or per output channel
+    bitnet_scale_per: str = "tensor"
+    # model=bitnerf: int8: per-row int8 activations and an integer product (BitNet b1.58); float: the activations
+    # stay float, only the weights are ternary
+    bitnet_act: str = "int8"
+    # model=bitnerf, late quantization: the share of training (of its steps, or of max_time_s when that ends it first) the
+    # hidden layers train in float before quantization-aware training starts, with the same weights and AdamW
+    # state; 0 = quantized from the first step (BitNet b1.58)
+    bitnet_qat_from: float = 0.0
     grid_resolution: int = 128  # model=grid: vertices per axis
     grid_bound: float = 1.5  # model=grid: the grid spans [-bound, bound]^3 (outside is empty space)
     # --- rendering -----------------------------------------------------------------------------------------
@@ -169,6 +182,9 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+# BitNeRF's training recipe: the keys beyond BitNet b1.58 (bitnerf.Quantization and late quantization)
+BITNET_RECIPE = ("bitnet_scale", "bitnet_scale_per", "bitnet_act", "bitnet_qat_from")
+
 # Fields that may change between a run and its resumption without changing what is being trained.
 RESUME_INDEPENDENT = frozenset(
     {"out_dir", "device", "max_time_s", "resume", "wandb", "wandb_project", "log_every", "eval_every",
@@ -185,6 +201,9 @@ _CHOICES = {
     "scale": ("paper", "cpu"),
     "background": ("auto", "white", "black", "random", "none"),
     "bitnet_grad": ("auto", "fp32", "bf16"),
+    "bitnet_scale": ("absmean", "median"),
+    "bitnet_scale_per": ("tensor", "channel"),
+    "bitnet_act": ("int8", "float"),
     "scene": ("auto", "bounded", "unbounded"),
     "skip_with": ("auto", "grid", "proposal"),
 }
@@ -241,6 +260,11 @@ def _problems(c: Config):
                f"{c.occ_resolution}, {c.occ_bound}, {c.occ_update_every}, {c.occ_threshold})")
     if c.skip and c.proposal_resolution < 2:
         yield f"proposal_resolution must be >= 2 (got {c.proposal_resolution})"
+    if not 0 <= c.bitnet_qat_from < 1:
+        yield f"bitnet_qat_from must be in [0, 1): the share of training before quantization (got {c.bitnet_qat_from})"
+    recipe = {k: getattr(c, k) for k in BITNET_RECIPE if getattr(c, k) != getattr(Config, k)}
+    if recipe and c.model != "bitnerf":
+        yield f"{', '.join(recipe)} apply to model=bitnerf only (model={c.model!r})"
     if c.video_radius <= 0:
         yield f"video_radius must be > 0 (got {c.video_radius})"
     if not c.name or "/" in c.name:

@@ -13,6 +13,7 @@ import os
 import sys
 
 from assembly import build_field
+from bitnerf import Quantization
 from bitnerf_format import FLOAT_STORAGES, OCCUPIED_KEY, PROPOSAL_KEY, read_bitnerf, write_bitnerf
 from bitnerf_packed import ternary_state_dict
 from configs import ConfigError, config_from_dict
@@ -36,7 +37,7 @@ def export_checkpoint(ckpt_path: str, out_path: str, packing: str = "base3", flo
     except RuntimeError as err:
         raise UserError(f"{ckpt_path}: weights do not fit its config: {str(err).splitlines()[0]}") from None
     state = ternary_state_dict({k: v.float() for k, v in field.state_dict().items()}, cfg.depth, cfg.bitnet_norm,
-                               cfg.viewdirs)
+                               cfg.viewdirs, Quantization.of(cfg))
     if cfg.skip and ckpt.get("occupancy"):  # inference skips the same empty space as training's renders
         state[OCCUPIED_KEY] = ckpt["occupancy"]["occupied"]
     if cfg.skip and ckpt.get("proposal"):  # and samples where training's renders did

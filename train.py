@@ -21,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from assembly import build_renderer, field_state_dict
+from bitnerf import set_qat
 from bitnerf_ddp import assert_replicas_agree
 from configs import (EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_changes, config_from_dict, from_cli,
                      scale_line)
@@ -44,9 +45,19 @@ def lr_at(cfg: Config, step: int, total_steps: int, budget_used: float = 0.0) ->
     time budget (`budget_used`: the fraction of max_time_s spent so far), so a time-limited run anneals too."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     if cfg.lr_schedule == "cosine":
-        progress = min(1.0, max(step / max(1, total_steps), budget_used))
+        progress = schedule_progress(step, total_steps, budget_used)
         return cfg.lr * warm * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
     return cfg.lr * warm
+
+
+def schedule_progress(step: int, total_steps: int, budget_used: float = 0.0) -> float:
+    """How far training is, in [0, 1]: the larger of the steps' share and the time budget's."""
+    return min(1.0, max(step / max(1, total_steps), budget_used))
+
+
+def qat_on(cfg: Config, step: int, total_steps: int, budget_used: float = 0.0) -> bool:
+    """Whether BitNeRF's layers train quantized at `step` (late quantization: from bitnet_qat_from on)."""
+    return schedule_progress(step, total_steps, budget_used) >= cfg.bitnet_qat_from
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -535,6 +546,7 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
     # an all-reduce read back on the host is a sync that idles a GPU
     agree_every = cfg.log_every if dist_info.enabled else 1
     bar = tqdm(total=n_steps, initial=step, desc=cfg.name, disable=not dist_info.is_master, dynamic_ncols=True)
+    quantizing = True  # BitNeRF's layers are built quantized (build_renderer); late quantization turns them off first
     try:  # the bar closes before any error line is printed, or it redraws below it
         while step < n_steps:
             t0 = time.perf_counter()
@@ -545,6 +557,11 @@ def _loop(cfg, trainer: Trainer, batcher: RayBatcher, val_views, logger: RunLogg
             rays_o, rays_d, target = batcher.batch(step)
             background, see_through = batcher.background(step)
             lr = lr_at(cfg, step, n_steps, budget_used)
+            if cfg.bitnet_qat_from and qat_on(cfg, step, n_steps, budget_used) != quantizing:
+                quantizing = not quantizing  # a switch of the layers' forward: torch.compile recompiles once
+                set_qat(trainer.raw.field, quantizing)
+                if quantizing and step > start_step and dist_info.is_master:
+                    bar.write(f"step {step}: quantization-aware training starts")
             loss, grad_norm = trainer.step(rays_o, rays_d, target, step_generator(cfg.seed, dist_info.rank, step,
                                                                                 device), lr, background, see_through)
             health.add(loss, grad_norm)

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitnerf import BitNeRF
+from bitnerf import BitNeRF, Quantization
 from bitnerf_format import is_bitnerf_file, pack_ternary, read_bitnerf, unpack_ternary, write_bitnerf
-from bitnerf_packed import TernaryLinear, set_ternary_mode, ternary_matmul, ternary_state_dict
+from bitnerf_packed import TernaryLinear, ternary_matmul, ternary_state_dict
 from configs import EXP1, EXP4
 from dataset import load_views, split_views, train_val_views
 import assembly
@@ -92,15 +92,32 @@ def test_int8_mode_equals_torchao_bitnet_forward_bitwise(in_features, out_featur
         assert torch.equal(layer(x), qat(x))
 
 
-def test_dequant_mode_matches_float64_reference():
-    layer = TernaryLinear(6, 4, mode="dequant")
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_float_activations_match_float64_reference(per_channel):
+    # bitnet_act=float: x @ (ternary * scale).T + bias, no rounding of x
+    layer = TernaryLinear(6, 4, Quantization(per_channel=per_channel, int8_activations=False))
     gen = torch.Generator().manual_seed(3)
     layer.ternary.copy_(torch.randint(-1, 2, (4, 6), generator=gen))
-    layer.scale.fill_(0.37)
+    scale = torch.tensor([0.37, 0.5, 1.25, 2.0]) if per_channel else torch.tensor(0.37)
+    layer.scale.copy_(scale)
     layer.bias.copy_(torch.randn(4, generator=gen))
     x = torch.randn(5, 6, generator=gen)
-    expected = x.double() @ (layer.ternary.double() * 0.37).T + layer.bias.double()
+    weight = layer.ternary.double() * (scale.double().view(-1, 1) if per_channel else scale.double())
+    expected = x.double() @ weight.T + layer.bias.double()
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_per_channel_int8_layer_matches_float64_reference():
+    # int8 activations, a scale per output row: (round(x * 127 / max|x|) @ ternary.T) * max|x| / 127 * scale + b
+    layer = TernaryLinear(8, 3, Quantization(per_channel=True))
+    gen = torch.Generator().manual_seed(4)
+    layer.ternary.copy_(torch.randint(-1, 2, (3, 8), generator=gen))
+    layer.scale.copy_(torch.tensor([0.25, 1.0, 3.0]))
+    layer.bias.copy_(torch.randn(3, generator=gen))
+    x = torch.randn(40, 8, generator=gen)
+    row = x.double().abs().amax(1, keepdim=True) / 127
+    expected = (x.double() / row).round() @ layer.ternary.double().T * row * torch.tensor([0.25, 1.0, 3.0]).double()
+    torch.testing.assert_close(layer(x).double(), expected + layer.bias.double(), rtol=1e-5, atol=1e-5)
 
 
 # --- the file ------------------------------------------------------------------------------------------------------
@@ -255,15 +272,32 @@ def test_exported_model_renders_like_the_qat_model(tiny_cfg, tmp_path, bitnet_no
         assert saved == train_val_views(cfg)[0] and all(isinstance(layer[1] if bitnet_norm else layer, TernaryLinear)
                                     for layer in quantized)
         assert any(isinstance(m, torch.nn.RMSNorm) for m in exported.field.modules()) == bitnet_norm
-        for mode in ("int8", "dequant"):
-            set_ternary_mode(exported.field, mode)
-            for i in range(len(val)):
-                rays_o, rays_d = get_rays(val.height, val.width, val.focal, val.poses[i])
-                a = render_image(qat, rays_o, rays_d, 256).rgb
-                b = render_image(exported, rays_o, rays_d, 256).rgb
-                assert psnr(a, b) >= 40.0, (floats, mode, i)
-                if floats == "float32" and mode == "int8":  # the same arithmetic as training's forward
-                    assert torch.equal(a, b)
+        for i in range(len(val)):
+            rays_o, rays_d = get_rays(val.height, val.width, val.focal, val.poses[i])
+            a = render_image(qat, rays_o, rays_d, 256).rgb
+            b = render_image(exported, rays_o, rays_d, 256).rgb
+            assert psnr(a, b) >= 40.0, (floats, i)
+            if floats == "float32":  # the same arithmetic as training's forward
+                assert torch.equal(a, b)
+
+
+# each BitNeRF recipe's export computes what its QAT model computes: the same bits in float32
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", [dict(bitnet_scale="median"), dict(bitnet_scale_per="channel"),
+                                    dict(bitnet_act="float"), dict(bitnet_qat_from=0.5, bitnet_scale="median",
+                                                                   bitnet_scale_per="channel")])
+def test_exported_recipe_renders_like_its_qat_model(tiny_cfg, tmp_path, recipe):
+    cfg = replace(tiny_cfg, model="bitnerf", steps=4, log_every=10, **recipe)
+    train(cfg)
+    ckpt = os.path.join(cfg.run_dir, "ckpt.pt")
+    out = str(tmp_path / "m.bitnerf")
+    assert main(["--ckpt", ckpt, "--out", out, "--floats", "float32"]) == 0
+    qat, exported = load_trained(ckpt)[0], load_trained(out)[0]
+    per_channel = recipe.get("bitnet_scale_per") == "channel"
+    assert exported.field.hidden[0][1].scale.shape == ((cfg.width,) if per_channel else ())
+    _, val = split_views(load_views(cfg.data), cfg.val_views)
+    rays_o, rays_d = get_rays(val.height, val.width, val.focal, val.poses[0])
+    assert torch.equal(render_image(qat, rays_o, rays_d, 256).rgb, render_image(exported, rays_o, rays_d, 256).rgb)
 
 
 @pytest.mark.slow
