@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cpu_kernels
-from bitnerf import BitNeRF, plain_state_dict, quantize_bitnet, scale_and_bias
+from bitnerf import BitNeRF, Quantization, plain_state_dict, quantize_bitnet, scale_and_bias
 from bitnerf_packed import ternary_field, ternary_state_dict
 from utils import UserError
 
@@ -124,9 +124,11 @@ def _without_kernels(monkeypatch):
     monkeypatch.setitem(cpu_kernels._ENABLED, "cpu", False)
 
 
-def test_bitnerf_training_forward_and_gradients_match_the_torch_path(monkeypatch):
+@pytest.mark.parametrize("per_channel", [False, True])  # a per-channel scale multiplies after the fused pass
+def test_bitnerf_training_forward_and_gradients_match_the_torch_path(monkeypatch, per_channel):
     torch.manual_seed(4)
-    fused = quantize_bitnet(BitNeRF(n_freqs=3, width=64, depth=4, skip_layer=2))
+    fused = quantize_bitnet(BitNeRF(n_freqs=3, width=64, depth=4, skip_layer=2),
+                            quantization=Quantization(per_channel=per_channel))
     plain = copy.deepcopy(fused)
     x = torch.randn(700, 3)
     out = fused(x)
@@ -137,7 +139,10 @@ def test_bitnerf_training_forward_and_gradients_match_the_torch_path(monkeypatch
         (expected.square().mean() + expected[:, 0].sum()).backward()
     _assert_equal_but_for_rare_steps(out, expected)
     for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6 * q.grad.abs().max().item(), msg=name)
+        # a rare int8 step (the RMS summed in another order) moves a gradient by ~1e-4 of its largest where a
+        # channel's own scale multiplies it, by less than 1e-6 under one scale per tensor
+        atol = (1e-3 if per_channel else 1e-6) * q.grad.abs().max().item()
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=atol, msg=name)
 
 
 def test_packed_field_renders_as_the_trained_model_with_and_without_kernels(monkeypatch):
