@@ -11,7 +11,8 @@ experiment, or another variant, with overrides, under a name of its own: `--vari
 exp4-lr=1e-3 and exp4-lr=1e-2. Each variant is launched like the experiment it derives from (torchrun for a
 variant of exp5) and compared with that experiment (or variant); the study runs those too. A plan file
 (studies/*.study) holds one variant or sweep per line, `#` comments, and `options: --steps=800 ...` lines of
-study options that the command line can override.
+study options that the command line can override, and `compare A B` lines for comparisons beyond each arm's
+with its base (a variant against exp1 as well as against exp4).
 
 Runs go seed by seed (seed 42 of every experiment, then 43, ...: a slow spell of the machine falls on all
 alike) into OUT/NAME/seedK. Seed k of every experiment shares the data order (a function of the seed and the
@@ -110,7 +111,8 @@ def parse_sweep(spec: str, arms: dict[str, Arm]) -> list[Arm]:
 
 
 def read_plan(path: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """A plan file: (study options from `options:` lines, [("variant" | "sweep", spec), ...] in file order)."""
+    """A plan file: (study options from `options:` lines, [("variant" | "sweep" | "compare", spec), ...] in file
+    order)."""
     try:
         with open(path) as f:
             lines = f.read().splitlines()
@@ -124,12 +126,13 @@ def read_plan(path: str) -> tuple[list[str], list[tuple[str, str]]]:
         head, _, rest = line.partition(" ")
         if head == "options:":
             options += shlex.split(rest)
-        elif head == "sweep":
-            entries.append(("sweep", rest.strip()))
+        elif head in ("sweep", "compare"):
+            entries.append((head, rest.strip()))
         elif "=" in line:
             entries.append(("variant", line))
         else:
-            raise UserError(f"{path}:{number}: not 'options: ...', 'sweep BASE key=v1,v2' or 'NAME = BASE --k=v'")
+            raise UserError(f"{path}:{number}: not 'options: ...', 'sweep BASE key=v1,v2', 'compare A B' or "
+                            f"'NAME = BASE --k=v'")
     return options, entries
 
 
@@ -137,10 +140,26 @@ def study_arms(entries: list[tuple[str, str]]) -> tuple[dict[str, Arm], list[str
     """Every arm known (the registry's and the variants') and the variants' names, in the order given."""
     arms, variants = registered_arms(), []
     for kind, spec in entries:
+        if kind == "compare":
+            continue
         for arm in parse_sweep(spec, arms) if kind == "sweep" else [parse_variant(spec, arms)]:
             arms[arm.name] = arm
             variants.append(arm.name)
     return arms, variants
+
+
+def compared_pairs(entries: list[tuple[str, str]], arms: dict[str, Arm], names: list[str]) -> list[tuple[str, str]]:
+    """The plan's `compare A B` lines (comparisons beyond each arm's with its base) among the arms run."""
+    pairs = []
+    for kind, spec in entries:
+        if kind != "compare":
+            continue
+        words = spec.split()
+        if len(words) != 2 or not all(w in arms for w in words):
+            raise UserError(f"compare {spec!r}: write it as 'compare A B' (A's numbers against B's), A and B "
+                            f"experiments or variants of the plan")
+        pairs += [(words[0], words[1])] if all(w in names for w in words) else []
+    return pairs
 
 
 def selected(arms: dict[str, Arm], variants: list[str], only: str | None) -> list[str]:
@@ -266,6 +285,7 @@ def plan(args, extras: list[str], entries: list[tuple[str, str]] = ()) -> tuple[
     minutes = args.minutes if args.minutes is not None else (None if args.steps else DEFAULT_MINUTES)
     arms, variants = study_arms(list(entries))
     names = selected(arms, variants, args.only)
+    pairs = compared_pairs(entries, arms, names)
     nproc = ddp_processes(args.nproc, device)
     common = [f"--scale={scale}", f"--data={data}", "--video=false"]
     common += [f"--max_time_s={minutes * 60:g}"] if minutes else []
@@ -290,7 +310,7 @@ def plan(args, extras: list[str], entries: list[tuple[str, str]] = ()) -> tuple[
                                 nproc if arm.torchrun else 1))
     shared = dict(scale=scale, scale_auto=args.scale == "auto", data=data, minutes=minutes, steps=args.steps,
                   nproc=nproc, seeds=args.seeds, out=args.out, extras=extras, cuda=uses_cuda(device),
-                  arms={n: arms[n] for n in names}, configs=first, cores=cpu_count(),
+                  arms={n: arms[n] for n in names}, pairs=pairs, configs=first, cores=cpu_count(),
                   threads=child_env(nproc, uses_cuda(device)).get("OMP_NUM_THREADS"),
                   planned={n: planned_steps(cfg) for n, cfg in first.items()})
     return trials, shared

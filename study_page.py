@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import report
 import stats
-from experiments import FIRST_SEED, REGISTRY
+from experiments import FIRST_SEED, METRICS, REGISTRY
 
 
 
@@ -227,40 +227,40 @@ def views_interval(key: str, new: Finished, base: Finished) -> str:
             f"{signed(interval.high, digits)}]{unit}, 95%: how views differ, not how runs do")
 
 
-def extra_facts(name: str, groups: dict, shared: dict) -> list[str]:
-    """Sentences a comparison needs beyond its numbers: confounds, sizes, AMP dtype."""
-    arm, group = shared["arms"][name], groups[name]
-    facts = [note(name, shared)] if note(name, shared) else []
+def extra_facts(name: str, base: str, groups: dict, shared: dict) -> list[str]:
+    """Sentences the comparison of `name` with `base` needs beyond its numbers: confounds, sizes, AMP dtype."""
+    group = groups[name]
+    facts = [note(name, shared)] if note(name, shared) and base == shared["arms"][name].base else []
     if shared["configs"][name].amp:
         facts.insert(0, f"AMP dtype {group[0].run.summary.get('amp')}")
-    packed, params = values(group, "packed_kb"), groups[arm.base][0].run.summary.get("parameters")
-    if packed and params and shared["configs"][arm.base].model != "bitnerf":
-        facts.append(f"packed .bitnerf {stats.mean_sd(packed)[0]:.1f} KB vs {arm.base}'s {params * 4 / 1e3:.1f} KB "
+    packed, params = values(group, "packed_kb"), groups[base][0].run.summary.get("parameters")
+    if packed and params and shared["configs"][base].model != "bitnerf":
+        facts.append(f"packed .bitnerf {stats.mean_sd(packed)[0]:.1f} KB vs {base}'s {params * 4 / 1e3:.1f} KB "
                      f"of fp32 weights ({params:,} parameters; ckpt.pt also holds the optimizer state)")
-    if stats.mean_sd(values(group, "steps") or [0])[0] != stats.mean_sd(values(groups[arm.base], "steps") or [0])[0]:
-        steps = [stat_cell(values(groups[n], "steps"), ".0f") for n in (name, arm.base)]
+    if stats.mean_sd(values(group, "steps") or [0])[0] != stats.mean_sd(values(groups[base], "steps") or [0])[0]:
+        steps = [stat_cell(values(groups[n], "steps"), ".0f") for n in (name, base)]
         facts.append(f"steps done {steps[0]} vs {steps[1]}")
     return facts
 
 
 def comparisons(groups: dict[str, list[Finished]], shared: dict) -> list[str]:
-    """One markdown bullet per arm that has a base: each of its numbers against the base's, with intervals."""
-    lines = []
-    for name, arm in shared["arms"].items():
-        if not arm.base:
-            continue
-        title = f"**{arm.question}** ({name} vs {arm.base})"
-        if name not in groups or arm.base not in groups:
-            lines.append(f"- {title}: not measured in this study.")
-            continue
-        cfg, base = shared["configs"][name], shared["configs"][arm.base]
-        scene = [k for k in SCENE_KEYS if getattr(cfg, k) != getattr(base, k)]
-        if scene:
-            lines.append(f"- {title}: not compared, the data differ ({', '.join(scene)}); its variants are.")
-            continue
-        parts = [c for c in (compare(k, groups[name], groups[arm.base]) for k in arm.metrics) if c]
-        lines.append(f"- {title}: " + "; ".join(parts + extra_facts(name, groups, shared)) + ".")
-    return lines
+    """One markdown bullet per arm that has a base, then per pair the plan asks for (`compare A B`): each of its
+    numbers against the other's, with intervals."""
+    pairs = [(f"**{arm.question}** ({name} vs {arm.base})", name, arm.base, arm.metrics)
+             for name, arm in shared["arms"].items() if arm.base]
+    pairs += [(f"**{name} vs {base}**", name, base, METRICS) for name, base in shared.get("pairs", ())]
+    return [comparison(title, name, base, metrics, groups, shared) for title, name, base, metrics in pairs]
+
+
+def comparison(title: str, name: str, base: str, metrics: tuple[str, ...], groups: dict, shared: dict) -> str:
+    if name not in groups or base not in groups:
+        return f"- {title}: not measured in this study."
+    cfg, base_cfg = shared["configs"][name], shared["configs"][base]
+    scene = [k for k in SCENE_KEYS if getattr(cfg, k) != getattr(base_cfg, k)]
+    if scene:
+        return f"- {title}: not compared, the data differ ({', '.join(scene)}); its variants are."
+    parts = [c for c in (compare(k, groups[name], groups[base]) for k in metrics) if c]
+    return f"- {title}: " + "; ".join(parts + extra_facts(name, base, groups, shared)) + "."
 
 
 # --- the figures ----------------------------------------------------------------------------------------------------

@@ -221,6 +221,10 @@ def test_variants_sweeps_and_plan_files_parse_into_arms(tmp_path):
     arms, variants = study.study_arms(entries)
     assert variants == ["exp1-width=8", "exp1-width=16", "deep"]
     assert study.selected(arms, variants, None) == ["exp1", "exp1-width=8", "exp1-width=16", "deep"]
+    plan_file.write_text("compare exp1 nothing\n")
+    args, extras, entries = study.parse_args([f"--plan={plan_file}"])
+    with pytest.raises(study.UserError, match="compare 'exp1 nothing'"):
+        study.compared_pairs(entries, arms, list(arms))
     plan_file.write_text("what is this\n")
     with pytest.raises(study.UserError, match="p.study:1: not"):
         study.parse_args([f"--plan={plan_file}"])
@@ -253,8 +257,9 @@ def test_study_and_the_experiment_scripts_default_to_the_same_data(tmp_path, mon
 @pytest.mark.slow
 def test_a_two_seed_study_with_a_variant_end_to_end(tmp_path, tiny_scene_path):
     out = str(tmp_path / "study")
-    args = [f"--out={out}", "--seeds=2", "--steps=3", f"--data={tiny_scene_path}", "--variant",
-            "narrow = exp1 --width=8", *TINY]
+    plan_file = tmp_path / "narrow.study"  # a comparison beyond the variant's with its base: exp1 against it
+    plan_file.write_text("narrow = exp1 --width=8\ncompare exp1 narrow\n")
+    args = [f"--out={out}", "--seeds=2", "--steps=3", f"--data={tiny_scene_path}", f"--plan={plan_file}", *TINY]
     code, printed = run_study(args)
     assert code == 0, printed
     assert [line.split(":")[0] for line in printed.splitlines() if line.endswith("train.log")] == [
@@ -270,6 +275,9 @@ def test_a_two_seed_study_with_a_variant_end_to_end(tmp_path, tiny_scene_path):
     iv = study_page.stats.paired_difference(*psnr)
     assert f"95% interval [{study_page.signed(iv.low, 2)}, {study_page.signed(iv.high, 2)}] dB over 2 seeds" in line
     assert "points/s" in line and "SSIM" in line  # loss noise needs more logged steps than 3
+    line = next(line for line in text.splitlines() if line.startswith("- **exp1 vs narrow**"))
+    iv = study_page.stats.paired_difference(*psnr[::-1])
+    assert f"95% interval [{study_page.signed(iv.low, 2)}, {study_page.signed(iv.high, 2)}] dB over 2 seeds" in line
 
 
 def test_plan_commands_threads_and_confound_notes(monkeypatch):
