@@ -283,6 +283,9 @@ EXP3 = replace(EXP2, name="exp3", batch_size=8)  # + twice the images per step
 EXP4 = replace(EXP1, name="exp4", model="bitnerf", lr=5e-5)  # BitNet b1.58 quantization-aware training
 EXP5 = replace(EXP1, name="exp5")  # exp1 under torchrun / DDP
 EXP6 = replace(EXP4, name="exp6")  # exp4 under torchrun / DDP
+# BitNeRF with hidden layers twice as wide: the recipe that closes the ternary field's gap to NeRF at equal steps
+# (docs/bitnerf_recipes.md); 4x exp4's weights, but at ~1.6 bits each it packs to about a third of NeRF's float32 file
+EXP7 = replace(EXP4, name="exp7", width=2 * EXP4.width)
 # Not one of the six: the quickest route to good quality on a CPU. A voxel-grid field (grid_field.py: no MLP,
 # eager, empty-space skipping) trained on random rays. Its values learn at lr 0.2 (Adam's step is about lr in
 # value units; on lego100 after 600 steps: lr 0.1 27.7 dB, 0.2 28.2, 0.4 25.3) with a cosine decay and no weight
@@ -296,7 +299,7 @@ FAST = replace(
     warmup_steps=0, epochs=1, steps=2000, eval_every=200, ckpt_every=500, keep_ckpts=1, skip=False,
     bg_opacity_weight=0.0,  # measured as it stands: its own skipping already leaves the background at ~0.01
 )
-PRESETS = {c.name: c for c in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, FAST)}
+PRESETS = {c.name: c for c in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, EXP7, FAST)}
 
 
 # --- the scene's extent: near, far and the occupancy box, from the data unless the command line says ----------
@@ -368,7 +371,9 @@ def apply_scale(cfg: Config, scale: str) -> Config:
         return replace(cfg, scale=scale)
     rays = CPU_RAYS_PER_IMAGE_OF_BATCH * cfg.batch_size
     steps = CPU_STEPS_FOR_EXP1_BATCH * EXP1.batch_size // cfg.batch_size
-    return replace(cfg, scale=scale, batch_size=rays, steps=steps, lr=CPU_LR[cfg.model], **CPU_SCALE)
+    # a preset wider than exp1 (exp7) stays as many times wider, as exp3's batch stays twice exp1's
+    size = dict(CPU_SCALE, width=CPU_SCALE["width"] * cfg.width // EXP1.width)
+    return replace(cfg, scale=scale, batch_size=rays, steps=steps, lr=CPU_LR[cfg.model], **size)
 
 
 def auto_scale(device: str) -> str:

@@ -8,14 +8,14 @@ preset built with `dataclasses.replace` from the one it changes) and a script li
     from experiments import REGISTRY
     from train import main
     if __name__ == "__main__":
-        sys.exit(main(REGISTRY["exp7"].preset))
+        sys.exit(main(REGISTRY["exp8"].preset))
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from configs import EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, Config
+from configs import EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, EXP7, Config
 
 # the numbers a comparison can name: held-out PSNR / SSIM / depth error (eval.json), sample points per second of
 # training (summary.json), and the noise of the training loss around its moving average (metrics.jsonl)
@@ -49,6 +49,8 @@ REGISTRY: dict[str, Experiment] = {e.name: e for e in (
                metrics=("points", "psnr")),
     Experiment(EXP6, "exp4 under DDP", torchrun=True, baseline="exp4", question="BitNeRF-DDP vs BitNeRF",
                metrics=("points", "psnr")),
+    Experiment(EXP7, "BitNeRF twice as wide", baseline="exp4", question="twice the width for a ternary field",
+               metrics=("psnr", "ssim", "points")),
 )}
 
 

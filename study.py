@@ -5,7 +5,7 @@
                     [--variant "NAME = BASE --key=value ..."] [--sweep "BASE key=v1,v2,..."] [--plan FILE]
                     [--key=value ...]
 
-Without variants it runs the registered experiments (experiments.REGISTRY: exp1 ... exp6). A variant is any
+Without variants it runs the registered experiments (experiments.REGISTRY: exp1 ... exp7). A variant is any
 experiment, or another variant, with overrides, under a name of its own: `--variant "exp4-lr1e-2 = exp4
 --lr=1e-2"`; a sweep is one variant per value of one key: `--sweep "exp4 lr=5e-5,1e-3,1e-2"` makes exp4-lr=5e-5,
 exp4-lr=1e-3 and exp4-lr=1e-2. Each variant is launched like the experiment it derives from (torchrun for a

@@ -1,4 +1,4 @@
-"""The one training loop behind every experiment (exp1.py ... exp6.py are presets of it).
+"""The one training loop behind every experiment (exp1.py ... exp7.py are presets of it).
 
 setup (torchrun env, device, seed) -> data -> model -> BitNet quantize -> torch.compile -> DDP -> steps
 (AMP, GradScaler, micro-batches, logging, validation, checkpoints) -> summary, depth maps, 360-degree videos.

@@ -46,9 +46,9 @@ def test_the_ddp_scripts_are_launched_as_the_readme_launches_them():
 
 def test_a_new_entry_is_all_the_study_needs(monkeypatch):
     """One registry entry: the study plans it, launches its script, and compares it with its baseline."""
-    entry = Experiment(replace(EXP1, name="exp7", n_samples=48), "more samples", baseline="exp1",
+    entry = Experiment(replace(EXP1, name="exp8", n_samples=48), "more samples", baseline="exp1",
                        question="more samples per ray", metrics=("psnr",))
-    monkeypatch.setitem(REGISTRY, "exp7", entry)
+    monkeypatch.setitem(REGISTRY, "exp8", entry)
     arms = study.registered_arms()
-    assert arms["exp7"].base == "exp1" and arms["exp7"].metrics == ("psnr",) and arms["exp7"].script == "exp7"
-    assert study.selected(arms, [], "exp1,exp7") == ["exp1", "exp7"]
+    assert arms["exp8"].base == "exp1" and arms["exp8"].metrics == ("psnr",) and arms["exp8"].script == "exp8"
+    assert study.selected(arms, [], "exp1,exp8") == ["exp1", "exp8"]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from bitnerf import BitNeRF, Quantization
 from bitnerf_format import is_bitnerf_file, pack_ternary, read_bitnerf, unpack_ternary, write_bitnerf
 from bitnerf_packed import TernaryLinear, ternary_matmul, ternary_state_dict
-from configs import EXP1, EXP4
+from configs import EXP1, EXP4, EXP7
 from dataset import load_views, split_views, train_val_views
 import assembly
 from assembly import load_trained
@@ -226,20 +226,21 @@ def test_plain_nerf_checkpoint_is_refused(tmp_path, capsys):
     assert not (tmp_path / "m.bitnerf").exists()
 
 
-def test_exp4_file_with_its_grid_is_at_least_12x_smaller(tmp_path):
-    """exp4's field (8x256, L=16) and its 128^3 occupancy grid in <= 1/12 of the field's float32 weight bytes. The
-    grid here is a ball (8% of the cells), as compact as a real scene's: lego's carved 128^3 grid compresses from
-    262,144 bytes of bits to ~8.5 KB. The grid comes back bit for bit."""
+@pytest.mark.parametrize("preset", [EXP4, EXP7], ids=lambda p: p.name)
+def test_bitnerf_file_with_its_grid_is_at_least_12x_smaller(tmp_path, preset):
+    """exp4's field (8x256, L=16; exp7's 8x512) and its 128^3 occupancy grid in <= 1/12 of the field's float32
+    weight bytes. The grid here is a ball (8% of the cells), as compact as a real scene's: lego's carved 128^3 grid
+    compresses from 262,144 bytes of bits to ~8.5 KB. The grid comes back bit for bit."""
     from bitnerf_format import OCCUPIED_KEY, read_bitnerf
 
     torch.manual_seed(0)
-    field = BitNeRF(EXP4.n_freqs, EXP4.width, EXP4.depth, EXP4.skip_layer)
+    field = BitNeRF(preset.n_freqs, preset.width, preset.depth, preset.skip_layer)
     float_bytes = sum(v.numel() * 4 for v in field.state_dict().values())
-    state = ternary_state_dict(field.state_dict(), EXP4.depth)
-    r = EXP4.occ_resolution
+    state = ternary_state_dict(field.state_dict(), preset.depth)
+    r = preset.occ_resolution
     centres = (torch.stack(torch.meshgrid(*[torch.arange(r)] * 3, indexing="ij"), -1) + 0.5) / r * 3 - 1.5
     state[OCCUPIED_KEY] = (centres.norm(dim=-1) < 0.8).reshape(-1)
-    size = write_bitnerf(str(tmp_path / "m.bitnerf"), state, EXP4)
+    size = write_bitnerf(str(tmp_path / "m.bitnerf"), state, preset)
     assert size * 12 <= float_bytes, (size, float_bytes)
     _, loaded, header = read_bitnerf(str(tmp_path / "m.bitnerf"))
     assert torch.equal(loaded[OCCUPIED_KEY], state[OCCUPIED_KEY])
