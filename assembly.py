@@ -20,7 +20,8 @@ from nerf import NeRF
 from occupancy import OccupancyGrid
 from renderer import VolumeRenderer
 from samplers import OccupancyGridSampler, ProposalSampler, StratifiedSampler
-from hardware import amp_policy, bitnet_bf16_grads, configure_backends, int_mm_available
+from hardware import amp_policy, bitnet_bf16_grads, configure_backends
+from ternary_kernels import int_mm_available
 from utils import UserError, load_checkpoint
 
 

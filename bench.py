@@ -354,8 +354,8 @@ def render_ratio(size: str, compiled: bool, chunk: int, chunks: int, repeats: in
     per-pair ratios."""
     from bitnerf import BitNeRF, plain_state_dict, quantize_bitnet
     from bitnerf_packed import ternary_field, ternary_state_dict
-    from hardware import int_mm_available
     from nerf import NeRF
+    from ternary_kernels import int_mm_available
 
     arch = RATIO_SIZES[size]
     torch.manual_seed(0)

@@ -9,11 +9,11 @@ density and RGB heads) layers stay in float, as BitNet keeps its embedding and h
 Training does not use torchao's weight tensor subclass: `quantize_bitnet` makes each hidden layer one
 autograd.Function (RMSNorm + BitLinear, `rmsnorm_bitlinear`) on plain nn.Parameters. Against torchao's subclass +
 nn.RMSNorm (the reference, tests/torchao_reference.py): the same forward bits in float32 eager with torch ops,
-the same gradients to float tolerance (tests/test_models.py). On a CPU the passes around the integer product run
-as fused C++ kernels where they build (cpu_kernels.py: the RMS summed in their own order, so equal to float32
-rounding rather than bit for bit); their speed against NeRF's is measured by `bench.py --ratio`
-(README, "BitNeRF's speed on a CPU"). Plain parameters also let AdamW be fused and DDP all-reduce .grad as for
-NeRF; checkpoints hold the same state dict keys.
+the same gradients to float tolerance (tests/test_models.py). How it runs (the integer product's kernel, and on
+a CPU the passes around it as fused C++ kernels where they build: the RMS summed in their own order, so equal to
+float32 rounding rather than bit for bit) is ternary_kernels.py's; its speed against NeRF's is measured by
+`bench.py --ratio` (README, "BitNeRF's speed on a CPU"). Plain parameters also let AdamW be fused and DDP
+all-reduce .grad as for NeRF; checkpoints hold the same state dict keys.
 
 `BitNeRF(norm=False)` (config `bitnet_norm=false`) leaves the RMSNorm out: each hidden layer is a BitLinear that
 quantizes its raw input. Packed inference with the exported ternary weights is bitnerf_packed.py's.
@@ -21,15 +21,15 @@ quantizes its raw input. Packed inference with the exported ternary weights is b
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-import cpu_kernels
-from hardware import cpu_has_native_bf16, int_mm_available, integer_product, onednn_int8_mm, pack_for_onednn
 from nerf import NeRF
+from ternary_kernels import (LayerOptions, TernaryWeights, decide_now, fused_cpu_forward, fused_cpu_serves,
+                             int_mm_available, mm_bf16_inputs, relu_backward, rms_norm_backward, scaled_ternary,
+                             torch_ops_forward)
 
 
 class RMSNormLinear(nn.Sequential):
@@ -91,8 +91,8 @@ class BitLinear(nn.Linear):
         return rmsnorm_bitlinear(x, None, 0.0, self)
 
     def ternary(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ternary weight [out, in] for the integer matmul: int8 where _int_mm runs (hardware.int_mm_available),
-        else float32 holding -1, 0, 1;
+        """(ternary weight [out, in] for the integer matmul: int8 where an int8 kernel runs
+        (ternary_kernels.int_mm_available), else float32 holding -1, 0, 1;
         scale [] (or [out] per channel) in the weight's dtype, or `dtype` when the weight is cast to it as under
         CUDA autocast).
 
@@ -134,11 +134,6 @@ def ternary_weight(weight: torch.Tensor, quantization: Quantization = BITNET_B15
     return ternary.to(torch.int8), scale
 
 
-def scaled_ternary(ternary: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """ternary [out, in] * scale ([] or [out]) in `dtype`: the dequantized weight [out, in]."""
-    return ternary.to(dtype) * (scale.to(dtype).unsqueeze(1) if scale.dim() else scale.to(dtype))
-
-
 def rmsnorm_bitlinear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float | None,
                       linear: nn.Linear, extra: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
     """linear(rms_norm(x)) with `linear` a BitNet b1.58 QAT Linear (torchao bitnet_training's arithmetic):
@@ -158,8 +153,8 @@ def rmsnorm_bitlinear(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_ep
     ternary, scale = linear.ternary(dtype)
     if norm_eps is None:
         norm_eps = torch.finfo(x.dtype).eps
-    args = (x, extra, norm_weight, linear.weight, linear.bias, ternary, scale, norm_eps, dtype, relu,
-            linear.bf16_grads, linear.quantization.int8_activations)
+    options = LayerOptions(norm_eps, dtype, relu, linear.quantization.int8_activations, linear.bf16_grads)
+    args = (x, extra, norm_weight, linear.weight, linear.bias, ternary, scale, options)
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
             return _RMSNormBitLinear.apply(*args)
@@ -171,256 +166,55 @@ class _RMSNormBitLinear(torch.autograd.Function):
     activations.
 
     On a CPU a pass over an activation-sized tensor costs a fair part of this layer's matmul (the tensors
-    outgrow the cache). With float32 on a CPU the passes are cpu_kernels' fused C++ ones (two forward, two
-    backward, besides the matmuls). Otherwise torch ops: the forward fills one fresh [M, K] buffer with x^2, then
-    x * r, y and y_q in turn. Either way a skip layer's concatenation is never built (each part is written
-    straight into its columns) and the backward recomputes what it needs from the saved input, kept alive anyway
-    (the previous layer's output). Compiled, the last two matter most: with the concatenation built outside, inductor
-    saves a bool ReLU mask for the skip layer, and storing that mask makes the layer's forward kernel ~10x slower than
-    the others (bench.py --ratio).
+    outgrow the cache). The forward is one of ternary_kernels' two implementations: cpu_kernels' fused C++ passes
+    with float32 on a CPU (two forward, two backward, besides the matmuls), torch ops otherwise. Either way a skip
+    layer's concatenation is never built (each part is written straight into its columns) and the backward
+    recomputes what it needs from the saved input, kept alive anyway (the previous layer's output). Compiled, the
+    last two matter most: with the concatenation built outside, inductor saves a bool ReLU mask for the skip
+    layer, and storing that mask makes the layer's forward kernel ~10x slower than the others (bench.py --ratio).
     """
 
     @staticmethod
-    def forward(ctx, x, extra, norm_weight, weight, bias, ternary, scale, eps, dtype, relu, bf16_grads, int8_act):
-        lead, k = x.shape[:-1], x.shape[-1]
-        x = x.reshape(-1, k)
+    def forward(ctx, x, extra, norm_weight, weight, bias, ternary, scale, options: LayerOptions):
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
         parts = (x,) if extra is None else (x, extra.reshape(x.shape[0], -1))
-        eager = not torch.compiler.is_compiling()
-        if (int8_act and dtype is None and cpu_kernels.active(x) and all(p.dtype == torch.float32 for p in parts)
-                and (norm_weight is None or norm_weight.dtype == torch.float32)):
-            # the same arithmetic in two C++ passes (cpu_kernels.py; the RMS summed in its own order)
-            y_q, row_scale, deq, r = cpu_kernels.quantize_rows(*_x_and_extra(parts), norm_weight, eps, want_deq=True)
-            out = integer_mm(y_q if ternary.dtype == torch.int8 else y_q.float(), ternary)
-            out = scale_bias_cpu(out, row_scale, scale, bias, relu)
-            ctx.save_for_backward(deq, ternary, scale, out if relu else None,
-                                  *((r, norm_weight, *parts) if norm_weight is not None else ()))
-            ctx.x_dtype, ctx.lead, ctx.weight_dtype, ctx.bf16_grads = x.dtype, lead, weight.dtype, bf16_grads
-            return out.view(*lead, -1)
-        if norm_weight is not None:
-            # nn.RMSNorm's arithmetic (same bits): y = (x * r) * g, r = rsqrt(mean(x^2) + eps) [M, 1], in float32,
-            # one [M, K] buffer holding x^2, then x * r, then y and y_q in turn
-            buffer = _cat_times(parts, parts, eager)
-            r = torch.rsqrt(buffer.mean(-1, keepdim=True).add_(eps))
-            y = _cat_times(parts, (r,) * len(parts), eager, out=buffer if eager else None)
-            y = y.mul_(norm_weight) if eager else y * norm_weight
-            y = y.to(functools.reduce(torch.promote_types, (p.dtype for p in parts)))
+        weights = TernaryWeights(ternary, scale, bias)
+        if options.int8_activations and fused_cpu_serves(parts, norm_weight):
+            out, operand, r = fused_cpu_forward(parts, norm_weight, weights, options, want_deq=True)
         else:
-            r = None
-            y = x
-        if dtype is not None:  # CUDA autocast: torchao casts the Linear's input
-            y = y.to(dtype)
-        if not int8_act:  # ternary weights times float activations; the weight gradient's operand is y itself
-            out = nn.functional.linear(y, scaled_ternary(ternary, scale, y.dtype), None if bias is None else
-                                       bias.to(y.dtype))
-            out = out.relu_() if relu else out
-            ctx.save_for_backward(y, ternary, scale, out if relu else None,
-                                  *((r, norm_weight, *parts) if norm_weight is not None else ()))
-            ctx.x_dtype, ctx.lead, ctx.weight_dtype, ctx.bf16_grads = x.dtype, lead, weight.dtype, bf16_grads
-            return out.view(*lead, -1)
-        # torchao's quantize_int8_rowwise(y, eps=1e-5), with its roundings; its clip to [-128, 127] only matters
-        # for a scale below float32's (|y| * 127 / max|y| rounds to at most 127 in float32). max |y| per row as
-        # max(amax, -amin): equal, and no |y| temporary
-        row_scale = torch.maximum(y.amax(-1, keepdim=True), y.amin(-1, keepdim=True).neg_()) / 127  # [M, 1]
-        inv = 1.0 / row_scale.float().clip(1e-5)
-        y_q = y.mul_(inv) if y is not x and y.dtype == torch.float32 else y.float() * inv
-        y_q = y_q.round_()
-        if y.dtype != torch.float32:
-            y_q = y_q.clip_(-128, 127)
-        # exact: int32 from int8 operands, or float32 holding the same integers
-        out = integer_mm(y_q.to(torch.int8) if ternary.dtype == torch.int8 else y_q, ternary)
-        out = scale_and_bias(out, scale, row_scale, bias, dtype)
-        if relu:
-            out = out.relu_()
-        # the weight gradient's operand: the dequantized activations (torchao: int8 activations * row scale),
-        # in y_q's own buffer when it is float32
-        deq = y_q.mul_(row_scale) if y_q.dtype == torch.float32 and eager \
-            else y_q.to(row_scale.dtype) * row_scale
-        ctx.save_for_backward(deq, ternary, scale, out if relu else None,
-                              *((r, norm_weight, *parts) if norm_weight is not None else ()))
-        ctx.x_dtype, ctx.lead = x.dtype, lead
-        ctx.weight_dtype, ctx.bf16_grads = weight.dtype, bf16_grads
+            out, operand, r = torch_ops_forward(parts, norm_weight, weights, options)
+        # operand: what the weight gradient multiplies (torchao: the int8 activations * row scale)
+        ctx.has_norm, ctx.relu, ctx.bf16_grads = norm_weight is not None, options.relu, options.bf16_grads
+        ctx.x_dtype, ctx.lead, ctx.weight_dtype = x.dtype, lead, weight.dtype
+        ctx.save_for_backward(operand, ternary, scale, out if options.relu else None,
+                              *((r, norm_weight, *parts) if ctx.has_norm else ()))
         return out.view(*lead, -1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        deq, ternary, scale, h = ctx.saved_tensors[:4]
+        operand, ternary, scale, h, *norm_saved = ctx.saved_tensors
+        needs_x, _, needs_norm, needs_weight, needs_bias, *_ = ctx.needs_input_grad
         grad_out = grad_out.reshape(-1, ternary.shape[0])
-        needs = ctx.needs_input_grad
         grad_x = grad_norm = grad_weight = grad_bias = None
-        if h is not None:  # through the ReLU: the gradient passes where the output is positive
-            if needs[4] and cpu_kernels.active(grad_out) and h.dtype == torch.float32:
-                grad_out, grad_bias = cpu_kernels.relu_backward(grad_out, h)  # and the bias's, in one pass
-            else:
-                grad_out = torch.ops.aten.threshold_backward(grad_out, h, 0)
-        if needs[4] and grad_bias is None:
+        if ctx.relu:  # through the ReLU: the gradient passes where the output is positive
+            grad_out, grad_bias = relu_backward(grad_out, h, needs_bias)  # on a CPU with the bias's, in one pass
+        if needs_bias and grad_bias is None:
             grad_bias = grad_out.sum(0)
         mm = mm_bf16_inputs if ctx.bf16_grads and grad_out.dtype == torch.float32 else torch.mm
-        if needs[3]:  # torchao: grad_out^T @ (int8 activations * row scale)
-            grad_weight = mm(grad_out.t(), deq.to(grad_out.dtype)).to(ctx.weight_dtype)
-        if needs[0] or needs[2]:
+        if needs_weight:  # torchao: grad_out^T @ (int8 activations * row scale)
+            grad_weight = mm(grad_out.t(), operand.to(grad_out.dtype)).to(ctx.weight_dtype)
+        if needs_x or needs_norm:
             # torchao: grad of the Linear's input = grad_out @ ternary * scale (straight through the rounding);
             # the scale folded into the small weight saves a pass over the activations
             grad_y = mm(grad_out, scaled_ternary(ternary, scale, grad_out.dtype))
-            if len(ctx.saved_tensors) == 4:  # no RMSNorm
-                grad_x = grad_y.to(ctx.x_dtype)
-            else:  # through y = xhat * g, xhat = x * r, r = rsqrt(mean(x^2) + eps), with c = mean(grad_y * g * xhat):
-                # grad x = r * (grad_y * g - xhat * c) = (grad_y * g) * r - x * (r^2 c), grad g = sum over rows
-                # of grad_y * xhat (x: the whole input, the extra part included; only x's part needs its grad)
-                r, g, *parts = ctx.saved_tensors[4:]
-                grad_y = grad_y.float()
-                eager, k = not torch.compiler.is_compiling(), parts[0].shape[1]
-                if cpu_kernels.active(grad_y) and g.dtype == torch.float32:  # one C++ pass
-                    grad_x, grad_norm = cpu_kernels.rms_norm_backward(grad_y, *_x_and_extra(parts), r, g)
-                    return (grad_x.to(ctx.x_dtype).view(*ctx.lead, -1), None, grad_norm if needs[2] else None,
-                            grad_weight, grad_bias, None, None, None, None, None, None, None)
-                columns = (grad_y,) if len(parts) == 1 else (grad_y[:, :k], grad_y[:, k:])
-                product = _cat_times(parts, columns, eager)  # grad_y * xhat / r
-                if needs[2]:
-                    grad_norm = (product.t() @ r.view(-1)).to(g.dtype)
-                c = (product @ g).mul_(r.view(-1)).div_(product.shape[1]).unsqueeze(-1)  # [M, 1]
-                grad_x = (grad_y if k == grad_y.shape[1] else grad_y[:, :k]) * g[:k]
-                grad_x = grad_x.mul_(r).addcmul_(parts[0].float(), r.square().mul_(c), value=-1).to(ctx.x_dtype)
-            grad_x = grad_x.view(*ctx.lead, -1)
-        return grad_x, None, grad_norm, grad_weight, grad_bias, None, None, None, None, None, None, None
-
-
-def scale_bias_cpu(out: torch.Tensor, row_scale: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                   relu: bool) -> torch.Tensor:
-    """scale_and_bias (then the ReLU) in cpu_kernels' fused pass; a per-channel scale [N] multiplies after it, in
-    scale_and_bias's order (row scale, then weight scale, then bias), so both give the same bits."""
-    if scale.dim() == 0:
-        return cpu_kernels.scale_bias(out, row_scale, scale, bias, relu)
-    out = cpu_kernels.scale_bias(out, row_scale, torch.ones((), dtype=torch.float32), None, False).mul_(scale)
-    out = out if bias is None else out.add_(bias)
-    return out.relu_() if relu else out
-
-
-def _x_and_extra(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return parts[0], parts[1] if len(parts) > 1 else None
-
-
-def _cat_times(parts: tuple[torch.Tensor, ...], factors: tuple[torch.Tensor, ...], eager: bool,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """cat([p.float() * f for p, f in zip(parts, factors)], -1) [M, sum K_i] without building the concatenation
-    first: eager, each product goes straight into its columns of `out` (a fresh buffer when None). parts:
-    [M, K_i]; factors: each broadcastable to its part ([M, K_i], [M, 1], ...)."""
-    if len(parts) == 1:
-        return torch.mul(parts[0].float(), factors[0], out=out) if out is not None else parts[0].float() * factors[0]
-    if not eager:  # compiled: one fused kernel either way
-        return torch.cat([p.float() * f for p, f in zip(parts, factors)], dim=-1)
-    if out is None:
-        out = torch.empty(parts[0].shape[0], sum(p.shape[1] for p in parts), device=parts[0].device)
-    start = 0
-    for p, f in zip(parts, factors):
-        end = start + p.shape[1]
-        torch.mul(p.float(), f, out=out[:, start:end])
-        start = end
-    return out
-
-
-def scale_and_bias(out: torch.Tensor, scale: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
-                    dtype: torch.dtype | None) -> torch.Tensor:
-    """The integer product [M, N] (int32, or float32 holding the same integers) * row scale [M, 1] * weight scale
-    + bias, with the roundings of torchao's CUDA kernel (scaled_int8_mm): the product in float32, times the row
-    scale, times the weight scale, then one rounding to the autocast dtype `dtype` (if any), then the bias. Both
-    kinds of product therefore give the same bits. (Multiplying the int32 tensor by a bf16 scale directly would
-    round the accumulator to bf16's 8-bit mantissa first.) In place where the product is float32."""
-    # int32 times a float32 row scale: converted and scaled in one pass (int32 -> float32 is exact below 2^24)
-    out = out * row_scale.float() if out.dtype == torch.int32 else out.mul_(row_scale)
-    out = out.mul_(scale)
-    if dtype is not None:
-        out = out.to(dtype)
-    if bias is None:
-        return out
-    b = bias if dtype is None else bias.to(dtype)
-    return out.add_(b) if out.dtype == torch.promote_types(out.dtype, b.dtype) else out + b
-
-
-@torch.library.custom_op("nerf_experiments::int8_mm", mutates_args=())
-def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """torch._int_mm (a [M, K] int8 @ b [K, N] int8 -> int32) as one opaque operator: torch.compile calls the
-    library kernel (cuBLASLt, oneDNN) instead of lowering the product itself, which on a CPU ran at about half
-    the library's speed. No graph break: the fake implementation gives inductor the shape."""
-    return torch._int_mm(a, b)
-
-
-@int8_mm.register_fake
-def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int32)
-
-
-@torch.library.custom_op("nerf_experiments::ternary_mm_onednn", mutates_args=())
-def ternary_mm_onednn(a: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
-    """a [M, K] int8 @ ternary [N, K] int8 .T -> float32 [M, N], the exact integer product, by oneDNN's int8
-    matmul primitive (hardware.onednn_int8_mm) as one opaque operator, like int8_mm. The weight's packed layout
-    is reused while the ternary weight is unchanged (_PACKED)."""
-    return onednn_int8_mm(a, ternary, _PACKED.get(ternary))
-
-
-@ternary_mm_onednn.register_fake
-def _(a: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
-    return a.new_empty((a.shape[0], ternary.shape[0]), dtype=torch.float32)
-
-
-@torch.library.custom_op("nerf_experiments::mm_bf16_inputs", mutates_args=())
-def mm_bf16_inputs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [M, K] @ b [K, N], float32 in and out, at bf16 precision: on a CPU with bf16 units (AMX, AVX-512 BF16)
-    oneDNN's matmul allowed bf16 (several times the fp32 rate; it rounds the inputs, on some CPUs the result too,
-    and keeps small shapes in float32); on CUDA a bf16 matmul with float32 output; elsewhere the float32 product
-    of the inputs rounded to bf16 (float32 sums, no faster). One opaque operator, so that torch.compile calls it as it is (the CPU setting it needs is process
-    state, which a compiled graph would not see)."""
-    if a.device.type == "cpu" and cpu_has_native_bf16():
-        matmul = torch.backends.mkldnn.matmul
-        before = matmul.fp32_precision
-        matmul.fp32_precision = "bf16"
-        try:
-            return a @ b
-        finally:
-            matmul.fp32_precision = before
-    if a.device.type == "cuda":
-        return torch.mm(a.bfloat16(), b.bfloat16(), out_dtype=torch.float32)
-    return a.bfloat16().float() @ b.bfloat16().float()
-
-
-@mm_bf16_inputs.register_fake
-def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return a.new_empty((a.shape[0], b.shape[1]))
-
-
-class PackedCache:
-    """The ternary weights recently multiplied, each with its copy in oneDNN's layout. Packing costs about
-    half the product itself at width 128 and a training step multiplies every weight once per micro-batch (a
-    .bitnerf, always the same): a look-up compares the weight's bytes (a few microseconds), so a changed weight
-    is never served a stale layout, whatever updated it."""
-
-    def __init__(self, size: int = 32):
-        self.size, self.entries = size, []  # [(ternary copy, packed)], most recent first
-
-    def get(self, ternary: torch.Tensor) -> torch.Tensor:
-        for i, (key, packed) in enumerate(self.entries):
-            if key.shape == ternary.shape and torch.equal(key, ternary):
-                self.entries.insert(0, self.entries.pop(i))
-                return packed
-        packed = pack_for_onednn(ternary)
-        self.entries = [(ternary.clone(), packed)] + self.entries[:self.size - 1]
-        return packed
-
-
-_PACKED = PackedCache()
-
-
-def integer_mm(x_q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
-    """x_q [M, K] @ ternary.T, both holding integers, exactly: with an int8 ternary (where the device has an int8
-    kernel, see hardware.integer_product) oneDNN's int8 matmul (float32 out) or torch._int_mm (int32; shapes it
-    takes), else a float32 matmul, which is exact: every partial sum is an integer of magnitude <= 128 K < 2^24
-    (bitnerf_packed.ternary_matmul)."""
-    if ternary.dtype == torch.int8:
-        if integer_product(x_q.device) == "onednn":
-            return ternary_mm_onednn(x_q, ternary)
-        if x_q.shape[0] > 16 and x_q.shape[1] % 8 == 0 and ternary.shape[0] % 8 == 0:
-            return int8_mm(x_q, ternary.t())
-        x_q, ternary = x_q.float(), ternary.float()
-    return x_q @ ternary.t()
+            if ctx.has_norm:  # through the RMSNorm (x: the whole input; only x's part needs its gradient)
+                r, g, *parts = norm_saved
+                grad_x, grad_norm = rms_norm_backward(grad_y, parts, r, g, needs_norm)
+            else:
+                grad_x = grad_y
+            grad_x = grad_x.to(ctx.x_dtype).view(*ctx.lead, -1)
+        return grad_x, None, grad_norm, grad_weight, grad_bias, None, None, None
 
 
 class BitRMSNormLinear(nn.Sequential):
@@ -484,9 +278,7 @@ def quantize_bitnet(model: BitNeRF, bf16_grads: bool = False, quantization: Quan
     bitnet_act). `qat=False`: the layers run as float layers until `set_qat(model, True)` (late quantization).
     """
     device = next(model.parameters()).device
-    int_mm_available(device)  # decided now, eagerly: a constant under torch.compile
-    if device.type == "cpu":
-        cpu_kernels.enabled()  # likewise (builds the C++ passes on first use)
+    decide_now(device)  # the kernels, chosen now, eagerly: constants under torch.compile
     for layer in model.quantized_layers():
         if type(layer) is RMSNormLinear:
             layer.__class__ = BitRMSNormLinear
@@ -503,13 +295,6 @@ def set_qat(model: nn.Module, on: bool) -> None:
     for module in model.modules():
         if isinstance(module, BitLinear):
             module.qat = on
-
-
-def is_quantized(model: nn.Module) -> bool:
-    """Whether `model` has BitNet QAT layers (quantize_bitnet's, or torchao's weight subclass)."""
-    if any(isinstance(m, BitLinear) for m in model.modules()):
-        return True
-    return any(type(p).__name__ == "BitNetTrainingLinearWeight" for p in model.parameters())
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

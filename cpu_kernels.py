@@ -19,8 +19,8 @@ trained forward computed (tests/test_cpu_kernels.py).
 
 They are built on first use with torch's C++ extension tools (needs a C++ compiler, as torch.compile on a CPU
 does) for this CPU's instruction set and cached under torch's extensions folder. Where the build fails, or with
-NERF_CPU_KERNELS=off, BitNeRF uses the torch ops. Under torch.compile they are opaque operators (registered with
-their output shapes), as the integer product is.
+NERF_CPU_KERNELS=off, BitNeRF uses the torch ops (ternary_kernels.py, their one caller, chooses). Under
+torch.compile they are opaque operators (registered with their output shapes), as the integer product is.
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ _ENABLED: dict[str, bool] = {}  # "cpu" -> decide()'s choice, looked up as a con
 
 
 def enabled() -> bool:
-    """decide()'s choice, made once per process, eagerly (bitnerf.quantize_bitnet asks first)."""
+    """decide()'s choice, made once per process, eagerly (ternary_kernels.decide_now asks first)."""
     choice = _ENABLED.get("cpu")
     if choice is None:
         if torch.compiler.is_compiling():  # no build inside a graph: the torch ops, same bits
@@ -325,11 +325,6 @@ def enabled() -> bool:
 def active(x: torch.Tensor) -> bool:
     """Whether the fused passes serve this float32 CPU tensor."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and enabled()
-
-
-def kernels_line() -> str:
-    """What the run's first lines say (compiled or not: under torch.compile the kernels are opaque operators)."""
-    return f"BitNeRF activation passes on the CPU: {decide()[1]}"
 
 
 _EMPTY = torch.empty(0)

@@ -66,11 +66,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench import PeakMemory, linear_macs, matmul_peak, timed
-from bitnerf import BitNeRF, int8_mm
+from bitnerf import BitNeRF
 from configs import EXP1, EXP2, EXP3, EXP4, Config, apply_device_defaults, apply_scale, points_per_ray
 from dataset import synthetic_scene
-from hardware import (amp_policy, configure_backends, cpu_has_native_bf16, int_mm_available, integer_product,
-                      pick_device, probe_int_mm, torch_at_least)
+from hardware import amp_policy, configure_backends, cpu_has_native_bf16, pick_device, torch_at_least
+from ternary_kernels import int8_mm, int_mm_available, integer_product, probe_int_mm
 from utils import ArgParser, Dist, run_cli
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -291,15 +291,16 @@ def ternary_shapes(cfg: Config) -> list[tuple[int, int]]:
 
 
 def check_int_mm(cfg: Config, device: torch.device) -> tuple[bool, dict]:
-    """torch._int_mm as BitNeRF calls it (bitnerf.integer_mm: x_q [M, K] @ ternary [N, K].t(), a column-major
-    right operand), eager and under torch.compile, on every (K, N) of the model and rows M of a full chunk, a
-    padded partial chunk and an odd evaluation size; exact against float64. A shape cuBLASLt refuses is named."""
+    """torch._int_mm as BitNeRF calls it (ternary_kernels.ternary_matmul: x_q [M, K] @ ternary [N, K].t(), a
+    column-major right operand), eager and under torch.compile, on every (K, N) of the model and rows M of a full
+    chunk, a padded partial chunk and an odd evaluation size; exact against float64. A shape cuBLASLt refuses is
+    named."""
     if device.type == "mps":
         raise Skip("no int8 matmul kernel on MPS: BitNeRF uses the exact float product there")
     if not probe_int_mm(str(device)):
         if device.type == "cuda":  # int8 tensor cores exist on every GPU this repository targets
-            return False, {"int_mm": "torch._int_mm failed hardware.probe_int_mm: BitNeRF falls back to the float "
-                                     "product (see gpu_check.log)"}
+            return False, {"int_mm": "torch._int_mm failed ternary_kernels.probe_int_mm: BitNeRF falls back to the "
+                                     "float product (see gpu_check.log)"}
         raise Skip("torch._int_mm does not run here: BitNeRF uses the exact float product")
     compiled = torch.compile(lambda x, t: int8_mm(x, t.t()), fullgraph=True, dynamic=True)  # as compile_field does
     gen = torch.Generator().manual_seed(0)

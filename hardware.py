@@ -1,4 +1,4 @@
-"""What the machine can do, decided in one place: device choice, AMP dtype and scaler, integer matmul, backends.
+"""What the machine can do, decided in one place: device choice, AMP dtype and scaler, backends.
 
 Every rule here is a fact about hardware or about a PyTorch version, so each is stated with its reason:
 
@@ -12,11 +12,8 @@ Every rule here is a fact about hardware or about a PyTorch version, so each is 
   then refuses bf16 below sm_80. Elsewhere on CUDA/MPS: fp16 with a GradScaler (fp16's 5-bit exponent lets small
   gradients underflow without one). On a CPU without bf16 units bf16 is still what `auto` picks (fp16 is emulated
   there too) but the run's first lines say it will be slow.
-- **Integer matmul** (`int_mm_available`). BitNeRF's ternary product is exact either as `torch._int_mm` (int8
-  inputs, int32 accumulator) or as a float32 matmul of the same integers (every partial sum is an integer below
-  2^24), so the choice changes speed, never a result. `_int_mm` where the hardware has int8 units (CUDA tensor
-  cores; VNNI/AMX on x86 CPUs) and a one-off probe on that device runs it and gets the exact answer (cuBLASLt's
-  int8 path on sm_75 depends on the CUDA build); elsewhere the float path.
+- **BitNeRF's backward matmuls** (`bitnet_bf16_grads`): bf16 inputs where a CPU has bf16 units. Its integer
+  product and the passes around it are chosen in ternary_kernels.py.
 - **Backends** (`configure_backends`). CUDA fp32 matmuls on TF32 tensor cores unless `--tf32=false`.
 """
 
@@ -24,10 +21,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import math
 import os
 import platform
-import time
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -193,148 +188,7 @@ def make_grad_scaler(policy: AmpPolicy, device: torch.device) -> torch.amp.GradS
     return torch.amp.GradScaler(device.type)
 
 
-# --- integer matmul ----------------------------------------------------------------------------------------------
-INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86 int8 dot-product units (VNNI, AMX)
-PRODUCTS = ("onednn", "int_mm", "float")  # BitNeRF's ternary product: see decide_integer_product
-_INT_MM: dict[str, str] = {}  # device type -> the product BitNeRF's ternary layers use there
-_INT_MM_WHY: dict[str, str] = {}  # device type -> why (decide_integer_product's text, timings included)
-
-
-def integer_product(device: torch.device) -> str:
-    """BitNeRF's ternary product on `device`, one of PRODUCTS: decided once per process and device type
-    (decide_integer_product), then a dictionary look-up that torch.compile reads as a constant."""
-    choice = _INT_MM.get(device.type)
-    if choice is None:
-        if torch.compiler.is_compiling():  # no probe inside a graph: the float product, same bits
-            return "float"
-        choice, _INT_MM_WHY[device.type] = decide_integer_product(device)
-        _INT_MM[device.type] = choice
-    return choice
-
-
-def int_mm_available(device: torch.device) -> bool:
-    """Whether BitNeRF's ternary product runs an int8 kernel on `device` (its ternary weights are then int8)."""
-    return integer_product(device) != "float"
-
-
-def decide_integer_product(device: torch.device) -> tuple[str, str]:
-    """(product, why). Every product is exact and gives the same bits; this only chooses the fastest:
-    "onednn" (oneDNN's int8 matmul primitive, whose AMX kernels ran the CPU's product 2-4x faster than
-    torch._int_mm, which calls oneDNN's older int8 gemm), "int_mm" (torch._int_mm: int8 tensor cores on CUDA,
-    VNNI on a CPU), or "float" (a float32 matmul of the integers: an AVX2-only CPU, Arm, MPS). On a CPU the
-    kernels its int8 units allow are probed, then timed against the float product (fast_product), so a kernel
-    that falls back to slow code (AMX the OS does not enable, a VM hiding it) is not used. NERF_INT_MM overrides
-    the choice: onednn, on (torch._int_mm) or off (the float product, to compare or to rule the kernels out); a
-    kernel that fails its probe is never used."""
-    mode = os.environ.get("NERF_INT_MM", "auto")
-    if mode not in ("auto", "onednn", "on", "off"):
-        raise UserError(f"NERF_INT_MM={mode!r} is not auto, onednn, on or off")
-    if mode == "off":
-        return "float", f"{PRODUCT_NAMES['float']} (NERF_INT_MM=off)"
-    if device.type == "cuda":
-        wanted, why = ["int_mm"], "int8 tensor cores"
-    elif device.type == "cpu":
-        units = [flag for flag in INT8_DOT_FLAGS if flag in cpu_flags()]
-        # oneDNN's primitive only with AMX: with VNNI alone (ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI) it fell back to
-        # a reference kernel for int8 x int8, seconds per product, where torch._int_mm's gemm took 0.6 ms
-        wanted = (["onednn"] if "amx_int8" in units else []) + (["int_mm"] if units else [])
-        why = f"int8 units: {', '.join(units)}" if units else "no VNNI/AMX int8 units"
-    else:
-        wanted, why = [], f"no int8 matmul kernel on {device.type}"
-    if mode != "auto":
-        wanted, why = ["int_mm" if mode == "on" else mode], f"NERF_INT_MM={mode}"
-    passing = [product for product in wanted if probe_product(product, str(device))]
-    why += "".join(f"; {PRODUCT_NAMES[p].split(',')[0]} failed its probe" for p in wanted if p not in passing)
-    if not passing:
-        return "float", f"{PRODUCT_NAMES['float']} ({why})"
-    if device.type != "cpu" or mode != "auto":
-        return passing[0], f"{PRODUCT_NAMES[passing[0]]} ({why})"
-    product, timings = fast_product(passing + ["float"])
-    return product, f"{PRODUCT_NAMES[product]} ({why}; {timings})"
-
-
-PRODUCT_NAMES = {"onednn": "oneDNN int8 matmul, int8 -> exact float32", "int_mm": "torch._int_mm, int8 -> int32",
-                 "float": "float32 matmul of the integers"}
-
-
-def fast_product(products: list[str], m: int = 4096, k: int = 128) -> tuple[str, str]:
-    """(the first of `products`, in order of preference, whose time is within 10x of the fastest's; the timings
-    as text), each timed as the best of 5 runs of an [m, k] @ [k, k] product on the CPU (~1 ms). The wide margin
-    keeps a busy machine (a single timing can be off 2-3x when another process holds the cores) from swapping two
-    good kernels, while a kernel that fell back to slow code (AMX the OS does not enable, a VM hiding it: a
-    reference kernel, ~1000x slower) loses. A run over 0.5 s ends that product's timing (no fast kernel takes it;
-    a busy machine's pauses are shorter)."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
-    b = torch.randint(-1, 2, (k, k), generator=gen, dtype=torch.int8)
-    packed = pack_for_onednn(b) if "onednn" in products else None
-    runs = {"onednn": lambda: onednn_int8_mm(a, b, packed), "int_mm": lambda: torch._int_mm(a, b.t()),
-            "float": lambda: a.float() @ b.float().t()}
-    seconds = {}
-    for product in products:
-        seconds[product] = math.inf
-        for _ in range(5):
-            start = time.perf_counter()
-            runs[product]()
-            seconds[product] = min(seconds[product], time.perf_counter() - start)
-            if seconds[product] > 0.5:
-                break
-    fastest = min(seconds.values())
-    chosen = next(p for p in products if seconds[p] <= 10 * fastest)
-    timed = ", ".join(f"{p} {t * 1e3:.3f} ms" for p, t in seconds.items())
-    return chosen, f"timed on a {m}x{k}x{k} product: {timed}"
-
-
-def onednn_int8_mm(a: torch.Tensor, ternary: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
-    """a [M, K] int8 @ ternary [N, K] int8 .T -> float32 [M, N] holding the exact integer product, by oneDNN's int8
-    matmul primitive (CPU). `packed`: ternary already in oneDNN's layout (pack_for_onednn); packed here if None."""
-    n = ternary.shape[0]
-    if packed is None:
-        packed = pack_for_onednn(ternary)
-    ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)  # per-column scale 1 and zero point 0
-    return torch.ops.onednn.qlinear_pointwise(a, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32,
-                                              "none", [], "")
-
-
-def pack_for_onednn(ternary: torch.Tensor) -> torch.Tensor:
-    """ternary [N, K] int8 reordered into oneDNN's blocked weight layout (an opaque tensor onednn_int8_mm takes)."""
-    return torch.ops.onednn.qlinear_prepack(ternary, None)
-
-
-@functools.lru_cache(maxsize=None)
-def probe_product(product: str, device: str) -> bool:
-    """Run `product`'s kernel once on `device` on shapes BitNeRF uses (K and M not multiples of 8 for oneDNN,
-    which takes them) and compare it with the exact float64 product; False (it is not used) when it raises or
-    differs."""
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(32, 64, 32)] if product == "int_mm" else [(32, 64, 32), (37, 51, 24), (5, 264, 136)]
-    for m, k, n in shapes:
-        a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
-        b = torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)
-        try:
-            if product == "int_mm":
-                got = torch._int_mm(a.to(device), b.t().to(device)).cpu()
-            else:
-                got = onednn_int8_mm(a, b) if device == "cpu" and torch.backends.mkldnn.is_available() else None
-        except (RuntimeError, NotImplementedError, AttributeError):
-            return False
-        if got is None or not torch.equal(got.double(), a.double() @ b.double().t()):
-            return False
-    return True
-
-
-def probe_int_mm(device: str) -> bool:
-    """Whether torch._int_mm runs on `device` and is exact (probe_product)."""
-    return probe_product("int_mm", device)
-
-
-def integer_matmul_line(device: torch.device) -> str:
-    """The run's line naming the product its BitNeRF layers use (the process's one decision, not a new one)."""
-    product = integer_product(device)
-    why = _INT_MM_WHY.get(device.type, "")
-    return f"BitNeRF integer product: {why if why.startswith(PRODUCT_NAMES[product]) else PRODUCT_NAMES[product]}"
-
-
+# --- BitNeRF's backward matmuls ----------------------------------------------------------------------------------
 def bitnet_bf16_grads(bitnet_grad: str, device: torch.device) -> bool:
     """Whether BitNeRF's backward matmuls take bf16 inputs (config bitnet_grad): auto = on a CPU with bf16 units,
     where they run several times faster; CUDA's fp32 matmuls already run on TF32 tensor cores."""

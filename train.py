@@ -25,7 +25,6 @@ from bitnerf import set_qat
 from bitnerf_ddp import assert_replicas_agree
 from configs import (EXP1, RESUME_INDEPENDENT, Config, ConfigError, config_changes, config_from_dict, from_cli,
                      scale_line)
-from cpu_kernels import kernels_line
 from dataset import RayBatcher, Views, train_val_views
 from experiments import REGISTRY, launch_command
 from cameras import sweep_poses
@@ -33,7 +32,8 @@ from orbit import render_orbit, write_orbit
 from renderer import VolumeRenderer, render_image
 from samplers import Samples, kept_positions
 from hardware import (amp_policy, bitnet_grad_line, check_device, compute_cleanup, compute_init, configure_backends,
-                      device_line, integer_matmul_line, make_grad_scaler, provenance)
+                      device_line, make_grad_scaler, provenance)
+from ternary_kernels import integer_matmul_line, kernels_line
 from utils import (Dist, UserError, all_reduce_mean, all_reduce_sum, atomic_json, atomic_torch_save,
                    colourise_depth, gather_to_master, load_checkpoint_or_newest_good, master_decides, mse_to_psnr,
                    print0, run_cli, seed_everything, to_uint8)

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import cpu_kernels
-from bitnerf import BitNeRF, Quantization, plain_state_dict, quantize_bitnet, scale_and_bias
+import ternary_kernels
+from bitnerf import BitNeRF, Quantization, plain_state_dict, quantize_bitnet
 from bitnerf_packed import ternary_field, ternary_state_dict
+from ternary_kernels import scale_and_bias
 from utils import UserError
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -173,7 +175,7 @@ def test_the_switch(monkeypatch):
     finally:
         monkeypatch.delenv("NERF_CPU_KERNELS")
         cpu_kernels.decide.cache_clear()
-    assert "fused C++ passes" in cpu_kernels.kernels_line()
+    assert "fused C++ passes" in ternary_kernels.kernels_line()
     assert cpu_kernels.active(torch.zeros(2)) and not cpu_kernels.active(torch.zeros(2, dtype=torch.float64))
     monkeypatch.setitem(cpu_kernels._ENABLED, "cpu", False)
     assert not cpu_kernels.active(torch.zeros(2))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from bitnerf import BitNeRF, Quantization
 from bitnerf_format import is_bitnerf_file, pack_ternary, read_bitnerf, unpack_ternary, write_bitnerf
-from bitnerf_packed import TernaryLinear, ternary_matmul, ternary_state_dict
+from bitnerf_packed import TernaryLinear, ternary_state_dict
 from configs import EXP1, EXP4, EXP7
 from dataset import load_views, split_views, train_val_views
 import assembly
@@ -24,6 +24,7 @@ from export import main
 from nerf import NeRF
 from cameras import pose_spherical
 from renderer import get_rays, render_image
+from ternary_kernels import ternary_matmul
 from train import train
 from utils import UserError, atomic_torch_save, psnr
 

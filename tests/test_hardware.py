@@ -16,14 +16,16 @@ from torch.overrides import TorchFunctionMode
 
 import cpu_kernels
 import hardware
+import ternary_kernels
 from assembly import amp_dtype, build_renderer
-from bitnerf import BitNeRF, scale_and_bias, quantize_bitnet
+from bitnerf import BitNeRF, quantize_bitnet
 from bitnerf_packed import TernaryLinear
 from configs import EXP1, EXP2, apply_device_defaults, device_kind, from_cli
 from dataset import RayBatcher, load_views, split_views
 from gpu_check import SyncingOps  # gpu_check counts a GPU step's syncs with it too
 from samplers import Samples
-from hardware import amp_policy, configure_backends, make_grad_scaler, pick_device, probe_product
+from hardware import amp_policy, configure_backends, make_grad_scaler, pick_device
+from ternary_kernels import probe_product, scale_and_bias
 from train import Trainer, evaluate_views, step_generator, train
 from utils import Dist, UserError
 
@@ -143,26 +145,26 @@ def test_int8_probes_fall_back_when_a_kernel_raises(monkeypatch):
     """A kernel that raises (or differs from the exact product) is never used: the next one, then the float
     product, which BitNeRF trains with."""
     cpu_kernels.enabled()  # built (or not) for this machine's own flags before they are faked
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"amx_int8"}))
+    monkeypatch.setattr(ternary_kernels, "cpu_flags", lambda: frozenset({"amx_int8"}))
     monkeypatch.delenv("NERF_INT_MM", raising=False)
     probe_product.cache_clear()
     try:
         assert probe_product("int_mm", "cpu")  # the real kernels run here and are exact
-        assert hardware.decide_integer_product(torch.device("cpu"))[0] in ("onednn", "int_mm")
+        assert ternary_kernels.decide_integer_product(torch.device("cpu"))[0] in ("onednn", "int_mm")
 
         def broken(*args):
             raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")  # what an old CUDA build says on sm_75
 
         probe_product.cache_clear()
-        monkeypatch.setattr(hardware, "onednn_int8_mm", broken)
-        product, why = hardware.decide_integer_product(torch.device("cpu"))
+        monkeypatch.setattr(ternary_kernels, "onednn_int8_mm", broken)
+        product, why = ternary_kernels.decide_integer_product(torch.device("cpu"))
         assert product == "int_mm" and "oneDNN int8 matmul failed its probe" in why
 
         probe_product.cache_clear()
         monkeypatch.setattr(torch, "_int_mm", broken)
-        product, why = hardware.decide_integer_product(torch.device("cpu"))
+        product, why = ternary_kernels.decide_integer_product(torch.device("cpu"))
         assert product == "float" and "torch._int_mm failed its probe" in why
-        monkeypatch.setattr(hardware, "_INT_MM", {"cpu": product})
+        monkeypatch.setattr(ternary_kernels, "_INT_MM", {"cpu": product})
         field = quantize_bitnet(BitNeRF(n_freqs=3, width=64, depth=3, skip_layer=1))
         field(torch.randn(64, 3)).sum().backward()
         assert field.hidden[0].linear.ternary()[0].dtype == torch.float32
@@ -180,29 +182,29 @@ def test_a_kernel_that_falls_back_to_slow_code_is_not_chosen(monkeypatch):
         time.sleep(0.6)
         return a.float() @ b.float().t()
 
-    monkeypatch.setattr(hardware, "onednn_int8_mm", slow)
-    product, why = hardware.fast_product(["onednn", "int_mm", "float"])
+    monkeypatch.setattr(ternary_kernels, "onednn_int8_mm", slow)
+    product, why = ternary_kernels.fast_product(["onednn", "int_mm", "float"])
     assert product == "int_mm" and len(calls) == 1 and "onednn" in why  # timed once: over 0.5 s
-    assert hardware.fast_product(["int_mm", "float"])[0] == "int_mm"  # the preferred one, fast enough
+    assert ternary_kernels.fast_product(["int_mm", "float"])[0] == "int_mm"  # the preferred one, fast enough
 
 
 @pytest.mark.parametrize("flags, expected", [({"avx2", "fma"}, "float"), ({"avx2", "avx512_vnni"}, "int_mm"),
                                              ({"avx2", "amx_int8"}, "onednn"), ({"avx_vnni"}, "int_mm")])
 def test_cpu_int8_kernel_only_where_the_cpu_has_int8_units(monkeypatch, flags, expected):
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(ternary_kernels, "cpu_flags", lambda: frozenset(flags))
     # the timing is tested above; here every kernel is as fast (a faked AMX flag would time oneDNN's slow fallback)
-    monkeypatch.setattr(hardware, "fast_product", lambda products: (products[0], "timed"))
+    monkeypatch.setattr(ternary_kernels, "fast_product", lambda products: (products[0], "timed"))
     monkeypatch.delenv("NERF_INT_MM", raising=False)
     onednn = probe_product("onednn", "cpu")
     if expected == "onednn" and not onednn:  # oneDNN's only where its probe passes
         expected = "int_mm"
-    assert hardware.decide_integer_product(torch.device("cpu"))[0] == expected
+    assert ternary_kernels.decide_integer_product(torch.device("cpu"))[0] == expected
     for mode, product in (("off", "float"), ("on", "int_mm"), ("onednn", "onednn" if onednn else "float")):
         monkeypatch.setenv("NERF_INT_MM", mode)  # forced, to compare
-        assert hardware.decide_integer_product(torch.device("cpu"))[0] == product
+        assert ternary_kernels.decide_integer_product(torch.device("cpu"))[0] == product
     monkeypatch.setenv("NERF_INT_MM", "maybe")
     with pytest.raises(UserError, match="not auto, onednn, on or off"):
-        hardware.decide_integer_product(torch.device("cpu"))
+        ternary_kernels.decide_integer_product(torch.device("cpu"))
 
 
 def _forward_and_grads(field: torch.nn.Module, x: torch.Tensor):
@@ -220,8 +222,8 @@ def test_int_mm_and_float_products_give_the_same_bits(monkeypatch, size):
     field = quantize_bitnet(BitNeRF(**size))
     x = torch.randn(512, 3)
     results = {}
-    for product in hardware.PRODUCTS:
-        monkeypatch.setattr(hardware, "_INT_MM", {"cpu": product})
+    for product in ternary_kernels.PRODUCTS:
+        monkeypatch.setattr(ternary_kernels, "_INT_MM", {"cpu": product})
         assert (field.hidden[0].linear.ternary()[0].dtype == torch.int8) is (product != "float")  # the path taken
         results[product] = _forward_and_grads(field, x)
     for product in ("onednn", "int_mm"):
@@ -238,8 +240,8 @@ def test_ternary_inference_layer_same_bits_on_either_product(monkeypatch):
     layer.bias.normal_()
     x = torch.randn(100, 64)
     outputs = []
-    for product in hardware.PRODUCTS:
-        monkeypatch.setattr(hardware, "_INT_MM", {"cpu": product})
+    for product in ternary_kernels.PRODUCTS:
+        monkeypatch.setattr(ternary_kernels, "_INT_MM", {"cpu": product})
         outputs.append(layer(x))
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
 
@@ -403,7 +405,7 @@ def test_cpu_runs_keep_freed_memory_for_reuse():
 def test_onednn_product_follows_a_weight_changed_in_place():
     """The packed copy of a ternary weight is looked up by content: a weight updated in place (as the fused
     AdamW step does, without a version bump) gets a fresh layout, never a stale one."""
-    from bitnerf import ternary_mm_onednn
+    from ternary_kernels import ternary_mm_onednn
 
     gen = torch.Generator().manual_seed(3)
     a = torch.randint(-128, 128, (40, 24), generator=gen, dtype=torch.int8)
@@ -415,15 +417,16 @@ def test_onednn_product_follows_a_weight_changed_in_place():
 
 
 def test_the_runs_line_names_the_product_in_use(monkeypatch):
-    monkeypatch.setattr(hardware, "_INT_MM", {})
-    monkeypatch.setattr(hardware, "_INT_MM_WHY", {})
+    monkeypatch.setattr(ternary_kernels, "_INT_MM", {})
+    monkeypatch.setattr(ternary_kernels, "_INT_MM_WHY", {})
     cpu = torch.device("cpu")
-    line = hardware.integer_matmul_line(cpu)
-    decided = hardware._INT_MM["cpu"]
-    assert line.startswith(f"BitNeRF integer product: {hardware.PRODUCT_NAMES[decided]} (")
+    line = ternary_kernels.integer_matmul_line(cpu)
+    decided = ternary_kernels._INT_MM["cpu"]
+    assert line.startswith(f"BitNeRF integer product: {ternary_kernels.PRODUCT_NAMES[decided]} (")
     other = "float" if decided != "float" else "int_mm"
-    monkeypatch.setitem(hardware._INT_MM, "cpu", other)  # a later choice gets its own name, not stale reasons
-    assert hardware.integer_matmul_line(cpu) == f"BitNeRF integer product: {hardware.PRODUCT_NAMES[other]}"
+    monkeypatch.setitem(ternary_kernels._INT_MM, "cpu", other)  # a later choice gets its own name, not stale reasons
+    expected = f"BitNeRF integer product: {ternary_kernels.PRODUCT_NAMES[other]}"
+    assert ternary_kernels.integer_matmul_line(cpu) == expected
 
 
 def test_the_runs_line_names_the_backward_precision(monkeypatch):

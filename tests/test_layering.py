@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # lowest first; a module may import modules of its own layer or below, and the whole graph must be acyclic
 LAYERS = [
-    ("base", ["configs", "experiments", "utils", "hardware", "stats", "cpu_kernels"]),
+    ("base", ["configs", "experiments", "utils", "hardware", "stats", "cpu_kernels", "ternary_kernels"]),
     ("parts", ["nerf", "bitnerf", "grid_field", "cameras", "occupancy", "samplers", "renderer", "orbit", "scene_files", "llff",
                "dataset", "bitnerf_format", "bitnerf_packed", "bitnerf_ddp"]),
     ("assembly", ["assembly"]),

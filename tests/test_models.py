@@ -6,9 +6,16 @@ from torch import nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from bitnerf import BitNeRF, is_quantized, plain_state_dict, quantize_bitnet, ternary_weight
+from bitnerf import BitLinear, BitNeRF, plain_state_dict, quantize_bitnet, ternary_weight
 from nerf import NeRF
 from torchao_reference import quantize_bitnet_torchao, torchao_ternary_weight
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether `model` has BitNet QAT layers (quantize_bitnet's, or torchao's weight subclass)."""
+    if any(isinstance(m, BitLinear) for m in model.modules()):
+        return True
+    return any(type(p).__name__ == "BitNetTrainingLinearWeight" for p in model.parameters())
 
 
 def test_nerf_reference_architecture():
@@ -73,7 +80,6 @@ def test_bitnerf_without_norm_quantizes_the_raw_input(monkeypatch):
     output is the hand-built BitNet b1.58 path on the raw input: per-row absmax int8 activations times the ternary
     weight, scaled back, plus the bias. (The torch ops, whose calls a TorchFunctionMode sees.)"""
     import cpu_kernels
-    from bitnerf import BitLinear
 
     monkeypatch.setitem(cpu_kernels._ENABLED, "cpu", False)
 
@@ -276,7 +282,7 @@ def test_fused_bitnerf_equals_torchao_bitnet_forward_bits_and_gradients(monkeypa
 
 
 def test_fused_bitlinear_edge_rows_equal_torchao():
-    from bitnerf import BitLinear, rmsnorm_bitlinear
+    from bitnerf import rmsnorm_bitlinear
 
     torch.manual_seed(1)
     reference, fused = _twins(dict(n_freqs=2, width=16, depth=2, skip_layer=1))
@@ -346,22 +352,22 @@ def test_bf16_matmul_is_the_product_of_rounded_inputs(monkeypatch, units):
     """Without bf16 units: exactly the float32 product of the bf16-rounded inputs (float32 sums). With them:
     oneDNN's matmul at bf16 precision, which rounds as it sees fit (the inputs, sometimes the result; small
     shapes it keeps in float32), always within bf16's 2^-8 of the exact product."""
-    import bitnerf
+    import ternary_kernels
     from hardware import cpu_has_native_bf16
 
     if units and not cpu_has_native_bf16():
         pytest.skip("this CPU has no bf16 units")
-    monkeypatch.setattr(bitnerf, "cpu_has_native_bf16", lambda: units)
+    monkeypatch.setattr(ternary_kernels, "cpu_has_native_bf16", lambda: units)
     torch.manual_seed(0)
     a, b = torch.randn(300, 40), torch.randn(40, 24)
     for left in (a, a.t().contiguous().t()):  # the weight gradient's operand is a transposed view
-        got = bitnerf.mm_bf16_inputs(left, b).double()
+        got = ternary_kernels.mm_bf16_inputs(left, b).double()
         assert (got - a.double() @ b.double()).abs().max() <= 2 ** -8 * (a.double() @ b.double()).abs().max()
     if not units:
         # hand case: 1 + 2^-10 rounds to 1 in bf16, so each sum is exactly 1000 (float32 inputs: 1000.98); a
         # bf16 running sum would stop at 256 (256 + 1 rounds back to 256). 1000 is a bf16 number
         ones = torch.full((8, 1000), 1 + 2 ** -10)
-        assert torch.equal(bitnerf.mm_bf16_inputs(ones, torch.ones(1000, 3)), torch.full((8, 3), 1000.0))
+        assert torch.equal(ternary_kernels.mm_bf16_inputs(ones, torch.ones(1000, 3)), torch.full((8, 3), 1000.0))
 
 
 @pytest.mark.parametrize("bf16_grads", [False, True])
@@ -391,9 +397,9 @@ def test_fused_bitnerf_compiles_fullgraph_and_matches_eager(monkeypatch, product
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
 
-    import hardware
+    import ternary_kernels
 
-    monkeypatch.setattr(hardware, "_INT_MM", {"cpu": product})
+    monkeypatch.setattr(ternary_kernels, "_INT_MM", {"cpu": product})
     torch._dynamo.reset()
     counters.clear()
     _, fused = _twins(dict(n_freqs=2, width=16, depth=2, skip_layer=1))

@@ -12,7 +12,7 @@ import logging
 
 from torch import nn
 
-from bitnerf_packed import ternary_matmul
+from ternary_kernels import ternary_matmul
 
 
 def quiet_torchao_import() -> None:
