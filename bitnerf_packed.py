@@ -1,9 +1,9 @@
 """BitNeRF inference with its exported ternary weights: the field a `.bitnerf` file loads into.
 
 Each quantized Linear (the hidden layers; with the direction branch also its feature and direction layers)
-becomes a `TernaryLinear`: int8 ternary weights {-1, 0, +1} [out, in] and one float32 absmean scale, as the
-training forward quantizes the latent weights (bitnerf.ternary_weight), and int8 per-row activations with an
-exact integer product, so that its forward equals the trained model's bit for bit in float32
+becomes a `TernaryLinear`: int8 ternary weights {-1, 0, +1} [out, in] and a float32 scale (one, or one per
+output channel), as the training forward quantizes the latent weights (bitnerf.ternary_weight), and int8 per-row
+activations (unless the recipe keeps them in float) with an exact integer product, so that its forward equals the trained model's bit for bit in float32
 (tests/test_export.py). Everything else (encoding, input and output layers, RMSNorms, biases) is the trained
 BitNeRF's. How the weights are packed into bytes is the file's business (bitnerf_format.py).
 """
