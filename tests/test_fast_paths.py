@@ -238,3 +238,12 @@ def test_bench_cli_errors_are_one_line(capsys):
     assert bench.run_cli(lambda: bench.main(["--model=mlp"])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
+def test_bench_skip_rows_price_the_machinery_with_every_cell_occupied():
+    """The skip row must evaluate every sample (a fresh, uncarved grid), or it measures savings, not cost: carving
+    empties the cells the procedural scene's black background sees through (its 'of peak' then passes 100%)."""
+    on = bench.variant_config("nerf", None, compiled=False, amp=False, batch_rays=64, chunk_points=None, skip=True)
+    off = bench.variant_config("nerf", None, compiled=False, amp=False, batch_rays=64, chunk_points=None, skip=False)
+    assert on.skip and not off.skip and not on.occ_carve
+    assert (on.n_importance, on.n_samples) == (off.n_importance, off.n_samples)  # the same points either way
