@@ -127,8 +127,9 @@ class PeakMemory:
 def variant_config(model: str, preset: str | None, compiled: bool, amp: bool, batch_rays: int,
                    chunk_points: int | None, skip: bool = True) -> Config:
     base = PRESETS[preset or DEFAULT_PRESET[model]]
-    # skip: the occupancy grid's packed path with every cell occupied (a fresh grid, not carved: nothing is
-    # skipped), so the two rows of a model compare the skipping machinery's cost, not its savings
+    # skip: the occupancy grid's packed path on a grid that is not carved, so that the two rows of a model compare
+    # the skipping machinery's cost more than its savings; the grid's own refreshes may still empty cells (a skip
+    # row's fraction of peak above 100% says so: it counts every sample, evaluates fewer)
     cfg = replace(base, model=model, compile=compiled, amp=amp, batch_unit="ray", batch_size=batch_rays,
                   wandb="disabled", video=False, skip=skip and model != "grid", occ_carve=False,
                   n_importance=0 if skip and model != "grid" else base.n_importance)

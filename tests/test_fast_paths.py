@@ -241,8 +241,8 @@ def test_bench_cli_errors_are_one_line(capsys):
 
 
 def test_bench_skip_rows_price_the_machinery_with_every_cell_occupied():
-    """The skip row must evaluate every sample (a fresh, uncarved grid), or it measures savings, not cost: carving
-    empties the cells the procedural scene's black background sees through (its 'of peak' then passes 100%)."""
+    """The skip row prices the machinery, not carving's savings: carving empties, before the first step, the cells
+    the procedural scene's black background sees through, so the bench's grid is not carved."""
     on = bench.variant_config("nerf", None, compiled=False, amp=False, batch_rays=64, chunk_points=None, skip=True)
     off = bench.variant_config("nerf", None, compiled=False, amp=False, batch_rays=64, chunk_points=None, skip=False)
     assert on.skip and not off.skip and not on.occ_carve
