@@ -1,18 +1,9 @@
 #!/bin/bash
-# BitNeRF's speed and file size against NeRF's on this CPU, at the commit checked out: docs/bitnerf_speed.md's tables.
-#   bash studies/bitnerf_speed.sh [OUT]      (default runs/bitnerf_speed; about 45 minutes on a 2-core VM)
+# BitNeRF's speed and file size against NeRF's on this CPU, at the commit checked out: docs/results.md's speed and size tables.
+#   bash studies/bitnerf_speed.sh [OUT]      (default runs/bitnerf_speed; about 5 minutes)
 # One thread per benchmark (set CORE to pin them to one core, e.g. CORE=1 while a study runs on core 0). Each bench
 # pairs BitNeRF with NeRF of the same size in one process, alternately, and reports the median of the pairs.
-set -euo pipefail
-out=${1:-runs/bitnerf_speed}
-mkdir -p "$out"
-pin=()
-if [[ -n "${CORE:-}" ]]; then pin=(taskset -c "$CORE"); fi
-export OMP_NUM_THREADS=1
-py=${PYTHON:-python}
-{ date -u; git rev-parse --short=10 HEAD; "$py" -c "import torch, hardware; print('torch', torch.__version__)
-print(hardware.cpu_model(), sorted(hardware.cpu_flags() & {'avx512_vnni', 'avx_vnni', 'amx_int8', 'avx512_bf16'}))"
-} > "$out/provenance.txt"
+. "$(dirname "$0")/script_setup.sh" "${1:-runs/bitnerf_speed}"
 ratio=(bench.py --ratio --ratio-sizes cpu,exp4 --compile both --threads 1)
 # training: the default backward (auto: bf16 on a CPU with bf16 units), then the float32 one
 "${pin[@]}" "$py" "${ratio[@]}" --amp off --repeats 11 > "$out/train.txt"

@@ -1,24 +1,15 @@
 #!/bin/bash
 # Empty-space skipping and the background penalty, measured: results.md's skipping table, at the commit checked out.
-#   bash studies/skipping.sh [OUT]      (default runs/skipping; about 20 minutes on one core)
+#   bash studies/skipping.sh [OUT]      (default runs/skipping; about 12 minutes)
 # One thread (set CORE to pin it, e.g. CORE=0). data/lego100.npz: results.md's "The lego data behind the results".
-set -euo pipefail
-out=${1:-runs/skipping}
-mkdir -p "$out"
-pin=()
-if [[ -n "${CORE:-}" ]]; then pin=(taskset -c "$CORE"); fi
-export OMP_NUM_THREADS=1
-py=${PYTHON:-python}
+. "$(dirname "$0")/script_setup.sh" "${1:-runs/skipping}"
 data=(--data=data/lego100.npz --val_views=10 --video=false --wandb=disabled)
-{ date -u; git rev-parse --short=10 HEAD; "$py" -c "import torch, hardware; print('torch', torch.__version__)
-print(hardware.cpu_model(), sorted(hardware.cpu_flags() & {'avx512_vnni', 'avx_vnni', 'amx_int8', 'avx512_bf16'}))"
-} > "$out/provenance.txt"
 # the field's evaluations per step at the paper scale (4 images of 32 samples per ray), with and without the grid
 for skip in true false; do
   "${pin[@]}" "$py" exp1.py --scale=paper --steps=6 --log_every=1 --compile=false --skip=$skip "${data[@]}" \
     --out_dir="$out/paper-skip-$skip" > "$out/paper-skip-$skip.log" 2>&1
 done
-# what the machinery costs where nothing is skipped (random rays, a fresh grid: every cell occupied)
+# what the machinery costs on random rays, the grid not carved
 "${pin[@]}" "$py" bench.py --model nerf --compile on --amp off --skip both --repeats 5 > "$out/bench_skip.txt" 2>&1
 # the background penalty's weight: held-out PSNR and the opacity of the black pixels' rays after 1500 steps
 for weight in 0 1e-3 1e-2; do
