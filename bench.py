@@ -7,8 +7,10 @@ compiled, fp32 and autocast, one child process per variant (so its peak memory i
     python bench.py [--model nerf|bitnerf|all] [--compile both|on|off] [--amp both|on|off] [--batch-rays N]
                     [--chunk-points P] [--repeats K] [--json OUT]
 
-Reported per variant: median step time over K timed steps after warm-up; sample points/s and rays/s; achieved
-MLP GFLOP/s and its fraction of the same process's measured matmul peak; no-grad render points/s; peak memory.
+Reported per variant: median step time over K timed steps after warm-up; the share of the samples the field is
+evaluated at (below 100% where the occupancy grid skips some); field evaluations/s (as training's points/s counts
+them) and rays/s; achieved MLP GFLOP/s and its fraction of the same process's measured matmul peak; no-grad render
+samples/s (every sample of the view's rays, skipped or not); peak memory.
 
 FLOP count (stated, not measured): a Linear(in, out) costs 2*in*out per point forward and 4*in*out backward
 (grad of input + grad of weight), so a training step costs 6 * sum(in*out over the field's Linears) per
@@ -128,8 +130,8 @@ def variant_config(model: str, preset: str | None, compiled: bool, amp: bool, ba
                    chunk_points: int | None, skip: bool = True) -> Config:
     base = PRESETS[preset or DEFAULT_PRESET[model]]
     # skip: the occupancy grid's packed path on a grid that is not carved, so that the two rows of a model compare
-    # the skipping machinery's cost more than its savings; the grid's own refreshes may still empty cells (a skip
-    # row's fraction of peak above 100% says so: it counts every sample, evaluates fewer)
+    # the skipping machinery's cost more than its savings; the grid's own refreshes may still empty cells, which
+    # the row's share of samples evaluated shows
     cfg = replace(base, model=model, compile=compiled, amp=amp, batch_unit="ray", batch_size=batch_rays,
                   wandb="disabled", video=False, skip=skip and model != "grid", occ_carve=False,
                   n_importance=0 if skip and model != "grid" else base.n_importance)
@@ -154,9 +156,12 @@ def measure(cfg: Config, views, device: torch.device, repeats: int, warmup: int)
     trainer = Trainer(cfg, renderer, Dist(), device)
     step = [0]
 
+    evaluated = []  # field evaluations of each step: with skipping, the occupied samples only
+
     def train_step():
         rays_o, rays_d, target = batcher.batch(step[0])
         trainer.step(rays_o, rays_d, target, step_generator(cfg.seed, 0, step[0], device), cfg.lr)
+        evaluated.append(int(trainer.last_points))
         step[0] += 1
 
     start = time.perf_counter()
@@ -184,7 +189,9 @@ def measure(cfg: Config, views, device: torch.device, repeats: int, warmup: int)
 
     per_ray = points_per_ray(cfg)
     step_s = statistics.median(step_times)
-    points_per_s = cfg.batch_size * per_ray / step_s
+    timed_points = evaluated[-repeats:]  # the timed steps' (warm-up and the first step left out)
+    points_per_step = sum(timed_points) / len(timed_points)
+    points_per_s = points_per_step / step_s  # evaluated points, as training's points/s counts them
     gflops = 6 * linear_macs(renderer.field) * points_per_s / 1e9
     peak32 = statistics.median(peaks)
     peak = peak_bf16 if trainer.autocast_dtype is not None else peak32
@@ -192,6 +199,7 @@ def measure(cfg: Config, views, device: torch.device, repeats: int, warmup: int)
         "model": cfg.model, "compile": cfg.compile, "skip": cfg.skip,
         "amp": str(trainer.autocast_dtype).replace("torch.", "") if cfg.amp else "off", "device": str(device),
         "batch_rays": cfg.batch_size, "chunk_points": cfg.chunk_points, "points_per_ray": per_ray,
+        "evaluated_share": points_per_step / (cfg.batch_size * per_ray),
         "step_s": step_s, "step_s_all": step_times, "cpu_s_per_step": statistics.median(cpu_times),
         "first_step_s": first_s, "points_per_s": points_per_s, "rays_per_s": cfg.batch_size / step_s,
         "mlp_gflops": gflops, "peak_fp32_gflops": peak32, "peak_bf16_gflops": peak_bf16,
@@ -252,7 +260,8 @@ def variant_specs(args) -> list[dict]:
 
 # --- output --------------------------------------------------------------------------------------------------
 COLUMNS = [("model", "model", "{}"), ("compile", "compile", "{}"), ("amp", "amp", "{}"), ("skip", "skip", "{}"),
-           ("step_s", "step s", "{:.3f}"), ("points_per_s", "train pts/s", "{:,.0f}"),
+           ("step_s", "step s", "{:.3f}"), ("evaluated_share", "evaluated", "{:.0%}"),
+           ("points_per_s", "train pts/s", "{:,.0f}"),
            ("rays_per_s", "rays/s", "{:,.0f}"), ("mlp_gflops", "GFLOP/s", "{:.1f}"),
            ("fraction_of_peak", "of peak", "{:.0%}"), ("render_points_per_s", "render pts/s", "{:,.0f}"),
            ("peak_mem_mib", "peak MiB", "{:,.0f}"), ("peak_fp32_gflops", "fp32 peak", "{:.0f}"),

@@ -223,7 +223,9 @@ def test_measure_reports_a_consistent_row(tiny_cfg):
 
     cfg = replace(tiny_cfg, batch_size=128)
     row = bench.measure(cfg, load_views(cfg.data), torch.device("cpu"), repeats=2, warmup=0)
-    assert row["points_per_s"] == pytest.approx(128 * cfg.n_samples / row["step_s"])
+    # the carved grid skips the background's samples: points/s counts the evaluated ones over the median step
+    assert cfg.skip and 0 < row["evaluated_share"] < 1
+    assert row["points_per_s"] == pytest.approx(row["evaluated_share"] * 128 * cfg.n_samples / row["step_s"])
     assert row["rays_per_s"] == pytest.approx(128 / row["step_s"])
     flops = 6 * bench.linear_macs(assembly.build_renderer(cfg, torch.device("cpu")).field) * row["points_per_s"]
     assert row["mlp_gflops"] == pytest.approx(flops / 1e9)
@@ -231,6 +233,9 @@ def test_measure_reports_a_consistent_row(tiny_cfg):
     assert row["peak_mem_mib"] >= row["mem_before_steps_mib"] or math.isnan(row["peak_mem_mib"])
     assert row["render_points_per_s"] > 0 and row["optimizer"] == "fused"
     assert "nerf" in bench.table([row, {"model": "grid", "compile": True, "amp": "off", "error": "boom"}])
+    plain = bench.measure(replace(cfg, skip=False), load_views(cfg.data), torch.device("cpu"), repeats=2, warmup=0)
+    assert plain["evaluated_share"] == 1  # without the grid every sample is evaluated
+    assert plain["points_per_s"] == pytest.approx(128 * cfg.n_samples / plain["step_s"])
 
 
 def test_bench_cli_errors_are_one_line(capsys):
